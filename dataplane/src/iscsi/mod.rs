@@ -1,0 +1,1 @@
+//! The sans-IO iSCSI protocol core.

@@ -1,0 +1,3 @@
+fn main() {
+    eprintln!("iscsi-tgt: not yet");
+}

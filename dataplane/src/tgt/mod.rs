@@ -1,0 +1,139 @@
+//! The object model: portal groups, initiator groups, block devices and target nodes, and
+//! the configuration file that describes them.
+//!
+//! [`config`] turns a TOML file (or the built-in default) into a validated [`Config`]; the
+//! reactor builds its live targets from it.
+
+pub mod config;
+
+use std::net::SocketAddr;
+
+/// The IQN of the target served when no configuration is given.
+pub const DEFAULT_TARGET_NAME: &str = "iqn.2026-11.io.iscsi-tgt:default";
+/// Where the built-in default listens.
+pub const DEFAULT_PORTAL: &str = "127.0.0.1:3260";
+
+/// A validated configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    pub global: Global,
+    pub portal_groups: Vec<PortalGroup>,
+    pub initiator_groups: Vec<InitiatorGroup>,
+    pub bdevs: Vec<BdevConfig>,
+    pub targets: Vec<TargetNode>,
+}
+
+/// Settings that are not tied to one object.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Global {
+    /// Log level name: error, warn, info, debug, trace.
+    pub log_level: String,
+    /// Seconds between target-initiated NOP-In pings on an idle connection (0: never).
+    pub nop_in_interval_s: u32,
+    /// Seconds to wait for the NOP-Out answering a ping before dropping the connection.
+    pub nop_in_timeout_s: u32,
+    /// Operational defaults the target offers in negotiation.
+    pub max_recv_data_segment_length: u32,
+    pub max_burst_length: u32,
+    pub first_burst_length: u32,
+    pub max_outstanding_r2t: u32,
+    pub immediate_data: bool,
+    pub initial_r2t: bool,
+    pub default_time2wait: u32,
+    pub default_time2retain: u32,
+    pub error_recovery_level: u32,
+    pub max_connections: u32,
+    /// Sessions in total the target accepts.
+    pub max_sessions: u32,
+}
+
+impl Default for Global {
+    fn default() -> Self {
+        Global {
+            log_level: "info".into(),
+            nop_in_interval_s: 30,
+            nop_in_timeout_s: 30,
+            max_recv_data_segment_length: 256 * 1024,
+            max_burst_length: 1024 * 1024,
+            first_burst_length: 64 * 1024,
+            max_outstanding_r2t: 1,
+            immediate_data: true,
+            initial_r2t: true,
+            default_time2wait: 2,
+            default_time2retain: 20,
+            error_recovery_level: 0,
+            max_connections: 1,
+            max_sessions: 1024,
+        }
+    }
+}
+
+/// A portal group: a tag and the addresses it listens on.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PortalGroup {
+    pub tag: u16,
+    pub portals: Vec<SocketAddr>,
+}
+
+/// An initiator group: who may log in. An initiator is allowed when its name matches one of
+/// `initiators` (exact, case-insensitive, or "ANY"; a leading '!' denies) and its address
+/// lies in one of `netmasks` ("ANY" or CIDR, IPv4 or IPv6).
+#[derive(Debug, Clone, PartialEq)]
+pub struct InitiatorGroup {
+    pub tag: u16,
+    pub initiators: Vec<String>,
+    pub netmasks: Vec<Netmask>,
+}
+
+/// An address range an initiator's address must fall in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Netmask {
+    Any,
+    Cidr { addr: std::net::IpAddr, prefix: u8 },
+}
+
+/// The kind of storage behind a block device, with its parameters.
+#[derive(Debug, Clone, PartialEq)]
+pub enum BdevKind {
+    /// RAM, `size` bytes.
+    Malloc { size: u64 },
+    /// A regular file (created/extended to `size` when given) or a block device.
+    File { path: std::path::PathBuf, size: Option<u64> },
+    /// Discards writes, reads zeroes, `size` bytes.
+    Null { size: u64 },
+}
+
+/// A block device: a name LUNs refer to, a block size and what backs it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BdevConfig {
+    pub name: String,
+    /// 512 or 4096.
+    pub block_size: u32,
+    pub kind: BdevKind,
+}
+
+/// A target node.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TargetNode {
+    /// iSCSI name (iqn., eui. or naa. form), stored lower-case.
+    pub name: String,
+    pub alias: Option<String>,
+    /// LUN number → bdev name, ascending by LUN.
+    pub luns: Vec<LunMapping>,
+    /// Which portal groups expose the target, and to which initiator group each.
+    pub mappings: Vec<PortGroupMapping>,
+    /// Outstanding commands per session (sets MaxCmdSN's window).
+    pub queue_depth: u32,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct LunMapping {
+    pub lun: u64,
+    pub bdev: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PortGroupMapping {
+    pub portal_group: u16,
+    pub initiator_group: u16,
+}
