@@ -49,7 +49,11 @@ pub struct BdevCompletion {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum BdevError {
     /// The range lies (partly) beyond the end of the device.
-    OutOfRange { lba: u64, blocks: u64, capacity: u64 },
+    OutOfRange {
+        lba: u64,
+        blocks: u64,
+        capacity: u64,
+    },
     /// The buffer's length does not match the request's block count.
     BadBuffer { expected: usize, got: usize },
     /// The device cannot do this operation (e.g. unmap on a thick device).
@@ -79,7 +83,11 @@ impl fmt::Display for BdevError {
             BdevError::Unsupported(what) => write!(f, "operation not supported: {what}"),
             BdevError::QueueFull => write!(f, "queue full"),
             BdevError::Io(errno) => {
-                write!(f, "I/O error: {}", std::io::Error::from_raw_os_error(*errno))
+                write!(
+                    f,
+                    "I/O error: {}",
+                    std::io::Error::from_raw_os_error(*errno)
+                )
             }
             BdevError::Config(msg) => write!(f, "{msg}"),
         }

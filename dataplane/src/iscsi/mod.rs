@@ -1,1 +1,116 @@
-//! The sans-IO iSCSI protocol core.
+//! The sans-IO iSCSI protocol core (RFC 7143).
+//!
+//! A [`conn::Connection`] takes the bytes of one TCP connection (the transport asks it where
+//! the next bytes should land, so data segments go straight into their final buffer) and
+//! produces PDUs to send. Everything outside one connection, such as target lookup, access
+//! control, the session registry and the SCSI devices, is reached through the
+//! [`TargetEnv`] trait, so the core runs unchanged over any transport and in unit tests.
+
+pub mod conn;
+pub mod login;
+pub mod params;
+pub mod pdu;
+pub mod text;
+
+use crate::scsi::{NexusId, ScsiTask};
+use std::net::SocketAddr;
+
+/// Index of a target node in the environment.
+pub type TargetId = usize;
+
+/// Login status class and detail (RFC 7143 §11.13.5).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LoginStatus(pub u8, pub u8);
+
+impl LoginStatus {
+    pub const SUCCESS: LoginStatus = LoginStatus(0x00, 0x00);
+    pub const INITIATOR_ERROR: LoginStatus = LoginStatus(0x02, 0x00);
+    pub const AUTHENTICATION_FAILED: LoginStatus = LoginStatus(0x02, 0x01);
+    pub const AUTHORIZATION_FAILED: LoginStatus = LoginStatus(0x02, 0x02);
+    pub const NOT_FOUND: LoginStatus = LoginStatus(0x02, 0x03);
+    pub const TARGET_REMOVED: LoginStatus = LoginStatus(0x02, 0x04);
+    pub const UNSUPPORTED_VERSION: LoginStatus = LoginStatus(0x02, 0x05);
+    pub const TOO_MANY_CONNECTIONS: LoginStatus = LoginStatus(0x02, 0x06);
+    pub const MISSING_PARAMETER: LoginStatus = LoginStatus(0x02, 0x07);
+    pub const CANT_INCLUDE_IN_SESSION: LoginStatus = LoginStatus(0x02, 0x08);
+    pub const SESSION_TYPE_NOT_SUPPORTED: LoginStatus = LoginStatus(0x02, 0x09);
+    pub const SESSION_DOES_NOT_EXIST: LoginStatus = LoginStatus(0x02, 0x0a);
+    pub const INVALID_DURING_LOGIN: LoginStatus = LoginStatus(0x02, 0x0b);
+    pub const TARGET_ERROR: LoginStatus = LoginStatus(0x03, 0x00);
+    pub const SERVICE_UNAVAILABLE: LoginStatus = LoginStatus(0x03, 0x01);
+    pub const OUT_OF_RESOURCES: LoginStatus = LoginStatus(0x03, 0x02);
+}
+
+/// Identifies a session for reinstatement: initiator name, ISID and target.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct SessionKey {
+    pub initiator: String,
+    pub isid: [u8; 6],
+    pub target: Option<TargetId>,
+}
+
+/// What the login needs to know about a target.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TargetInfo {
+    pub id: TargetId,
+    pub name: String,
+    pub alias: Option<String>,
+    pub queue_depth: u32,
+}
+
+/// One SendTargets entry: a target name and its addresses ("ip:port,tpgt").
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiscoveryEntry {
+    pub name: String,
+    pub addresses: Vec<String>,
+}
+
+/// Outcome of registering a new session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Registered {
+    pub tsih: u16,
+    /// An existing session with the same key that this login reinstates: its connection
+    /// (by uid) must be closed.
+    pub reinstated: Option<u64>,
+}
+
+/// Everything a connection needs from outside itself.
+pub trait TargetEnv {
+    /// Operational defaults and limits.
+    fn global(&self) -> &crate::tgt::Global;
+    /// Finds the target an initiator asks for through portal group `pg_tag`, checking that
+    /// it is exposed there and that the initiator may log in to it.
+    fn login_target(
+        &self,
+        name: &str,
+        initiator: &str,
+        peer: SocketAddr,
+        pg_tag: u16,
+    ) -> Result<TargetInfo, LoginStatus>;
+    /// SendTargets: the targets the initiator may see (`only`: a single target name).
+    fn discover(
+        &self,
+        initiator: &str,
+        peer: SocketAddr,
+        local: SocketAddr,
+        only: Option<&str>,
+    ) -> Vec<DiscoveryEntry>;
+    /// Registers a session (TSIH 0 login) from connection `conn_uid`.
+    fn register_session(
+        &mut self,
+        key: SessionKey,
+        conn_uid: u64,
+    ) -> Result<Registered, LoginStatus>;
+    /// Whether a session with this TSIH exists (a login that adds a connection).
+    fn session_exists(&self, tsih: u16) -> bool;
+    /// The session of connection `conn_uid` has ended.
+    fn unregister_session(&mut self, tsih: u16, conn_uid: u64);
+    /// Whether the target has this LUN.
+    fn lun_exists(&self, target: TargetId, lun: u64) -> bool;
+    /// Hands a SCSI command to the target's device.
+    fn scsi_submit(&mut self, target: TargetId, task: ScsiTask);
+    fn nexus_added(&mut self, target: TargetId, nexus: NexusId);
+    fn nexus_removed(&mut self, target: TargetId, nexus: NexusId);
+    fn lun_reset(&mut self, target: TargetId, lun: u64, by: NexusId);
+    fn target_reset(&mut self, target: TargetId, by: NexusId, cold: bool);
+}

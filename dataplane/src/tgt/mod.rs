@@ -5,6 +5,7 @@
 //! reactor builds its live targets from it.
 
 pub mod config;
+pub mod live;
 
 use std::net::SocketAddr;
 
@@ -98,7 +99,10 @@ pub enum BdevKind {
     /// RAM, `size` bytes.
     Malloc { size: u64 },
     /// A regular file (created/extended to `size` when given) or a block device.
-    File { path: std::path::PathBuf, size: Option<u64> },
+    File {
+        path: std::path::PathBuf,
+        size: Option<u64>,
+    },
     /// Discards writes, reads zeroes, `size` bytes.
     Null { size: u64 },
 }

@@ -1,0 +1,1487 @@
+//! One iSCSI connection (and, with MaxConnections=1, its session): framing, login, the
+//! CmdSN window, R2T and Data-Out sequencing, Data-In generation, task management, NOPs,
+//! text and logout.
+//!
+//! Driving it (the transport's side of the contract):
+//! - receive: [`Connection::rx_buf`] is the slice the next bytes from the socket belong in
+//!   (a header, or a data segment's final place, such as a WRITE's buffer);
+//!   read into it, then call [`Connection::rx_filled`] with how many bytes arrived.
+//! - transmit: [`Connection::tx_iovecs`] lists what to write (headers and data slices, Data-In
+//!   straight from the read buffer); after a write call [`Connection::tx_consumed`].
+//! - SCSI: completions from the target's device go to [`Connection::scsi_done`].
+//! - time: [`Connection::on_tick`] drives keepalive NOP-Ins and their timeout.
+//! - [`Connection::wants_close`] says when the transport should close the socket.
+
+use super::login::{Established, Login, LoginStep};
+use super::params::{ConnParams, SessionParams, SessionType};
+use super::pdu::{
+    self, build, Bhs, DataOut, LogoutReason, NopOut, PduError, RejectReason, Request, Residual,
+    ScsiCommand, SeqNumbers, TaskMgmtRequest, TextRequest, TmfFunction, TmfResponse, BHS_LEN,
+    RESERVED_TAG,
+};
+use super::{text, TargetEnv, TargetId};
+use crate::mem::IoBuf;
+use crate::scsi::{DataDirection, NexusId, ScsiResponse, ScsiStatus, ScsiTask};
+use std::collections::{HashMap, VecDeque};
+use std::io::IoSlice;
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+/// Largest write we gather into one buffer (Expected Data Transfer Length).
+pub const MAX_WRITE_LEN: u32 = 64 * 1024 * 1024;
+/// Largest data segment accepted during login (RFC 7143 default MRDSL).
+const LOGIN_MRDSL: u32 = 8192;
+
+/// Serial number arithmetic (RFC 1982) on 32-bit sequence numbers: `a < b`.
+pub fn sn_lt(a: u32, b: u32) -> bool {
+    a != b && b.wrapping_sub(a) < 0x8000_0000
+}
+
+/// `a <= b` in serial arithmetic.
+pub fn sn_le(a: u32, b: u32) -> bool {
+    a == b || sn_lt(a, b)
+}
+
+/// Why a connection is closing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CloseReason {
+    LoginFailed(u8, u8),
+    Logout,
+    ProtocolError(String),
+    NopTimeout,
+    Reinstated,
+    PeerClosed,
+}
+
+/// The data part of an outgoing PDU.
+#[derive(Debug, Clone)]
+enum OutData {
+    None,
+    Owned(Vec<u8>),
+    /// A slice of a shared buffer (Data-In straight from the device's read buffer).
+    Shared(Rc<IoBuf>, usize, usize),
+}
+
+impl OutData {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            OutData::None => &[],
+            OutData::Owned(v) => v,
+            OutData::Shared(b, off, len) => &b.as_slice()[*off..*off + *len],
+        }
+    }
+}
+
+#[derive(Debug)]
+struct OutPdu {
+    bhs: Bhs,
+    data: OutData,
+}
+
+const ZERO_PAD: [u8; 3] = [0; 3];
+
+impl OutPdu {
+    fn wire_len(&self) -> usize {
+        let d = self.data.bytes().len();
+        BHS_LEN + d + pdu::pad_len(d)
+    }
+}
+
+/// One solicited transfer (R2T) of a write task.
+#[derive(Debug, Clone)]
+struct R2t {
+    ttt: u32,
+    offset: u32,
+    len: u32,
+    received: u32,
+    next_datasn: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TaskState {
+    /// Received, waiting for its turn in CmdSN order.
+    Waiting,
+    /// Delivered; gathering Data-Out.
+    Collecting,
+    /// Handed to the SCSI device.
+    Submitted,
+}
+
+#[derive(Debug)]
+struct Task {
+    itt: u32,
+    lun_raw: u64,
+    lun: u64,
+    cmd: ScsiCommand,
+    state: TaskState,
+    buf: Option<IoBuf>,
+    /// Bytes of unsolicited data (immediate plus unsolicited Data-Out) this command carries.
+    unsolicited_len: u32,
+    unsolicited_received: u32,
+    unsol_next_datasn: u32,
+    /// Next byte offset not yet solicited by an R2T.
+    next_solicit: u32,
+    r2ts: Vec<R2t>,
+    r2tsn: u32,
+    /// Total bytes of Data-Out received (unsolicited and solicited).
+    received: u32,
+    aborted: bool,
+}
+
+impl Task {
+    fn data_complete(&self) -> bool {
+        !self.cmd.write || self.received >= self.cmd.edtl
+    }
+}
+
+/// A task-management request waiting for aborted tasks to leave the device.
+#[derive(Debug)]
+struct PendingTmf {
+    itt: u32,
+    waiting_for: Vec<u32>,
+    response: TmfResponse,
+    close_after: bool,
+}
+
+/// A non-immediate request held until its CmdSN comes up.
+#[derive(Debug)]
+enum Deferred {
+    Scsi(u32),
+    Other(Request, Vec<u8>, Bhs),
+}
+
+/// Where the bytes being received go.
+#[derive(Debug)]
+enum RxStage {
+    Header {
+        got: usize,
+    },
+    Ahs {
+        got: usize,
+    },
+    Data {
+        dest: RxDest,
+        len: usize,
+        got: usize,
+    },
+    Pad {
+        got: usize,
+        len: usize,
+    },
+}
+
+#[derive(Debug, Clone, Copy)]
+enum RxDest {
+    /// The connection's scratch buffer (login, text, NOP data).
+    Scratch,
+    /// Straight into a write task's buffer at `offset`.
+    Task { itt: u32, offset: usize },
+}
+
+/// A SendTargets answer that spans several Text Responses.
+#[derive(Debug)]
+struct TextContinuation {
+    itt: u32,
+    ttt: u32,
+    data: Vec<u8>,
+    sent: usize,
+}
+
+#[derive(Debug)]
+enum Phase {
+    Login(Box<Login>),
+    FullFeature,
+    Closing,
+}
+
+/// Keepalive settings.
+#[derive(Debug, Clone, Copy)]
+pub struct Keepalive {
+    pub interval: Option<Duration>,
+    pub timeout: Duration,
+}
+
+/// One iSCSI connection.
+pub struct Connection {
+    uid: u64,
+    peer: SocketAddr,
+    local: SocketAddr,
+    phase: Phase,
+    close: Option<CloseReason>,
+    // Receive framing.
+    rx_stage: RxStage,
+    rx_hdr: [u8; BHS_LEN],
+    rx_ahs: Vec<u8>,
+    rx_scratch: Vec<u8>,
+    rx_pad: [u8; 4],
+    rx_req: Option<Result<Request, PduError>>,
+    // Session state (full feature phase).
+    session_type: SessionType,
+    target: Option<TargetId>,
+    target_name: Option<String>,
+    initiator_name: String,
+    tsih: u16,
+    nexus: NexusId,
+    sp: SessionParams,
+    cp: ConnParams,
+    queue_depth: u32,
+    exp_cmdsn: u32,
+    max_cmdsn: u32,
+    statsn: u32,
+    deferred: HashMap<u32, Deferred>,
+    tasks: HashMap<u32, Task>,
+    pending_tmfs: Vec<PendingTmf>,
+    next_ttt: u32,
+    text_cont: Option<TextContinuation>,
+    text_partial: Vec<u8>,
+    // Transmit queue.
+    out: VecDeque<OutPdu>,
+    out_offset: usize,
+    // Keepalive.
+    keepalive: Keepalive,
+    last_rx: Instant,
+    nop_outstanding: Option<(u32, Instant)>,
+    /// Close once the transmit queue is flushed.
+    close_after_flush: bool,
+}
+
+impl Connection {
+    pub fn new(
+        uid: u64,
+        peer: SocketAddr,
+        local: SocketAddr,
+        pg_tag: u16,
+        keepalive: Keepalive,
+        now: Instant,
+    ) -> Self {
+        Connection {
+            uid,
+            peer,
+            local,
+            phase: Phase::Login(Box::new(Login::new(uid, peer, pg_tag))),
+            close: None,
+            rx_stage: RxStage::Header { got: 0 },
+            rx_hdr: [0; BHS_LEN],
+            rx_ahs: Vec::new(),
+            rx_scratch: Vec::new(),
+            rx_pad: [0; 4],
+            rx_req: None,
+            session_type: SessionType::Normal,
+            target: None,
+            target_name: None,
+            initiator_name: String::new(),
+            tsih: 0,
+            nexus: uid,
+            sp: SessionParams::default(),
+            cp: ConnParams::default(),
+            queue_depth: 1,
+            exp_cmdsn: 0,
+            max_cmdsn: 0,
+            statsn: 0,
+            deferred: HashMap::new(),
+            tasks: HashMap::new(),
+            pending_tmfs: Vec::new(),
+            next_ttt: 1,
+            text_cont: None,
+            text_partial: Vec::new(),
+            out: VecDeque::new(),
+            out_offset: 0,
+            keepalive,
+            last_rx: now,
+            nop_outstanding: None,
+            close_after_flush: false,
+        }
+    }
+
+    pub fn uid(&self) -> u64 {
+        self.uid
+    }
+
+    pub fn peer(&self) -> SocketAddr {
+        self.peer
+    }
+
+    /// The target this connection's session is logged in to.
+    pub fn target(&self) -> Option<TargetId> {
+        self.target
+    }
+
+    pub fn tsih(&self) -> u16 {
+        self.tsih
+    }
+
+    pub fn initiator_name(&self) -> &str {
+        &self.initiator_name
+    }
+
+    pub fn in_full_feature(&self) -> bool {
+        matches!(self.phase, Phase::FullFeature)
+    }
+
+    /// Tasks this connection holds (received and not yet answered).
+    pub fn active_tasks(&self) -> usize {
+        self.tasks.len()
+    }
+
+    /// Set when the socket should be closed now (after a final flush attempt).
+    pub fn wants_close(&self) -> Option<&CloseReason> {
+        if self.close_after_flush && !self.out.is_empty() {
+            return None;
+        }
+        self.close.as_ref()
+    }
+
+    /// Marks the connection closed from outside (peer hung up, session reinstated).
+    pub fn force_close(&mut self, why: CloseReason) {
+        self.phase = Phase::Closing;
+        self.close_after_flush = false;
+        if self.close.is_none() {
+            self.close = Some(why);
+        }
+    }
+
+    /// Tells the environment this connection's session is gone. Call once, when the
+    /// transport drops the connection.
+    pub fn teardown(&mut self, env: &mut dyn TargetEnv) {
+        if self.tsih != 0 {
+            env.unregister_session(self.tsih, self.uid);
+            if let Some(t) = self.target {
+                env.nexus_removed(t, self.nexus);
+            }
+            self.tsih = 0;
+        }
+        self.tasks.clear();
+        self.deferred.clear();
+    }
+
+    fn close_with(&mut self, why: CloseReason) {
+        log::debug!("conn {}: closing: {:?}", self.uid, why);
+        self.phase = Phase::Closing;
+        if self.close.is_none() {
+            self.close = Some(why);
+        }
+    }
+
+    // ----- sequence numbers -----
+
+    fn seq(&self) -> SeqNumbers {
+        SeqNumbers {
+            statsn: self.statsn,
+            exp_cmdsn: self.exp_cmdsn,
+            max_cmdsn: self.max_cmdsn,
+        }
+    }
+
+    /// Sequence numbers for a status-bearing PDU; advances StatSN.
+    fn seq_status(&mut self) -> SeqNumbers {
+        self.update_window();
+        let s = self.seq();
+        self.statsn = self.statsn.wrapping_add(1);
+        s
+    }
+
+    /// Sequence numbers for a PDU that carries no status (R2T, Data-In without S, NOP-In
+    /// pings).
+    fn seq_plain(&mut self) -> SeqNumbers {
+        self.update_window();
+        self.seq()
+    }
+
+    /// MaxCmdSN = ExpCmdSN - 1 + free task slots; it never moves backwards.
+    fn update_window(&mut self) {
+        let used = self.tasks.len() as u32 + self.deferred.len() as u32;
+        let free = self.queue_depth.saturating_sub(used);
+        let candidate = self.exp_cmdsn.wrapping_sub(1).wrapping_add(free);
+        if sn_lt(self.max_cmdsn, candidate) {
+            self.max_cmdsn = candidate;
+        }
+    }
+
+    fn push(&mut self, bhs: Bhs, data: OutData) {
+        self.out.push_back(OutPdu { bhs, data });
+    }
+
+    fn reject(&mut self, reason: RejectReason, hdr: &Bhs) {
+        let seq = self.seq_status();
+        let bhs = build::reject(reason, seq, 0);
+        self.push(bhs, OutData::Owned(hdr.0.to_vec()));
+    }
+
+    fn alloc_ttt(&mut self) -> u32 {
+        let t = self.next_ttt;
+        self.next_ttt = self.next_ttt.wrapping_add(1);
+        if self.next_ttt == RESERVED_TAG {
+            self.next_ttt = 1;
+        }
+        t
+    }
+
+    // ----- receive -----
+
+    /// Where the next received bytes belong. Empty when nothing is wanted (closing).
+    pub fn rx_buf(&mut self) -> &mut [u8] {
+        if self.close.is_some() {
+            return &mut [];
+        }
+        match &mut self.rx_stage {
+            RxStage::Header { got } => &mut self.rx_hdr[*got..],
+            RxStage::Ahs { got } => &mut self.rx_ahs[*got..],
+            RxStage::Pad { got, len } => &mut self.rx_pad[*got..*len],
+            RxStage::Data { dest, len, got } => match *dest {
+                RxDest::Scratch => &mut self.rx_scratch[*got..*len],
+                RxDest::Task { itt, offset } => {
+                    let (len, got) = (*len, *got);
+                    match self.tasks.get_mut(&itt).and_then(|t| t.buf.as_mut()) {
+                        Some(b) => &mut b.as_mut_slice()[offset + got..offset + len],
+                        None => {
+                            // The task vanished (aborted) while its data streamed in.
+                            self.rx_scratch.resize(len, 0);
+                            self.rx_stage = RxStage::Data {
+                                dest: RxDest::Scratch,
+                                len,
+                                got,
+                            };
+                            &mut self.rx_scratch[got..len]
+                        }
+                    }
+                }
+            },
+        }
+    }
+
+    /// `n` bytes were written into the slice [`rx_buf`](Self::rx_buf) returned.
+    pub fn rx_filled(&mut self, n: usize, env: &mut dyn TargetEnv, now: Instant) {
+        if n == 0 {
+            return;
+        }
+        self.last_rx = now;
+        match &mut self.rx_stage {
+            RxStage::Header { got } => {
+                *got += n;
+                if *got == BHS_LEN {
+                    self.on_header(env, now);
+                }
+            }
+            RxStage::Ahs { got } => {
+                *got += n;
+                if *got == self.rx_ahs.len() {
+                    self.after_ahs(env, now);
+                }
+            }
+            RxStage::Data { got, len, .. } => {
+                *got += n;
+                if *got == *len {
+                    let pad = pdu::pad_len(*len);
+                    if pad > 0 {
+                        self.rx_stage = RxStage::Pad { got: 0, len: pad };
+                    } else {
+                        self.pdu_complete(env, now);
+                    }
+                }
+            }
+            RxStage::Pad { got, len } => {
+                *got += n;
+                if *got == *len {
+                    self.pdu_complete(env, now);
+                }
+            }
+        }
+    }
+
+    fn on_header(&mut self, env: &mut dyn TargetEnv, now: Instant) {
+        let bhs = Bhs(self.rx_hdr);
+        let ahs_len = bhs.total_ahs_len();
+        if ahs_len > 0 {
+            self.rx_ahs.clear();
+            self.rx_ahs.resize(ahs_len, 0);
+            self.rx_stage = RxStage::Ahs { got: 0 };
+        } else {
+            self.rx_ahs.clear();
+            self.after_ahs(env, now);
+        }
+    }
+
+    fn after_ahs(&mut self, env: &mut dyn TargetEnv, now: Instant) {
+        let bhs = Bhs(self.rx_hdr);
+        let parsed = Request::parse(&bhs, &self.rx_ahs);
+        let dsl = bhs.data_segment_len();
+        let limit = match self.phase {
+            Phase::Login(_) => LOGIN_MRDSL,
+            _ => self.cp.target_mrdsl,
+        };
+        if dsl > limit {
+            self.close_with(CloseReason::ProtocolError(format!(
+                "data segment of {dsl} bytes exceeds MaxRecvDataSegmentLength {limit}"
+            )));
+            return;
+        }
+        if let Err(PduError::Fatal(why)) = &parsed {
+            self.close_with(CloseReason::ProtocolError(why.to_string()));
+            return;
+        }
+        let dest = match &parsed {
+            Ok(Request::ScsiCommand(cmd)) if dsl > 0 => self.prepare_command(cmd, dsl, env),
+            Ok(Request::DataOut(d)) if dsl > 0 => self.data_out_dest(d),
+            _ => Some(RxDest::Scratch),
+        };
+        let Some(dest) = dest else {
+            // The header was answered already (or the connection is closing).
+            if self.close.is_some() {
+                return;
+            }
+            // Swallow the data segment into scratch and drop it.
+            self.rx_req = None;
+            self.begin_data(RxDest::Scratch, dsl as usize, None, env, now);
+            return;
+        };
+        self.begin_data(dest, dsl as usize, Some(parsed), env, now);
+    }
+
+    fn begin_data(
+        &mut self,
+        dest: RxDest,
+        len: usize,
+        parsed: Option<Result<Request, PduError>>,
+        env: &mut dyn TargetEnv,
+        now: Instant,
+    ) {
+        self.rx_req = parsed;
+        if let RxDest::Scratch = dest {
+            self.rx_scratch.clear();
+            self.rx_scratch.resize(len, 0);
+        }
+        if len == 0 {
+            self.pdu_complete(env, now);
+        } else {
+            self.rx_stage = RxStage::Data { dest, len, got: 0 };
+        }
+    }
+
+    fn pdu_complete(&mut self, env: &mut dyn TargetEnv, now: Instant) {
+        let bhs = Bhs(self.rx_hdr);
+        self.rx_stage = RxStage::Header { got: 0 };
+        let Some(parsed) = self.rx_req.take() else {
+            return;
+        };
+        let data = std::mem::take(&mut self.rx_scratch);
+        match parsed {
+            Err(PduError::Reject(reason, why)) => {
+                log::debug!("conn {}: reject {:?}: {}", self.uid, reason, why);
+                if matches!(self.phase, Phase::Login(_)) {
+                    self.close_with(CloseReason::ProtocolError(why.into()));
+                } else {
+                    self.reject(reason, &bhs);
+                }
+            }
+            Err(PduError::Fatal(why)) => self.close_with(CloseReason::ProtocolError(why.into())),
+            Ok(req) => self.handle_request(req, bhs, data, env, now),
+        }
+    }
+
+    // ----- dispatch -----
+
+    fn handle_request(
+        &mut self,
+        req: Request,
+        bhs: Bhs,
+        data: Vec<u8>,
+        env: &mut dyn TargetEnv,
+        now: Instant,
+    ) {
+        match &mut self.phase {
+            Phase::Closing => {}
+            Phase::Login(_) => self.handle_login(req, data, env),
+            Phase::FullFeature => self.handle_ffp(req, bhs, data, env, now),
+        }
+    }
+
+    fn handle_login(&mut self, req: Request, data: Vec<u8>, env: &mut dyn TargetEnv) {
+        let Request::Login(lr) = req else {
+            // Only Login Requests are allowed before full feature phase: answer with a
+            // login reject and close (RFC 7143 §6.3 "invalid during login").
+            self.close_with(CloseReason::LoginFailed(0x02, 0x0b));
+            return;
+        };
+        let Phase::Login(login) = &mut self.phase else {
+            return;
+        };
+        match login.handle(&lr, &data, self.local, env) {
+            LoginStep::Continue(bhs, d) => self.push(bhs, OutData::Owned(d)),
+            LoginStep::Failed(bhs, d, status) => {
+                self.push(bhs, OutData::Owned(d));
+                self.close_after_flush = true;
+                self.close_with(CloseReason::LoginFailed(status.0, status.1));
+                self.phase = Phase::Closing;
+            }
+            LoginStep::Done(bhs, d, est) => {
+                self.push(bhs, OutData::Owned(d));
+                self.enter_full_feature(*est, env);
+            }
+        }
+    }
+
+    fn enter_full_feature(&mut self, est: Established, env: &mut dyn TargetEnv) {
+        self.session_type = est.session_type;
+        self.initiator_name = est.initiator_name;
+        self.tsih = est.tsih;
+        self.sp = est.session;
+        self.cp = est.conn;
+        self.exp_cmdsn = est.exp_cmdsn;
+        self.statsn = est.statsn;
+        self.queue_depth = est
+            .target
+            .as_ref()
+            .map(|t| t.queue_depth)
+            .unwrap_or(8)
+            .max(1);
+        self.max_cmdsn = self.exp_cmdsn.wrapping_sub(1);
+        self.update_window();
+        if let Some(t) = est.target {
+            self.target = Some(t.id);
+            self.target_name = Some(t.name);
+            env.nexus_added(t.id, self.nexus);
+        }
+        self.phase = Phase::FullFeature;
+        log::info!(
+            "conn {}: {} logged in from {} ({:?} session, tsih {})",
+            self.uid,
+            self.initiator_name,
+            self.peer,
+            self.session_type,
+            self.tsih
+        );
+    }
+
+    /// CmdSN acceptance for a non-immediate request: Some(true) deliver now, Some(false)
+    /// hold until earlier CmdSNs arrive, None drop (outside the window).
+    fn cmdsn_check(&self, cmdsn: u32) -> Option<bool> {
+        if cmdsn == self.exp_cmdsn {
+            Some(true)
+        } else if sn_lt(self.exp_cmdsn, cmdsn) && sn_le(cmdsn, self.max_cmdsn) {
+            if self.deferred.contains_key(&cmdsn) {
+                None
+            } else {
+                Some(false)
+            }
+        } else {
+            None
+        }
+    }
+
+    /// After ExpCmdSN moved, delivers the requests that were waiting for it.
+    fn advance_cmdsn(&mut self, env: &mut dyn TargetEnv, now: Instant) {
+        self.exp_cmdsn = self.exp_cmdsn.wrapping_add(1);
+        while let Some(d) = self.deferred.remove(&self.exp_cmdsn) {
+            self.exp_cmdsn = self.exp_cmdsn.wrapping_add(1);
+            match d {
+                Deferred::Scsi(itt) => self.deliver_command(itt, env),
+                Deferred::Other(req, data, bhs) => self.execute_other(req, bhs, data, env, now),
+            }
+            if self.close.is_some() {
+                return;
+            }
+        }
+    }
+
+    fn handle_ffp(
+        &mut self,
+        req: Request,
+        bhs: Bhs,
+        data: Vec<u8>,
+        env: &mut dyn TargetEnv,
+        now: Instant,
+    ) {
+        match req {
+            Request::DataOut(d) => self.on_data_out(d, env),
+            Request::ScsiCommand(cmd) => self.on_command(cmd, bhs, env, now),
+            Request::Snack(_) => {
+                // ERL 0: SNACK is not supported (RFC 7143 §11.16).
+                self.reject(RejectReason::ProtocolError, &bhs);
+            }
+            Request::Login(_) => {
+                self.reject(RejectReason::ProtocolError, &bhs);
+            }
+            other => {
+                let (immediate, cmdsn) = match &other {
+                    Request::NopOut(n) => (n.immediate, n.cmdsn),
+                    Request::TaskMgmt(t) => (t.immediate, t.cmdsn),
+                    Request::Text(t) => (t.immediate, t.cmdsn),
+                    Request::Logout(l) => (l.immediate, l.cmdsn),
+                    _ => (true, 0),
+                };
+                // A NOP-Out answering our ping (ITT reserved) carries no CmdSN to consume.
+                let is_ping_reply = matches!(&other, Request::NopOut(n) if n.itt == RESERVED_TAG);
+                if immediate || is_ping_reply {
+                    self.execute_other(other, bhs, data, env, now);
+                    return;
+                }
+                match self.cmdsn_check(cmdsn) {
+                    Some(true) => {
+                        self.execute_other(other, bhs, data, env, now);
+                        if self.close.is_none() || self.close_after_flush {
+                            self.advance_cmdsn(env, now);
+                        }
+                    }
+                    Some(false) => {
+                        self.deferred
+                            .insert(cmdsn, Deferred::Other(other, data, bhs));
+                    }
+                    None => log::debug!(
+                        "conn {}: dropping request with CmdSN {} outside [{}, {}]",
+                        self.uid,
+                        cmdsn,
+                        self.exp_cmdsn,
+                        self.max_cmdsn
+                    ),
+                }
+            }
+        }
+    }
+
+    fn execute_other(
+        &mut self,
+        req: Request,
+        bhs: Bhs,
+        data: Vec<u8>,
+        env: &mut dyn TargetEnv,
+        now: Instant,
+    ) {
+        match req {
+            Request::NopOut(n) => self.on_nop_out(n, data, now),
+            Request::TaskMgmt(t) => self.on_tmf(t, env),
+            Request::Text(t) => self.on_text(t, bhs, data, env),
+            Request::Logout(l) => {
+                let response = match l.reason {
+                    LogoutReason::CloseSession => 0,
+                    LogoutReason::CloseConnection => 0,
+                    // Connection recovery needs ERL 2.
+                    LogoutReason::RemoveForRecovery => 2,
+                };
+                let seq = self.seq_status();
+                let b = build::logout_response(
+                    l.itt,
+                    response,
+                    seq,
+                    self.sp.default_time2wait as u16,
+                    self.sp.default_time2retain as u16,
+                );
+                self.push(b, OutData::None);
+                if response == 0 {
+                    self.close_after_flush = true;
+                    self.close_with(CloseReason::Logout);
+                }
+            }
+            _ => self.reject(RejectReason::ProtocolError, &bhs),
+        }
+    }
+
+    // ----- SCSI commands -----
+
+    /// Called at header time for a command with immediate data: creates the task and its
+    /// buffer so the data lands in place. Returns where the data goes, or None when the
+    /// command was refused (its data is then discarded).
+    fn prepare_command(
+        &mut self,
+        cmd: &ScsiCommand,
+        dsl: u32,
+        env: &mut dyn TargetEnv,
+    ) -> Option<RxDest> {
+        let _ = env;
+        if !matches!(self.phase, Phase::FullFeature) || self.session_type != SessionType::Normal {
+            return Some(RxDest::Scratch);
+        }
+        if !self.sp.immediate_data || dsl > cmd.edtl || dsl > self.sp.first_burst_length {
+            let hdr = Bhs(self.rx_hdr);
+            self.reject(RejectReason::ProtocolError, &hdr);
+            return None;
+        }
+        if !cmd.immediate && self.cmdsn_check(cmd.cmdsn).is_none() {
+            return None;
+        }
+        if self.tasks.contains_key(&cmd.itt) {
+            let hdr = Bhs(self.rx_hdr);
+            self.reject(RejectReason::TaskInProgress, &hdr);
+            return None;
+        }
+        if cmd.edtl > MAX_WRITE_LEN {
+            return None;
+        }
+        self.create_task(cmd.clone());
+        Some(RxDest::Task {
+            itt: cmd.itt,
+            offset: 0,
+        })
+    }
+
+    fn create_task(&mut self, cmd: ScsiCommand) {
+        let lun = pdu::decode_lun(cmd.lun);
+        let buf = if cmd.write && cmd.edtl > 0 {
+            Some(IoBuf::zeroed(cmd.edtl as usize))
+        } else {
+            None
+        };
+        let task = Task {
+            itt: cmd.itt,
+            lun_raw: cmd.lun,
+            lun,
+            state: TaskState::Waiting,
+            buf,
+            unsolicited_len: 0,
+            unsolicited_received: 0,
+            unsol_next_datasn: 0,
+            next_solicit: 0,
+            r2ts: Vec::new(),
+            r2tsn: 0,
+            received: 0,
+            aborted: false,
+            cmd,
+        };
+        self.tasks.insert(task.itt, task);
+    }
+
+    fn on_command(&mut self, cmd: ScsiCommand, bhs: Bhs, env: &mut dyn TargetEnv, now: Instant) {
+        if self.session_type != SessionType::Normal {
+            self.reject(RejectReason::ProtocolError, &bhs);
+            return;
+        }
+        let dsl = bhs.data_segment_len();
+        let itt = cmd.itt;
+        if dsl == 0 {
+            if !cmd.immediate && self.cmdsn_check(cmd.cmdsn).is_none() {
+                log::debug!(
+                    "conn {}: dropping command CmdSN {} outside [{}, {}]",
+                    self.uid,
+                    cmd.cmdsn,
+                    self.exp_cmdsn,
+                    self.max_cmdsn
+                );
+                return;
+            }
+            if self.tasks.contains_key(&itt) {
+                self.reject(RejectReason::TaskInProgress, &bhs);
+                return;
+            }
+            if cmd.write && cmd.edtl > MAX_WRITE_LEN {
+                self.reject(RejectReason::LongOperationReject, &bhs);
+                return;
+            }
+            self.create_task(cmd.clone());
+        }
+        // With immediate data the task was created at header time.
+        let Some(task) = self.tasks.get_mut(&itt) else {
+            return;
+        };
+        task.received = dsl;
+        task.unsolicited_received = dsl;
+        task.unsolicited_len = if cmd.write && !cmd.final_bit && !self.sp.initial_r2t {
+            self.sp.first_burst_length.min(cmd.edtl).max(dsl)
+        } else {
+            dsl
+        };
+        task.next_solicit = task.unsolicited_len;
+        if cmd.immediate {
+            self.deliver_command(itt, env);
+            return;
+        }
+        match self.cmdsn_check(cmd.cmdsn) {
+            Some(true) => {
+                self.deliver_command(itt, env);
+                self.advance_cmdsn(env, now);
+            }
+            Some(false) => {
+                self.deferred.insert(cmd.cmdsn, Deferred::Scsi(itt));
+            }
+            None => {
+                self.tasks.remove(&itt);
+            }
+        }
+    }
+
+    /// The command's turn has come: solicit its data or hand it to the device.
+    fn deliver_command(&mut self, itt: u32, env: &mut dyn TargetEnv) {
+        let Some(task) = self.tasks.get_mut(&itt) else {
+            return;
+        };
+        task.state = TaskState::Collecting;
+        if task.data_complete() {
+            self.submit(itt, env);
+        } else {
+            self.send_r2ts(itt);
+        }
+    }
+
+    fn send_r2ts(&mut self, itt: u32) {
+        let max_out = self.sp.max_outstanding_r2t.max(1) as usize;
+        let burst = self.sp.max_burst_length.max(512);
+        loop {
+            let Some(task) = self.tasks.get(&itt) else {
+                return;
+            };
+            if task.aborted || task.r2ts.len() >= max_out || task.next_solicit >= task.cmd.edtl {
+                return;
+            }
+            let offset = task.next_solicit;
+            let len = burst.min(task.cmd.edtl - offset);
+            let lun_raw = task.lun_raw;
+            let ttt = self.alloc_ttt();
+            let seq = self.seq_plain();
+            let task = self.tasks.get_mut(&itt).expect("task exists");
+            let r2tsn = task.r2tsn;
+            task.r2tsn = task.r2tsn.wrapping_add(1);
+            task.next_solicit = offset + len;
+            task.r2ts.push(R2t {
+                ttt,
+                offset,
+                len,
+                received: 0,
+                next_datasn: 0,
+            });
+            let b = build::r2t(itt, lun_raw, ttt, seq, r2tsn, offset, len);
+            self.push(b, OutData::None);
+        }
+    }
+
+    /// Validates a Data-Out header and says where its data goes.
+    fn data_out_dest(&mut self, d: &DataOut) -> Option<RxDest> {
+        if !matches!(self.phase, Phase::FullFeature) {
+            return Some(RxDest::Scratch);
+        }
+        match self.check_data_out(d) {
+            Ok(offset) => Some(RxDest::Task {
+                itt: d.itt,
+                offset: offset as usize,
+            }),
+            Err(DataOutError::UnknownTask) => {
+                // A task aborted meanwhile: its data is silently dropped.
+                Some(RxDest::Scratch)
+            }
+            Err(DataOutError::Sequence(why)) => {
+                // ERL 0 recovers data sequence errors by dropping the connection.
+                self.close_with(CloseReason::ProtocolError(why.into()));
+                None
+            }
+        }
+    }
+
+    fn check_data_out(&self, d: &DataOut) -> Result<u32, DataOutError> {
+        let task = self.tasks.get(&d.itt).ok_or(DataOutError::UnknownTask)?;
+        if task.aborted {
+            return Err(DataOutError::UnknownTask);
+        }
+        if !task.cmd.write {
+            return Err(DataOutError::Sequence(
+                "Data-Out for a command without W bit",
+            ));
+        }
+        let end = d
+            .buffer_offset
+            .checked_add(d.len)
+            .ok_or(DataOutError::Sequence("Data-Out offset overflow"))?;
+        if end > task.cmd.edtl {
+            return Err(DataOutError::Sequence(
+                "Data-Out beyond the expected length",
+            ));
+        }
+        if d.ttt == RESERVED_TAG {
+            if d.datasn != task.unsol_next_datasn {
+                return Err(DataOutError::Sequence(
+                    "unsolicited Data-Out DataSN out of order",
+                ));
+            }
+            if d.buffer_offset != task.unsolicited_received || end > task.unsolicited_len {
+                return Err(DataOutError::Sequence(
+                    "unsolicited Data-Out at a wrong offset",
+                ));
+            }
+        } else {
+            let r2t = task
+                .r2ts
+                .iter()
+                .find(|r| r.ttt == d.ttt)
+                .ok_or(DataOutError::Sequence("Data-Out with an unknown TTT"))?;
+            if d.datasn != r2t.next_datasn {
+                return Err(DataOutError::Sequence("Data-Out DataSN out of order"));
+            }
+            if d.buffer_offset != r2t.offset + r2t.received || end > r2t.offset + r2t.len {
+                return Err(DataOutError::Sequence("Data-Out outside its R2T"));
+            }
+        }
+        Ok(d.buffer_offset)
+    }
+
+    fn on_data_out(&mut self, d: DataOut, env: &mut dyn TargetEnv) {
+        // Headers without data were not checked at header time.
+        if d.len == 0 {
+            match self.check_data_out(&d) {
+                Ok(_) => {}
+                Err(DataOutError::UnknownTask) => return,
+                Err(DataOutError::Sequence(why)) => {
+                    self.close_with(CloseReason::ProtocolError(why.into()));
+                    return;
+                }
+            }
+        }
+        let Some(task) = self.tasks.get_mut(&d.itt) else {
+            return;
+        };
+        if task.aborted {
+            return;
+        }
+        task.received += d.len;
+        let mut r2t_done = false;
+        if d.ttt == RESERVED_TAG {
+            task.unsol_next_datasn += 1;
+            task.unsolicited_received += d.len;
+        } else if let Some(i) = task.r2ts.iter().position(|r| r.ttt == d.ttt) {
+            let r = &mut task.r2ts[i];
+            r.next_datasn += 1;
+            r.received += d.len;
+            if r.received >= r.len {
+                if !d.final_bit {
+                    log::debug!("conn {}: R2T satisfied without F bit", self.uid);
+                }
+                task.r2ts.remove(i);
+                r2t_done = true;
+            }
+        }
+        let complete = task.data_complete() && task.r2ts.is_empty();
+        let state = task.state;
+        if state != TaskState::Collecting {
+            return;
+        }
+        if complete {
+            self.submit(d.itt, env);
+        } else if r2t_done
+            || (d.ttt == RESERVED_TAG && d.final_bit && self.tasks[&d.itt].r2ts.is_empty())
+        {
+            self.send_r2ts(d.itt);
+        }
+    }
+
+    fn submit(&mut self, itt: u32, env: &mut dyn TargetEnv) {
+        let Some(target) = self.target else {
+            return;
+        };
+        let Some(task) = self.tasks.get_mut(&itt) else {
+            return;
+        };
+        task.state = TaskState::Submitted;
+        let direction = match (task.cmd.read, task.cmd.write) {
+            (true, true) => DataDirection::Bidirectional,
+            (true, false) => DataDirection::Read,
+            (false, true) => DataDirection::Write,
+            (false, false) => DataDirection::None,
+        };
+        let st = ScsiTask {
+            tag: (self.uid << 32) | u64::from(itt),
+            nexus: self.nexus,
+            lun: task.lun,
+            cdb: task.cmd.cdb.clone(),
+            expected_len: task.cmd.edtl,
+            direction,
+            data_out: task.buf.take(),
+        };
+        env.scsi_submit(target, st);
+    }
+
+    /// A response from the device for one of this connection's tasks.
+    pub fn scsi_done(&mut self, resp: ScsiResponse) {
+        let itt = resp.tag as u32;
+        let Some(task) = self.tasks.remove(&itt) else {
+            return;
+        };
+        if task.aborted || !matches!(self.phase, Phase::FullFeature) {
+            self.task_gone(itt);
+            return;
+        }
+        self.respond_scsi(&task, resp);
+        self.update_window();
+    }
+
+    fn respond_scsi(&mut self, task: &Task, resp: ScsiResponse) {
+        let edtl = task.cmd.edtl;
+        let status = resp.status as u8;
+        let data_len = resp.data_in.as_ref().map_or(0, |b| b.len()) as u32;
+        let residual = if task.cmd.write && !task.cmd.read {
+            Residual::of(edtl, resp.data_out_wanted)
+        } else {
+            Residual::of(edtl, data_len)
+        };
+        let send_len = data_len.min(edtl);
+        let has_sense = !resp.sense.is_empty();
+        if send_len > 0 && task.cmd.read {
+            let buf = Rc::new(resp.data_in.expect("data_in present when data_len > 0"));
+            let seg = self.cp.initiator_mrdsl.max(512);
+            let burst = self.sp.max_burst_length.max(512);
+            let mut offset = 0u32;
+            let mut datasn = 0u32;
+            let mut in_burst = 0u32;
+            // Status rides in the last Data-In when there is no sense data to send.
+            let status_in_data = !has_sense && resp.status == ScsiStatus::Good;
+            while offset < send_len {
+                let len = seg.min(send_len - offset).min(burst - in_burst);
+                let last = offset + len == send_len;
+                in_burst += len;
+                let end_of_burst = last || in_burst == burst;
+                let with_status = last && status_in_data;
+                let seq = if with_status {
+                    self.seq_status()
+                } else {
+                    self.seq_plain()
+                };
+                let b = build::data_in(
+                    task.itt,
+                    task.lun_raw,
+                    end_of_burst,
+                    with_status.then_some((status, residual)),
+                    seq,
+                    datasn,
+                    offset,
+                    len,
+                );
+                self.push(
+                    b,
+                    OutData::Shared(buf.clone(), offset as usize, len as usize),
+                );
+                if end_of_burst {
+                    in_burst = 0;
+                }
+                offset += len;
+                datasn += 1;
+            }
+            if status_in_data {
+                return;
+            }
+            self.send_response(task.itt, status, residual, datasn, &resp.sense);
+        } else {
+            self.send_response(task.itt, status, residual, 0, &resp.sense);
+        }
+    }
+
+    fn send_response(
+        &mut self,
+        itt: u32,
+        status: u8,
+        residual: Residual,
+        datasn: u32,
+        sense: &[u8],
+    ) {
+        let data = if sense.is_empty() {
+            Vec::new()
+        } else {
+            let mut d = Vec::with_capacity(2 + sense.len());
+            d.extend_from_slice(&(sense.len() as u16).to_be_bytes());
+            d.extend_from_slice(sense);
+            d
+        };
+        let seq = self.seq_status();
+        let b = build::scsi_response(itt, status, residual, seq, datasn, data.len() as u32);
+        self.push(b, OutData::Owned(data));
+    }
+
+    // ----- task management -----
+
+    fn on_tmf(&mut self, t: TaskMgmtRequest, env: &mut dyn TargetEnv) {
+        let Some(target) = self.target else {
+            let seq = self.seq_status();
+            let b = build::tmf_response(t.itt, TmfResponse::NotSupported, seq);
+            self.push(b, OutData::None);
+            return;
+        };
+        let lun = pdu::decode_lun(t.lun);
+        let (response, victims, close_after): (TmfResponse, Vec<u32>, bool) = match t.function {
+            TmfFunction::AbortTask => {
+                if self.tasks.contains_key(&t.referenced_tag) {
+                    (TmfResponse::Complete, vec![t.referenced_tag], false)
+                } else {
+                    (TmfResponse::TaskDoesNotExist, vec![], false)
+                }
+            }
+            TmfFunction::AbortTaskSet | TmfFunction::ClearTaskSet => {
+                if !env.lun_exists(target, lun) {
+                    (TmfResponse::LunDoesNotExist, vec![], false)
+                } else {
+                    let v = self.tasks_on_lun(Some(lun), t.itt);
+                    (TmfResponse::Complete, v, false)
+                }
+            }
+            TmfFunction::LogicalUnitReset => {
+                if !env.lun_exists(target, lun) {
+                    (TmfResponse::LunDoesNotExist, vec![], false)
+                } else {
+                    let v = self.tasks_on_lun(Some(lun), t.itt);
+                    env.lun_reset(target, lun, self.nexus);
+                    (TmfResponse::Complete, v, false)
+                }
+            }
+            TmfFunction::TargetWarmReset | TmfFunction::TargetColdReset => {
+                let cold = t.function == TmfFunction::TargetColdReset;
+                let v = self.tasks_on_lun(None, t.itt);
+                env.target_reset(target, self.nexus, cold);
+                // A cold reset ends every session, this one included, once answered.
+                (TmfResponse::Complete, v, cold)
+            }
+            TmfFunction::ClearAca => (TmfResponse::NotSupported, vec![], false),
+            TmfFunction::TaskReassign => (TmfResponse::ReassignmentNotSupported, vec![], false),
+            TmfFunction::Unknown(_) => (TmfResponse::Rejected, vec![], false),
+        };
+        let mut waiting = Vec::new();
+        for itt in victims {
+            if let Some(task) = self.tasks.get_mut(&itt) {
+                task.aborted = true;
+                task.r2ts.clear();
+                if task.state == TaskState::Submitted {
+                    waiting.push(itt);
+                } else {
+                    self.tasks.remove(&itt);
+                    self.deferred
+                        .retain(|_, d| !matches!(d, Deferred::Scsi(i) if *i == itt));
+                }
+            }
+        }
+        if waiting.is_empty() {
+            self.send_tmf_response(t.itt, response, close_after);
+        } else {
+            self.pending_tmfs.push(PendingTmf {
+                itt: t.itt,
+                waiting_for: waiting,
+                response,
+                close_after,
+            });
+        }
+    }
+
+    fn send_tmf_response(&mut self, itt: u32, response: TmfResponse, close_after: bool) {
+        let seq = self.seq_status();
+        let b = build::tmf_response(itt, response, seq);
+        self.push(b, OutData::None);
+        if close_after {
+            self.close_after_flush = true;
+            self.close_with(CloseReason::Logout);
+        }
+    }
+
+    fn tasks_on_lun(&self, lun: Option<u64>, except: u32) -> Vec<u32> {
+        self.tasks
+            .values()
+            .filter(|t| t.itt != except && lun.is_none_or(|l| t.lun == l))
+            .map(|t| t.itt)
+            .collect()
+    }
+
+    /// An aborted task left the device: answer TMFs that waited for it.
+    fn task_gone(&mut self, itt: u32) {
+        let mut ready = Vec::new();
+        for p in &mut self.pending_tmfs {
+            p.waiting_for.retain(|&i| i != itt);
+            if p.waiting_for.is_empty() {
+                ready.push((p.itt, p.response, p.close_after));
+            }
+        }
+        self.pending_tmfs.retain(|p| !p.waiting_for.is_empty());
+        for (itt, resp, close) in ready {
+            self.send_tmf_response(itt, resp, close);
+        }
+    }
+
+    // ----- NOP -----
+
+    fn on_nop_out(&mut self, n: NopOut, data: Vec<u8>, now: Instant) {
+        if n.itt == RESERVED_TAG {
+            // The answer to our NOP-In ping (or a ping that wants no answer).
+            if let Some((ttt, _)) = self.nop_outstanding {
+                if ttt == n.ttt {
+                    self.nop_outstanding = None;
+                }
+            }
+            return;
+        }
+        let _ = now;
+        let seq = self.seq_status();
+        let b = build::nop_in(n.itt, RESERVED_TAG, n.lun, seq, data.len() as u32);
+        self.push(b, OutData::Owned(data));
+    }
+
+    /// Drives keepalive: sends a NOP-In ping after `interval` of silence and closes the
+    /// connection when its answer does not come within `timeout`.
+    pub fn on_tick(&mut self, now: Instant) {
+        if !matches!(self.phase, Phase::FullFeature) {
+            return;
+        }
+        if let Some((_, sent)) = self.nop_outstanding {
+            if now.duration_since(sent) >= self.keepalive.timeout {
+                self.close_with(CloseReason::NopTimeout);
+            }
+            return;
+        }
+        let Some(interval) = self.keepalive.interval else {
+            return;
+        };
+        if now.duration_since(self.last_rx) >= interval {
+            let ttt = self.alloc_ttt();
+            let seq = self.seq_plain();
+            let b = build::nop_in(RESERVED_TAG, ttt, 0, seq, 0);
+            self.push(b, OutData::None);
+            self.nop_outstanding = Some((ttt, now));
+        }
+    }
+
+    // ----- text -----
+
+    fn on_text(&mut self, t: TextRequest, bhs: Bhs, data: Vec<u8>, env: &mut dyn TargetEnv) {
+        // Continuing a long answer of ours.
+        if t.ttt != RESERVED_TAG {
+            match self.text_cont.take() {
+                Some(c) if c.ttt == t.ttt && c.itt == t.itt => {
+                    self.text_cont = Some(c);
+                    self.send_text_chunk(t.lun);
+                }
+                _ => self.reject(RejectReason::ProtocolError, &bhs),
+            }
+            return;
+        }
+        self.text_cont = None;
+        if self.text_partial.len() + data.len() > 64 * 1024 {
+            self.text_partial.clear();
+            self.reject(RejectReason::LongOperationReject, &bhs);
+            return;
+        }
+        self.text_partial.extend_from_slice(&data);
+        if t.cont {
+            // The initiator continues its request: answer empty, ask for more.
+            let seq = self.seq_status();
+            let ttt = self.alloc_ttt();
+            let b = build::text_response(false, false, t.lun, t.itt, ttt, seq, 0);
+            self.push(b, OutData::None);
+            return;
+        }
+        let request = std::mem::take(&mut self.text_partial);
+        let pairs = match text::parse(&request) {
+            Ok(p) => p,
+            Err(_) => {
+                self.reject(RejectReason::ProtocolError, &bhs);
+                return;
+            }
+        };
+        let mut reply = Vec::new();
+        for (k, v) in &pairs {
+            if k == "SendTargets" {
+                let only = match v.as_str() {
+                    "All" => {
+                        if self.session_type != SessionType::Discovery {
+                            // Normal sessions may only ask about their own target.
+                            self.target_name.clone()
+                        } else {
+                            None
+                        }
+                    }
+                    "" => self.target_name.clone(),
+                    name => Some(name.to_string()),
+                };
+                if self.session_type == SessionType::Normal && only.is_none() {
+                    continue;
+                }
+                let entries =
+                    env.discover(&self.initiator_name, self.peer, self.local, only.as_deref());
+                for e in entries {
+                    text::push(&mut reply, "TargetName", &e.name);
+                    for a in &e.addresses {
+                        text::push(&mut reply, "TargetAddress", a);
+                    }
+                }
+            } else {
+                // Renegotiation in full feature phase is not offered.
+                text::push(&mut reply, k, "Reject");
+            }
+        }
+        self.text_cont = Some(TextContinuation {
+            itt: t.itt,
+            ttt: RESERVED_TAG,
+            data: reply,
+            sent: 0,
+        });
+        self.send_text_chunk(t.lun);
+    }
+
+    /// Sends the next piece of a text answer, no larger than the initiator accepts.
+    fn send_text_chunk(&mut self, lun: u64) {
+        let Some(mut c) = self.text_cont.take() else {
+            return;
+        };
+        let max = self.cp.initiator_mrdsl.max(512) as usize;
+        let remaining = c.data.len() - c.sent;
+        let len = remaining.min(max);
+        let chunk = c.data[c.sent..c.sent + len].to_vec();
+        c.sent += len;
+        let last = c.sent == c.data.len();
+        let ttt = if last { RESERVED_TAG } else { self.alloc_ttt() };
+        let seq = self.seq_status();
+        let b = build::text_response(last, !last, lun, c.itt, ttt, seq, len as u32);
+        self.push(b, OutData::Owned(chunk));
+        if !last {
+            c.ttt = ttt;
+            self.text_cont = Some(c);
+        }
+    }
+
+    // ----- transmit -----
+
+    /// True when PDUs are waiting to be written.
+    pub fn has_tx(&self) -> bool {
+        !self.out.is_empty()
+    }
+
+    /// Fills `iov` with the bytes to write next (up to `max` slices).
+    pub fn tx_iovecs<'a>(&'a self, iov: &mut Vec<IoSlice<'a>>, max: usize) {
+        let mut skip = self.out_offset;
+        for p in &self.out {
+            if iov.len() >= max {
+                break;
+            }
+            let data = p.data.bytes();
+            let pad = pdu::pad_len(data.len());
+            for part in [&p.bhs.0[..], data, &ZERO_PAD[..pad]] {
+                if part.is_empty() {
+                    continue;
+                }
+                if skip >= part.len() {
+                    skip -= part.len();
+                    continue;
+                }
+                iov.push(IoSlice::new(&part[skip..]));
+                skip = 0;
+                if iov.len() >= max {
+                    break;
+                }
+            }
+        }
+    }
+
+    /// `n` bytes of what [`tx_iovecs`](Self::tx_iovecs) listed were written.
+    pub fn tx_consumed(&mut self, mut n: usize) {
+        while n > 0 {
+            let Some(front) = self.out.front() else {
+                break;
+            };
+            let left = front.wire_len() - self.out_offset;
+            if n >= left {
+                n -= left;
+                self.out.pop_front();
+                self.out_offset = 0;
+            } else {
+                self.out_offset += n;
+                n = 0;
+            }
+        }
+    }
+}
+
+#[derive(Debug)]
+enum DataOutError {
+    UnknownTask,
+    Sequence(&'static str),
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,320 @@
+//! The login phase (RFC 7143 §6.3, §11.12-13): security → operational → full feature stages,
+//! key negotiation, continuation, ISID/TSIH rules and login status answers.
+//!
+//! [`Login::handle`] consumes one Login Request (header and whole data segment) and returns the
+//! Login Response to send and whether the login goes on, failed, or completed.
+
+use super::params::{Answer, ConnParams, Negotiator, SessionParams, SessionType};
+use super::pdu::{build, Bhs, LoginRequest, SeqNumbers};
+use super::{text, LoginStatus, SessionKey, TargetEnv, TargetInfo};
+use std::net::SocketAddr;
+
+/// Login stages (CSG/NSG values).
+pub const STAGE_SECURITY: u8 = 0;
+pub const STAGE_OPERATIONAL: u8 = 1;
+pub const STAGE_FULL_FEATURE: u8 = 3;
+
+/// Most bytes of key=value text one login may accumulate through continuations.
+const MAX_LOGIN_TEXT: usize = 64 * 1024;
+
+/// What a completed login hands to the full feature phase.
+#[derive(Debug, Clone)]
+pub struct Established {
+    pub session_type: SessionType,
+    pub initiator_name: String,
+    pub initiator_alias: Option<String>,
+    pub target: Option<TargetInfo>,
+    pub isid: [u8; 6],
+    pub tsih: u16,
+    pub cid: u16,
+    pub session: SessionParams,
+    pub conn: ConnParams,
+    /// The CmdSN the first full-feature command will carry.
+    pub exp_cmdsn: u32,
+    /// The next StatSN to send.
+    pub statsn: u32,
+}
+
+/// Result of one login request.
+#[derive(Debug)]
+pub enum LoginStep {
+    /// Send this response; more login requests follow.
+    Continue(Bhs, Vec<u8>),
+    /// Send this response, then close the connection.
+    Failed(Bhs, Vec<u8>, LoginStatus),
+    /// Send this response; the connection enters full feature phase.
+    Done(Bhs, Vec<u8>, Box<Established>),
+}
+
+/// State of one connection's login.
+#[derive(Debug)]
+pub struct Login {
+    conn_uid: u64,
+    peer: SocketAddr,
+    pg_tag: u16,
+    stage: u8,
+    started: bool,
+    negotiator: Option<Negotiator>,
+    initiator_name: Option<String>,
+    initiator_alias: Option<String>,
+    session_type: SessionType,
+    target: Option<TargetInfo>,
+    isid: [u8; 6],
+    tsih: u16,
+    itt: u32,
+    cid: u16,
+    cmdsn: u32,
+    statsn: u32,
+    /// Text of a request still being continued (C bit).
+    partial: Vec<u8>,
+    /// Whether TargetPortalGroupTag was already declared.
+    tpgt_sent: bool,
+}
+
+impl Login {
+    pub fn new(conn_uid: u64, peer: SocketAddr, pg_tag: u16) -> Self {
+        Login {
+            conn_uid,
+            peer,
+            pg_tag,
+            stage: STAGE_SECURITY,
+            started: false,
+            negotiator: None,
+            initiator_name: None,
+            initiator_alias: None,
+            session_type: SessionType::Normal,
+            target: None,
+            isid: [0; 6],
+            tsih: 0,
+            itt: 0,
+            cid: 0,
+            cmdsn: 0,
+            statsn: 0,
+            partial: Vec::new(),
+            tpgt_sent: false,
+        }
+    }
+
+    fn seq(&self) -> SeqNumbers {
+        SeqNumbers {
+            statsn: self.statsn,
+            exp_cmdsn: self.cmdsn,
+            max_cmdsn: self.cmdsn,
+        }
+    }
+
+    fn respond(&mut self, transit: bool, cont: bool, nsg: u8, data: Vec<u8>, tsih: u16) -> Bhs {
+        let bhs = build::login_response(
+            transit,
+            cont,
+            self.stage,
+            if transit { nsg } else { 0 },
+            self.isid,
+            tsih,
+            self.itt,
+            self.seq(),
+            (0, 0),
+            data.len() as u32,
+        );
+        self.statsn = self.statsn.wrapping_add(1);
+        bhs
+    }
+
+    fn fail(&mut self, status: LoginStatus) -> LoginStep {
+        let bhs = build::login_response(
+            false,
+            false,
+            self.stage,
+            0,
+            self.isid,
+            0,
+            self.itt,
+            self.seq(),
+            (status.0, status.1),
+            0,
+        );
+        LoginStep::Failed(bhs, Vec::new(), status)
+    }
+
+    /// Handles one Login Request with its whole data segment.
+    pub fn handle(
+        &mut self,
+        req: &LoginRequest,
+        data: &[u8],
+        local: SocketAddr,
+        env: &mut dyn TargetEnv,
+    ) -> LoginStep {
+        let _ = local;
+        self.itt = req.itt;
+        if !self.started {
+            self.started = true;
+            self.isid = req.isid;
+            self.tsih = req.tsih;
+            self.cid = req.cid;
+            self.cmdsn = req.cmdsn;
+            self.statsn = req.exp_statsn;
+            // We speak version 0 only (RFC 7143 §11.12.4).
+            if req.version_min > 0 {
+                return self.fail(LoginStatus::UNSUPPORTED_VERSION);
+            }
+        } else if req.isid != self.isid || req.tsih != self.tsih || req.cid != self.cid {
+            // ISID, TSIH and CID must not change within a login.
+            return self.fail(LoginStatus::INITIATOR_ERROR);
+        }
+        if req.csg != self.stage || req.csg == 2 {
+            return self.fail(LoginStatus::INITIATOR_ERROR);
+        }
+        if req.transit && (req.nsg <= req.csg || req.nsg == 2) {
+            return self.fail(LoginStatus::INITIATOR_ERROR);
+        }
+        if req.transit && req.cont {
+            return self.fail(LoginStatus::INITIATOR_ERROR);
+        }
+
+        if self.partial.len() + data.len() > MAX_LOGIN_TEXT {
+            return self.fail(LoginStatus::OUT_OF_RESOURCES);
+        }
+        self.partial.extend_from_slice(data);
+        if req.cont {
+            // The initiator continues its text; acknowledge with an empty response.
+            let bhs = self.respond(false, false, 0, Vec::new(), 0);
+            return LoginStep::Continue(bhs, Vec::new());
+        }
+        let text_bytes = std::mem::take(&mut self.partial);
+        let pairs = match text::parse(&text_bytes) {
+            Ok(p) => p,
+            Err(_) => return self.fail(LoginStatus::INITIATOR_ERROR),
+        };
+
+        if self.negotiator.is_none() {
+            if let Err(status) = self.first_request(&pairs, env) {
+                return self.fail(status);
+            }
+        }
+        let mut reply = Vec::new();
+        if !self.tpgt_sent {
+            self.tpgt_sent = true;
+            if self.session_type == SessionType::Normal {
+                text::push(&mut reply, "TargetPortalGroupTag", &self.pg_tag.to_string());
+                if let Some(alias) = self.target.as_ref().and_then(|t| t.alias.clone()) {
+                    text::push(&mut reply, "TargetAlias", &alias);
+                }
+            }
+        }
+        let neg = self
+            .negotiator
+            .as_mut()
+            .expect("negotiator exists after the first request");
+        for (k, v) in &pairs {
+            if let Answer::Reply(ans) = neg.offer(k, v) {
+                text::push(&mut reply, k, &ans);
+            }
+        }
+        if self.stage == STAGE_SECURITY {
+            match neg.auth_method.as_deref() {
+                Some("None") => {}
+                // The initiator insists on a method we do not offer, or offered none while
+                // asking to leave the security stage.
+                _ if pairs.iter().any(|(k, _)| k == "AuthMethod") => {
+                    return self.fail(LoginStatus::AUTHENTICATION_FAILED)
+                }
+                _ => {}
+            }
+        }
+
+        if !req.transit {
+            let bhs = self.respond(false, false, 0, reply.clone(), 0);
+            return LoginStep::Continue(bhs, reply);
+        }
+        if req.nsg == STAGE_FULL_FEATURE {
+            return self.complete(reply, env);
+        }
+        // Security → operational.
+        let bhs = self.respond(true, false, req.nsg, reply.clone(), 0);
+        self.stage = req.nsg;
+        LoginStep::Continue(bhs, reply)
+    }
+
+    /// Checks the identity keys of the first request and resolves the target.
+    fn first_request(
+        &mut self,
+        pairs: &[(String, String)],
+        env: &mut dyn TargetEnv,
+    ) -> Result<(), LoginStatus> {
+        let get = |k: &str| {
+            pairs
+                .iter()
+                .find(|(key, _)| key == k)
+                .map(|(_, v)| v.clone())
+        };
+        let initiator = get("InitiatorName").ok_or(LoginStatus::MISSING_PARAMETER)?;
+        if initiator.is_empty() {
+            return Err(LoginStatus::MISSING_PARAMETER);
+        }
+        self.initiator_name = Some(initiator.clone());
+        self.initiator_alias = get("InitiatorAlias");
+        self.session_type = match get("SessionType").as_deref() {
+            None | Some("Normal") => SessionType::Normal,
+            Some("Discovery") => SessionType::Discovery,
+            Some(_) => return Err(LoginStatus::SESSION_TYPE_NOT_SUPPORTED),
+        };
+        if self.session_type == SessionType::Normal {
+            let name = get("TargetName").ok_or(LoginStatus::MISSING_PARAMETER)?;
+            let info = env.login_target(&name, &initiator, self.peer, self.pg_tag)?;
+            self.target = Some(info);
+        }
+        if self.tsih != 0 {
+            // Adding a connection to an existing session: we run one connection per session.
+            return Err(if env.session_exists(self.tsih) {
+                LoginStatus::TOO_MANY_CONNECTIONS
+            } else {
+                LoginStatus::SESSION_DOES_NOT_EXIST
+            });
+        }
+        self.negotiator = Some(Negotiator::new(env.global(), self.session_type));
+        Ok(())
+    }
+
+    fn complete(&mut self, reply: Vec<u8>, env: &mut dyn TargetEnv) -> LoginStep {
+        let key = SessionKey {
+            initiator: self
+                .initiator_name
+                .clone()
+                .unwrap_or_default()
+                .to_ascii_lowercase(),
+            isid: self.isid,
+            target: self.target.as_ref().map(|t| t.id),
+        };
+        let reg = match env.register_session(key, self.conn_uid) {
+            Ok(r) => r,
+            Err(status) => return self.fail(status),
+        };
+        let tsih = reg.tsih;
+        let bhs = self.respond(true, false, STAGE_FULL_FEATURE, reply.clone(), tsih);
+        let neg = self
+            .negotiator
+            .as_mut()
+            .expect("negotiator exists at completion");
+        let (session, conn) = neg.finish();
+        let est = Established {
+            session_type: self.session_type,
+            initiator_name: self.initiator_name.clone().unwrap_or_default(),
+            initiator_alias: self.initiator_alias.clone(),
+            target: self.target.clone(),
+            isid: self.isid,
+            tsih,
+            cid: self.cid,
+            session,
+            conn,
+            exp_cmdsn: self.cmdsn,
+            statsn: self.statsn,
+        };
+        LoginStep::Done(bhs, reply, Box::new(est))
+    }
+
+    /// The session this login reinstated, if any, is reported by the registry; the caller
+    /// reads it back from [`TargetEnv::register_session`]'s result through this hook.
+    pub fn conn_uid(&self) -> u64 {
+        self.conn_uid
+    }
+}

@@ -1,0 +1,467 @@
+//! The live object model a reactor serves: target nodes with their SCSI devices, portal and
+//! initiator groups, and the session registry. It is the [`TargetEnv`] the protocol core
+//! talks to.
+
+use super::{BdevConfig, BdevKind, Config, InitiatorGroup, Netmask, TargetNode};
+use crate::bdev::{file::FileBdev, malloc::MallocBdev, null::NullBdev, BlockDevice};
+use crate::iscsi::{
+    DiscoveryEntry, LoginStatus, Registered, SessionKey, TargetEnv, TargetId, TargetInfo,
+};
+use crate::scsi::{Device, LunIdentity, NexusId, ScsiResponse, ScsiTask};
+use std::collections::HashMap;
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+
+/// Errors building the live model from a configuration.
+#[derive(Debug)]
+pub enum BuildError {
+    Bdev {
+        name: String,
+        error: String,
+    },
+    Lun {
+        target: String,
+        lun: u64,
+        error: String,
+    },
+}
+
+impl fmt::Display for BuildError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            BuildError::Bdev { name, error } => write!(f, "bdev {name}: {error}"),
+            BuildError::Lun { target, lun, error } => {
+                write!(f, "target {target} LUN {lun}: {error}")
+            }
+        }
+    }
+}
+
+impl std::error::Error for BuildError {}
+
+/// A target node being served.
+pub struct LiveTarget {
+    pub node: TargetNode,
+    pub device: Device,
+}
+
+struct SessionEntry {
+    key: SessionKey,
+    conn_uid: u64,
+}
+
+/// Targets, groups and sessions of one dataplane.
+pub struct Targets {
+    config: Config,
+    pub targets: Vec<LiveTarget>,
+    sessions: HashMap<u16, SessionEntry>,
+    next_tsih: u16,
+    /// Connections to close because their session was reinstated.
+    pub to_close: Vec<u64>,
+}
+
+/// Opens the block device a configuration entry describes.
+pub fn open_bdev(cfg: &BdevConfig) -> Result<Box<dyn BlockDevice>, BuildError> {
+    let err = |e: crate::bdev::BdevError| BuildError::Bdev {
+        name: cfg.name.clone(),
+        error: e.to_string(),
+    };
+    Ok(match &cfg.kind {
+        BdevKind::Malloc { size } => {
+            Box::new(MallocBdev::new(&cfg.name, cfg.block_size, *size).map_err(err)?)
+        }
+        BdevKind::Null { size } => {
+            Box::new(NullBdev::new(&cfg.name, cfg.block_size, *size).map_err(err)?)
+        }
+        BdevKind::File { path, size } => {
+            Box::new(FileBdev::open(&cfg.name, path, cfg.block_size, *size).map_err(err)?)
+        }
+    })
+}
+
+/// A stable 24-bit value from a string (FNV-1a), for identifiers derived from names.
+fn fnv(s: &str) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in s.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}
+
+/// The identity a LUN reports: derived from the target and bdev names so it stays the same
+/// across restarts (initiators and multipath key on it).
+pub fn lun_identity(target: &TargetNode, lun: u64, bdev: &str, pg_tag: u16) -> LunIdentity {
+    let h = fnv(&format!("{}/{}/{}", target.name, lun, bdev));
+    // NAA 6 (IEEE registered extended) would need an OUI; NAA 5 with a locally assigned
+    // company id keeps the format valid: 5 | 24-bit id | 36-bit vendor specific.
+    let naa = (0x5u64 << 60) | (0x00_1405u64 << 36) | (h & 0x0f_ffff_ffff);
+    LunIdentity {
+        vendor: "RUSTIO".into(),
+        product: "iscsi-tgt".into(),
+        revision: "0001".into(),
+        serial: format!("{:016x}", h),
+        naa,
+        target_name: target.name.clone(),
+        portal_group_tag: pg_tag,
+        relative_port: 1,
+    }
+}
+
+fn name_matches(pattern: &str, initiator: &str) -> bool {
+    pattern.eq_ignore_ascii_case("ANY") || pattern.eq_ignore_ascii_case(initiator)
+}
+
+fn in_netmask(mask: &Netmask, ip: IpAddr) -> bool {
+    let ip = match ip {
+        IpAddr::V6(v6) => v6
+            .to_ipv4_mapped()
+            .map(IpAddr::V4)
+            .unwrap_or(IpAddr::V6(v6)),
+        v4 => v4,
+    };
+    match *mask {
+        Netmask::Any => true,
+        Netmask::Cidr { addr, prefix } => match (addr, ip) {
+            (IpAddr::V4(a), IpAddr::V4(b)) => {
+                let m = if prefix == 0 {
+                    0
+                } else {
+                    u32::MAX << (32 - u32::from(prefix.min(32)))
+                };
+                u32::from(a) & m == u32::from(b) & m
+            }
+            (IpAddr::V6(a), IpAddr::V6(b)) => {
+                let m = if prefix == 0 {
+                    0
+                } else {
+                    u128::MAX << (128 - u32::from(prefix.min(128)))
+                };
+                u128::from(a) & m == u128::from(b) & m
+            }
+            _ => false,
+        },
+    }
+}
+
+/// Whether an initiator group admits this initiator from this address.
+pub fn group_allows(group: &InitiatorGroup, initiator: &str, peer: IpAddr) -> bool {
+    let denied = group.initiators.iter().any(|p| {
+        p.strip_prefix('!')
+            .is_some_and(|n| name_matches(n, initiator))
+    });
+    if denied {
+        return false;
+    }
+    let named = group
+        .initiators
+        .iter()
+        .any(|p| !p.starts_with('!') && name_matches(p, initiator));
+    named && group.netmasks.iter().any(|m| in_netmask(m, peer))
+}
+
+impl Targets {
+    /// Opens every bdev and builds every target's device.
+    pub fn build(config: Config) -> Result<Self, BuildError> {
+        let mut bdevs: HashMap<String, Box<dyn BlockDevice>> = HashMap::new();
+        for b in &config.bdevs {
+            bdevs.insert(b.name.clone(), open_bdev(b)?);
+        }
+        let mut targets = Vec::new();
+        for node in &config.targets {
+            let mut device = Device::new();
+            let pg_tag = node.mappings.first().map_or(1, |m| m.portal_group);
+            for l in &node.luns {
+                let bdev = bdevs.remove(&l.bdev).ok_or_else(|| BuildError::Lun {
+                    target: node.name.clone(),
+                    lun: l.lun,
+                    error: format!("bdev {} is missing or already used", l.bdev),
+                })?;
+                let ident = lun_identity(node, l.lun, &l.bdev, pg_tag);
+                device
+                    .add_lun(l.lun, bdev, ident)
+                    .map_err(|error| BuildError::Lun {
+                        target: node.name.clone(),
+                        lun: l.lun,
+                        error,
+                    })?;
+            }
+            targets.push(LiveTarget {
+                node: node.clone(),
+                device,
+            });
+        }
+        Ok(Targets {
+            config,
+            targets,
+            sessions: HashMap::new(),
+            next_tsih: 1,
+            to_close: Vec::new(),
+        })
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// Polls every device; returns responses in `out`.
+    pub fn poll_devices(&mut self, out: &mut Vec<ScsiResponse>) -> usize {
+        let mut n = 0;
+        for t in &mut self.targets {
+            n += t.device.poll(out);
+        }
+        n
+    }
+
+    /// Commands in flight in any device.
+    pub fn in_flight(&self) -> usize {
+        self.targets.iter().map(|t| t.device.in_flight()).sum()
+    }
+
+    /// Flushes every device (shutdown).
+    pub fn flush_all(&mut self) {
+        for t in &mut self.targets {
+            t.device.flush_all();
+        }
+    }
+
+    pub fn session_count(&self) -> usize {
+        self.sessions.len()
+    }
+
+    fn may_access(
+        &self,
+        node: &TargetNode,
+        initiator: &str,
+        peer: IpAddr,
+        pg_tag: Option<u16>,
+    ) -> bool {
+        node.mappings.iter().any(|m| {
+            pg_tag.is_none_or(|t| t == m.portal_group)
+                && self
+                    .config
+                    .initiator_groups
+                    .iter()
+                    .find(|g| g.tag == m.initiator_group)
+                    .is_some_and(|g| group_allows(g, initiator, peer))
+        })
+    }
+
+    fn addresses_of(&self, node: &TargetNode, local: SocketAddr) -> Vec<String> {
+        let mut out = Vec::new();
+        for m in &node.mappings {
+            if let Some(pg) = self
+                .config
+                .portal_groups
+                .iter()
+                .find(|p| p.tag == m.portal_group)
+            {
+                for p in &pg.portals {
+                    // A wildcard portal is reported as the address the initiator reached.
+                    let addr = if p.ip().is_unspecified() {
+                        SocketAddr::new(local.ip(), p.port())
+                    } else {
+                        *p
+                    };
+                    let s = format!("{},{}", addr, pg.tag);
+                    if !out.contains(&s) {
+                        out.push(s);
+                    }
+                }
+            }
+        }
+        out
+    }
+}
+
+impl TargetEnv for Targets {
+    fn global(&self) -> &super::Global {
+        &self.config.global
+    }
+
+    fn login_target(
+        &self,
+        name: &str,
+        initiator: &str,
+        peer: SocketAddr,
+        pg_tag: u16,
+    ) -> Result<TargetInfo, LoginStatus> {
+        let (id, t) = self
+            .targets
+            .iter()
+            .enumerate()
+            .find(|(_, t)| t.node.name.eq_ignore_ascii_case(name))
+            .ok_or(LoginStatus::NOT_FOUND)?;
+        if !t.node.mappings.iter().any(|m| m.portal_group == pg_tag) {
+            // Not exposed on this portal: indistinguishable from not existing.
+            return Err(LoginStatus::NOT_FOUND);
+        }
+        if !self.may_access(&t.node, initiator, peer.ip(), Some(pg_tag)) {
+            return Err(LoginStatus::AUTHORIZATION_FAILED);
+        }
+        Ok(TargetInfo {
+            id,
+            name: t.node.name.clone(),
+            alias: t.node.alias.clone(),
+            queue_depth: t.node.queue_depth,
+        })
+    }
+
+    fn discover(
+        &self,
+        initiator: &str,
+        peer: SocketAddr,
+        local: SocketAddr,
+        only: Option<&str>,
+    ) -> Vec<DiscoveryEntry> {
+        self.targets
+            .iter()
+            .filter(|t| only.is_none_or(|n| t.node.name.eq_ignore_ascii_case(n)))
+            .filter(|t| self.may_access(&t.node, initiator, peer.ip(), None))
+            .map(|t| DiscoveryEntry {
+                name: t.node.name.clone(),
+                addresses: self.addresses_of(&t.node, local),
+            })
+            .collect()
+    }
+
+    fn register_session(
+        &mut self,
+        key: SessionKey,
+        conn_uid: u64,
+    ) -> Result<Registered, LoginStatus> {
+        if self.sessions.len() >= self.config.global.max_sessions as usize {
+            return Err(LoginStatus::OUT_OF_RESOURCES);
+        }
+        let mut reinstated = None;
+        if let Some((&old_tsih, old)) = self.sessions.iter().find(|(_, s)| s.key == key) {
+            reinstated = Some(old.conn_uid);
+            self.sessions.remove(&old_tsih);
+        }
+        if let Some(uid) = reinstated {
+            self.to_close.push(uid);
+        }
+        let mut tsih = self.next_tsih;
+        while tsih == 0 || self.sessions.contains_key(&tsih) {
+            tsih = tsih.wrapping_add(1);
+        }
+        self.next_tsih = tsih.wrapping_add(1);
+        self.sessions.insert(tsih, SessionEntry { key, conn_uid });
+        Ok(Registered { tsih, reinstated })
+    }
+
+    fn session_exists(&self, tsih: u16) -> bool {
+        self.sessions.contains_key(&tsih)
+    }
+
+    fn unregister_session(&mut self, tsih: u16, conn_uid: u64) {
+        if self
+            .sessions
+            .get(&tsih)
+            .is_some_and(|s| s.conn_uid == conn_uid)
+        {
+            self.sessions.remove(&tsih);
+        }
+    }
+
+    fn lun_exists(&self, target: TargetId, lun: u64) -> bool {
+        self.targets
+            .get(target)
+            .is_some_and(|t| t.device.luns().contains(&lun))
+    }
+
+    fn scsi_submit(&mut self, target: TargetId, task: ScsiTask) {
+        if let Some(t) = self.targets.get_mut(target) {
+            t.device.submit(task);
+        }
+    }
+
+    fn nexus_added(&mut self, target: TargetId, nexus: NexusId) {
+        if let Some(t) = self.targets.get_mut(target) {
+            t.device.nexus_added(nexus);
+        }
+    }
+
+    fn nexus_removed(&mut self, target: TargetId, nexus: NexusId) {
+        if let Some(t) = self.targets.get_mut(target) {
+            t.device.nexus_removed(nexus);
+        }
+    }
+
+    fn lun_reset(&mut self, target: TargetId, lun: u64, by: NexusId) {
+        if let Some(t) = self.targets.get_mut(target) {
+            t.device.lun_reset(lun, by);
+        }
+    }
+
+    fn target_reset(&mut self, target: TargetId, by: NexusId, cold: bool) {
+        if let Some(t) = self.targets.get_mut(target) {
+            t.device.target_reset(by, cold);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn group(inits: &[&str], masks: Vec<Netmask>) -> InitiatorGroup {
+        InitiatorGroup {
+            tag: 1,
+            initiators: inits.iter().map(|s| s.to_string()).collect(),
+            netmasks: masks,
+        }
+    }
+
+    #[test]
+    fn initiator_groups() {
+        let lo: IpAddr = "127.0.0.1".parse().unwrap();
+        let g = group(&["ANY"], vec![Netmask::Any]);
+        assert!(group_allows(&g, "iqn.a", lo));
+        let g = group(&["ANY", "!iqn.bad"], vec![Netmask::Any]);
+        assert!(!group_allows(&g, "IQN.BAD", lo));
+        assert!(group_allows(&g, "iqn.good", lo));
+        let g = group(
+            &["iqn.only"],
+            vec![Netmask::Cidr {
+                addr: "10.0.0.0".parse().unwrap(),
+                prefix: 8,
+            }],
+        );
+        assert!(!group_allows(&g, "iqn.only", lo));
+        assert!(group_allows(&g, "iqn.only", "10.1.2.3".parse().unwrap()));
+        assert!(group_allows(
+            &g,
+            "iqn.only",
+            "::ffff:10.1.2.3".parse().unwrap()
+        ));
+        assert!(!group_allows(&g, "iqn.other", "10.1.2.3".parse().unwrap()));
+        let g6 = group(
+            &["ANY"],
+            vec![Netmask::Cidr {
+                addr: "fd00::".parse().unwrap(),
+                prefix: 16,
+            }],
+        );
+        assert!(group_allows(&g6, "x", "fd00::5".parse().unwrap()));
+        assert!(!group_allows(&g6, "x", "fe80::5".parse().unwrap()));
+    }
+
+    #[test]
+    fn lun_identity_is_stable() {
+        let node = TargetNode {
+            name: "iqn.2026-11.io.x:t".into(),
+            alias: None,
+            luns: vec![],
+            mappings: vec![],
+            queue_depth: 8,
+        };
+        let a = lun_identity(&node, 0, "Malloc0", 1);
+        let b = lun_identity(&node, 0, "Malloc0", 1);
+        let c = lun_identity(&node, 1, "Malloc1", 1);
+        assert_eq!(a, b);
+        assert_ne!(a.naa, c.naa);
+        assert_eq!(a.naa >> 60, 5);
+        assert_eq!(a.serial.len(), 16);
+    }
+}
