@@ -148,7 +148,8 @@ pub fn check_geometry(block_size: u32, size_bytes: u64) -> Result<u64, BdevError
             "block size {block_size} is not 512 or 4096"
         )));
     }
-    if size_bytes == 0 || size_bytes % u64::from(block_size) != 0 {
+    // The block size is a power of two: the low bits are the remainder.
+    if size_bytes == 0 || size_bytes & (u64::from(block_size) - 1) != 0 {
         return Err(BdevError::Config(format!(
             "size {size_bytes} is not a positive multiple of the block size {block_size}"
         )));
