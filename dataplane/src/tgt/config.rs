@@ -457,15 +457,95 @@ impl Cx<'_> {
     }
 
     fn toml_error(&self, e: &toml::de::Error) -> ConfigError {
-        let message = e.message().trim().to_string();
-        // For an unknown key the span covers the key itself: name it.
-        let key = e
-            .span()
-            .filter(|_| message.starts_with("unknown field"))
-            .and_then(|s| self.text.get(s))
-            .map(|k| k.trim().trim_matches('"').to_string())
-            .unwrap_or_default();
-        self.err(e.span(), &key, message)
+        let message = e
+            .message()
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .collect::<Vec<_>>()
+            .join(": ");
+        let Some(span) = e.span() else {
+            return self.err(None, "", message);
+        };
+        // For an unknown key the span covers the key itself.
+        let unknown = if message.starts_with("unknown field") {
+            self.text
+                .get(span.clone())
+                .map(|k| k.trim().trim_matches('"').to_string())
+        } else {
+            None
+        };
+        let key = self.key_path_at(span.start, unknown.as_deref());
+        self.err(Some(span), &key, message)
+    }
+
+    /// Best-effort key path of a byte offset, for errors the TOML parser reports with a span
+    /// only: the enclosing table header (array-of-tables entries numbered from 0), the key at
+    /// the start of the line, and the unknown key itself when there is one.
+    fn key_path_at(&self, offset: usize, unknown: Option<&str>) -> String {
+        let mut counts: HashMap<String, usize> = HashMap::new();
+        let mut table = String::new();
+        let mut line_key = None;
+        let mut pos = 0;
+        for line in self.text.split_inclusive('\n') {
+            let start = pos;
+            pos += line.len();
+            let t = line.trim();
+            let on_line = offset >= start && offset < pos.max(start + 1);
+            let header_name = |h: &(&str, &str)| {
+                h.0.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | ' '))
+            };
+            if let Some(h) = t
+                .strip_prefix("[[")
+                .and_then(|r| r.split_once("]]"))
+                .filter(header_name)
+            {
+                let name = h.0.trim().to_string();
+                let n = counts
+                    .entry(name.clone())
+                    .and_modify(|n| *n += 1)
+                    .or_insert(0);
+                table = format!("{name}[{n}]");
+            } else if let Some(h) = t
+                .strip_prefix('[')
+                .and_then(|r| r.split_once(']'))
+                .filter(header_name)
+            {
+                // `[a.b]` below `[[a]]` belongs to the latest `a` entry.
+                let name = h.0.trim();
+                table = match name.split_once('.') {
+                    Some((first, rest)) => match counts.get(first.trim()) {
+                        Some(n) => format!("{}[{n}].{}", first.trim(), rest.trim()),
+                        None => name.to_string(),
+                    },
+                    None => name.to_string(),
+                };
+            } else if on_line {
+                line_key = t
+                    .split_once('=')
+                    .map(|(k, _)| k.trim().trim_matches('"').to_string())
+                    .filter(|k| !k.is_empty());
+            }
+            if on_line {
+                break;
+            }
+        }
+        let mut parts: Vec<String> = Vec::new();
+        if !table.is_empty() {
+            parts.push(table.clone());
+        }
+        if let Some(k) = &line_key {
+            if Some(k.as_str()) != unknown {
+                parts.push(k.clone());
+            }
+        }
+        if let Some(u) = unknown {
+            if !table.ends_with(u) || line_key.is_some() {
+                parts.push(u.to_string());
+            }
+        }
+        parts.join(".")
     }
 
     fn required<'v, T>(
@@ -1009,5 +1089,719 @@ impl Cx<'_> {
             mappings,
             queue_depth,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const EXAMPLE: &str = r#"[global]
+log_level = "info"
+nop_in_interval = 30        # seconds, 0 disables
+nop_in_timeout = 30
+max_sessions = 1024
+# negotiation defaults the target offers:
+max_recv_data_segment_length = 262144
+max_burst_length = 1048576
+first_burst_length = 65536
+max_outstanding_r2t = 1
+immediate_data = true
+initial_r2t = true
+default_time2wait = 2
+default_time2retain = 20
+error_recovery_level = 0
+max_connections = 1
+
+[[portal_group]]
+tag = 1
+portals = ["127.0.0.1:3260", "[::1]:3260"]
+
+[[initiator_group]]
+tag = 1
+initiators = ["ANY"]              # exact names, "ANY", or "!name" to deny
+netmasks = ["127.0.0.0/8", "::1/128"]   # CIDR or "ANY"
+
+[[bdev]]
+name = "Malloc0"
+type = "malloc"                   # malloc | file | null
+size = "1GiB"                     # integer bytes or string with K/M/G/T(iB) suffix
+block_size = 512                  # 512 | 4096
+
+[[bdev]]
+name = "Disk1"
+type = "file"
+path = "/var/lib/iscsi-tgt/disk1.img"
+size = "10GiB"                    # optional for existing files and block devices
+
+[[target]]
+name = "iqn.2026-11.io.example:disk1"
+alias = "Disk 1"
+queue_depth = 128
+luns = [ { lun = 0, bdev = "Malloc0" }, { lun = 1, bdev = "Disk1" } ]
+mappings = [ { portal_group = 1, initiator_group = 1 } ]
+"#;
+
+    /// A small valid configuration; tests edit it and expect errors at known lines.
+    const BASE: &str = r#"[[portal_group]]
+tag = 1
+portals = ["127.0.0.1:3260"]
+
+[[initiator_group]]
+tag = 1
+initiators = ["ANY"]
+netmasks = ["ANY"]
+
+[[bdev]]
+name = "Malloc0"
+type = "malloc"
+size = "1MiB"
+
+[[target]]
+name = "iqn.2026-11.io.example:t0"
+luns = [ { lun = 0, bdev = "Malloc0" } ]
+mappings = [ { portal_group = 1, initiator_group = 1 } ]
+"#;
+
+    fn err(text: &str) -> String {
+        match parse(text, "t.toml") {
+            Ok(c) => panic!("accepted: {c:?}"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    fn edited(from: &str, to: &str) -> String {
+        assert!(BASE.contains(from), "{from}");
+        BASE.replacen(from, to, 1)
+    }
+
+    #[track_caller]
+    fn expect(text: &str, prefix: &str) {
+        let e = err(text);
+        assert!(e.starts_with(prefix), "got {e:?}, expected {prefix:?}...");
+    }
+
+    #[test]
+    fn example_parses_exactly() {
+        let c = parse(EXAMPLE, "example.toml").unwrap();
+        let expected = Config {
+            global: Global {
+                log_level: "info".into(),
+                nop_in_interval_s: 30,
+                nop_in_timeout_s: 30,
+                max_recv_data_segment_length: 262_144,
+                max_burst_length: 1_048_576,
+                first_burst_length: 65_536,
+                max_outstanding_r2t: 1,
+                immediate_data: true,
+                initial_r2t: true,
+                default_time2wait: 2,
+                default_time2retain: 20,
+                error_recovery_level: 0,
+                max_connections: 1,
+                max_sessions: 1024,
+            },
+            portal_groups: vec![PortalGroup {
+                tag: 1,
+                portals: vec![
+                    "127.0.0.1:3260".parse().unwrap(),
+                    "[::1]:3260".parse().unwrap(),
+                ],
+            }],
+            initiator_groups: vec![InitiatorGroup {
+                tag: 1,
+                initiators: vec!["ANY".into()],
+                netmasks: vec![
+                    Netmask::Cidr {
+                        addr: "127.0.0.0".parse().unwrap(),
+                        prefix: 8,
+                    },
+                    Netmask::Cidr {
+                        addr: "::1".parse().unwrap(),
+                        prefix: 128,
+                    },
+                ],
+            }],
+            bdevs: vec![
+                BdevConfig {
+                    name: "Malloc0".into(),
+                    block_size: 512,
+                    kind: BdevKind::Malloc { size: 1 << 30 },
+                },
+                BdevConfig {
+                    name: "Disk1".into(),
+                    block_size: 512,
+                    kind: BdevKind::File {
+                        path: "/var/lib/iscsi-tgt/disk1.img".into(),
+                        size: Some(10 << 30),
+                    },
+                },
+            ],
+            targets: vec![TargetNode {
+                name: "iqn.2026-11.io.example:disk1".into(),
+                alias: Some("Disk 1".into()),
+                luns: vec![
+                    LunMapping {
+                        lun: 0,
+                        bdev: "Malloc0".into(),
+                    },
+                    LunMapping {
+                        lun: 1,
+                        bdev: "Disk1".into(),
+                    },
+                ],
+                mappings: vec![PortGroupMapping {
+                    portal_group: 1,
+                    initiator_group: 1,
+                }],
+                queue_depth: 128,
+            }],
+        };
+        assert_eq!(c, expected);
+        // Every [global] value of the example is the default.
+        assert_eq!(c.global, Global::default());
+    }
+
+    #[test]
+    fn base_parses_with_defaults() {
+        let c = parse(BASE, "t.toml").unwrap();
+        assert_eq!(c.global, Global::default());
+        assert_eq!(c.targets[0].queue_depth, 128);
+        assert_eq!(c.targets[0].alias, None);
+        assert_eq!(c.initiator_groups[0].netmasks, vec![Netmask::Any]);
+        assert_eq!(c.bdevs[0].kind, BdevKind::Malloc { size: 1 << 20 });
+    }
+
+    #[test]
+    fn zero_targets_is_discovery_only() {
+        let text = &BASE[..BASE.find("[[target]]").unwrap()];
+        let c = parse(text, "t.toml").unwrap();
+        assert!(c.targets.is_empty());
+        assert_eq!(c.bdevs.len(), 1);
+    }
+
+    #[test]
+    fn luns_sorted_names_lowercased_null_and_4k() {
+        let text = edited(
+            "[[target]]",
+            "[[bdev]]\nname = \"N\"\ntype = \"null\"\nsize = 8192\nblock_size = 4096\n\n[[target]]",
+        )
+        .replacen(
+            "{ lun = 0, bdev = \"Malloc0\" }",
+            "{ lun = 5, bdev = \"N\" }, { lun = 0, bdev = \"Malloc0\" }",
+            1,
+        )
+        .replacen("iqn.2026-11.io.example:t0", "IQN.2026-11.IO.Example:T0", 1);
+        let c = parse(&text, "t.toml").unwrap();
+        let t = &c.targets[0];
+        assert_eq!(t.name, "iqn.2026-11.io.example:t0");
+        assert_eq!(t.luns[0].lun, 0);
+        assert_eq!(t.luns[1].lun, 5);
+        assert_eq!(c.bdevs[1].block_size, 4096);
+        assert_eq!(c.bdevs[1].kind, BdevKind::Null { size: 8192 });
+    }
+
+    #[test]
+    fn no_portal_group_is_an_error() {
+        assert_eq!(
+            err(""),
+            "t.toml: portal_group: at least one [[portal_group]] is required"
+        );
+    }
+
+    #[test]
+    fn syntax_and_type_errors_have_lines() {
+        expect("[[portal_group]\n", "t.toml:1: invalid table header");
+        expect(
+            &edited("tag = 1\nportals", "tag = \"one\"\nportals"),
+            "t.toml:2: portal_group[0].tag: invalid type",
+        );
+        expect(
+            &edited("netmasks = [\"ANY\"]", "netmasks = \"ANY\""),
+            "t.toml:8: initiator_group[0].netmasks: invalid type",
+        );
+    }
+
+    #[test]
+    fn unknown_keys_have_lines() {
+        expect(
+            &edited(
+                "name = \"iqn.2026-11.io.example:t0\"",
+                "name = \"iqn.2026-11.io.example:t0\"\nlunz = 1",
+            ),
+            "t.toml:17: target[0].lunz: unknown field `lunz`",
+        );
+        expect(
+            &edited("bdev = \"Malloc0\" }", "bdev = \"Malloc0\", ro = true }"),
+            "t.toml:17: target[0].luns.ro: unknown field `ro`",
+        );
+        expect(
+            &format!("[global]\nloglevel = 1\n{BASE}"),
+            "t.toml:2: global.loglevel: unknown field `loglevel`",
+        );
+        expect(
+            &format!("portal = 1\n{BASE}"),
+            "t.toml:1: portal: unknown field `portal`",
+        );
+        expect(
+            &edited("type = \"malloc\"", "type = \"malloc\"\nsize_mb = 1"),
+            "t.toml:13: bdev[0].size_mb: unknown field",
+        );
+    }
+
+    #[test]
+    fn portal_group_errors() {
+        expect(
+            &edited("\"127.0.0.1:3260\"", "\"localhost:3260\""),
+            "t.toml:3: portal_group[0].portals[0]: \"localhost:3260\" is not an IP address",
+        );
+        expect(
+            &edited("\"127.0.0.1:3260\"", "\"::1:3260\""),
+            "t.toml:3: portal_group[0].portals[0]: ",
+        );
+        expect(
+            &edited("portals = [\"127.0.0.1:3260\"]", "portals = []"),
+            "t.toml:3: portal_group[0].portals: must not be empty",
+        );
+        expect(
+            &edited("portals = [\"127.0.0.1:3260\"]\n", ""),
+            "t.toml:1: portal_group[0].portals: missing (required)",
+        );
+        expect(
+            &edited("tag = 1\nportals", "tag = 0\nportals"),
+            "t.toml:2: portal_group[0].tag: 0 out of range 1..=65535",
+        );
+        expect(
+            &format!("{BASE}\n[[portal_group]]\ntag = 2\nportals = [\"[::1]:3260\", \"127.0.0.1:3260\"]\n"),
+            "t.toml:22: portal_group[1].portals[1]: portal 127.0.0.1:3260 already listed as portal_group[0].portals[0]",
+        );
+        expect(
+            &format!("{BASE}\n[[portal_group]]\ntag = 1\nportals = [\"127.0.0.1:3261\"]\n"),
+            "t.toml:21: portal_group[1].tag: tag 1 already used by portal_group[0]",
+        );
+    }
+
+    #[test]
+    fn initiator_group_errors() {
+        expect(
+            &edited("netmasks = [\"ANY\"]", "netmasks = [\"ANY\", \"10.0.0.0/33\"]"),
+            "t.toml:8: initiator_group[0].netmasks[1]: \"10.0.0.0/33\": prefix length must be 0..=32",
+        );
+        expect(
+            &edited("netmasks = [\"ANY\"]", "netmasks = [\"10.0.0.300/8\"]"),
+            "t.toml:8: initiator_group[0].netmasks[0]: ",
+        );
+        expect(
+            &edited("initiators = [\"ANY\"]", "initiators = []"),
+            "t.toml:7: initiator_group[0].initiators: must not be empty",
+        );
+        expect(
+            &edited("initiators = [\"ANY\"]", "initiators = [\"ANY\", \"!\"]"),
+            "t.toml:7: initiator_group[0].initiators[1]: \"!\" is not an initiator name",
+        );
+        expect(
+            &format!("{BASE}\n[[initiator_group]]\ntag = 1\ninitiators = [\"ANY\"]\nnetmasks = [\"ANY\"]\n"),
+            "t.toml:21: initiator_group[1].tag: tag 1 already used by initiator_group[0]",
+        );
+        let c = parse(
+            &edited(
+                "initiators = [\"ANY\"]",
+                "initiators = [\"!iqn.1994-05.com.redhat:bad\", \"any\"]",
+            ),
+            "t.toml",
+        )
+        .unwrap();
+        assert_eq!(
+            c.initiator_groups[0].initiators,
+            vec!["!iqn.1994-05.com.redhat:bad".to_string(), "ANY".to_string()]
+        );
+    }
+
+    #[test]
+    fn bdev_errors() {
+        expect(
+            &format!("{BASE}\n[[bdev]]\nname = \"Malloc0\"\ntype = \"null\"\nsize = 4096\n"),
+            "t.toml:21: bdev[1].name: name \"Malloc0\" already used by bdev[0]",
+        );
+        expect(
+            &edited("type = \"malloc\"", "type = \"ram\""),
+            "t.toml:12: bdev[0].type: \"ram\" is not one of malloc, file, null",
+        );
+        expect(
+            &edited("size = \"1MiB\"", "size = 1000"),
+            "t.toml:13: bdev[0].size: 1000 bytes is not a positive multiple of the block size 512",
+        );
+        expect(
+            &edited("size = \"1MiB\"", "size = 0"),
+            "t.toml:13: bdev[0].size: 0 is not a positive size",
+        );
+        expect(
+            &edited("size = \"1MiB\"", "size = \"1MB\""),
+            "t.toml:13: bdev[0].size: \"1MB\": unknown size suffix",
+        );
+        expect(
+            &edited("size = \"1MiB\"", "size = 1.5"),
+            "t.toml:13: bdev[0].size: expected bytes",
+        );
+        expect(
+            &edited("size = \"1MiB\"", "size = \"1MiB\"\nblock_size = 1024"),
+            "t.toml:14: bdev[0].block_size: 1024 is not 512 or 4096",
+        );
+        expect(
+            &edited("size = \"1MiB\"", "size = 6144\nblock_size = 4096"),
+            "t.toml:13: bdev[0].size: 6144 bytes is not a positive multiple of the block size 4096",
+        );
+        expect(
+            &edited("type = \"malloc\"", "type = \"file\""),
+            "t.toml:10: bdev[0].path: missing (required)",
+        );
+        expect(
+            &edited("size = \"1MiB\"\n", ""),
+            "t.toml:10: bdev[0].size: missing (a malloc bdev needs a size)",
+        );
+        expect(
+            &edited("size = \"1MiB\"", "size = \"1MiB\"\npath = \"/x\""),
+            "t.toml:14: bdev[0].path: only file bdevs take a path",
+        );
+        expect(
+            &edited("name = \"Malloc0\"", "name = \"\""),
+            "t.toml:11: bdev[0].name: a bdev needs a non-empty name",
+        );
+        // A file bdev without a size is fine.
+        let c = parse(
+            &edited(
+                "type = \"malloc\"\nsize = \"1MiB\"",
+                "type = \"file\"\npath = \"/dev/sdz\"",
+            ),
+            "t.toml",
+        )
+        .unwrap();
+        assert_eq!(
+            c.bdevs[0].kind,
+            BdevKind::File {
+                path: "/dev/sdz".into(),
+                size: None
+            }
+        );
+    }
+
+    #[test]
+    fn target_errors() {
+        expect(
+            &edited("iqn.2026-11.io.example:t0", "iqn.2026-13.io.example"),
+            "t.toml:16: target[0].name: \"iqn.2026-13.io.example\": an iqn. name is",
+        );
+        expect(
+            &edited("iqn.2026-11.io.example:t0", "disk1"),
+            "t.toml:16: target[0].name: \"disk1\" is not an iSCSI name",
+        );
+        expect(
+            &format!(
+                "{BASE}\n[[bdev]]\nname = \"B1\"\ntype = \"null\"\nsize = 4096\n\n[[target]]\n\
+                 name = \"IQN.2026-11.io.example:T0\"\nluns = [ {{ lun = 0, bdev = \"B1\" }} ]\n\
+                 mappings = [ {{ portal_group = 1, initiator_group = 1 }} ]\n"
+            ),
+            "t.toml:26: target[1].name: name \"iqn.2026-11.io.example:t0\" already used by target[0]",
+        );
+        expect(
+            &edited("bdev = \"Malloc0\"", "bdev = \"Nope\""),
+            "t.toml:17: target[0].luns[0].bdev: no bdev named \"Nope\"",
+        );
+        expect(
+            &edited(
+                "{ lun = 0, bdev = \"Malloc0\" }",
+                "{ lun = 0, bdev = \"Malloc0\" }, { lun = 1, bdev = \"Malloc0\" }",
+            ),
+            "t.toml:17: target[0].luns[1].bdev: bdev \"Malloc0\" already used by target[0].luns[0].bdev",
+        );
+        expect(
+            &edited(
+                "{ lun = 0, bdev = \"Malloc0\" }",
+                "{ lun = 0, bdev = \"Malloc0\" }, { lun = 0, bdev = \"X\" }",
+            ),
+            "t.toml:17: target[0].luns[1].lun: LUN 0 already defined by target[0].luns[0]",
+        );
+        expect(
+            &edited("lun = 0", "lun = 16384"),
+            "t.toml:17: target[0].luns[0].lun: 16384 out of range 0..=16383",
+        );
+        expect(
+            &edited("lun = 0, ", ""),
+            "t.toml:17: target[0].luns[0].lun: missing (required)",
+        );
+        expect(
+            &edited("luns = [ { lun = 0, bdev = \"Malloc0\" } ]", "luns = []"),
+            "t.toml:17: target[0].luns: a target needs at least one LUN",
+        );
+        expect(
+            &edited("portal_group = 1,", "portal_group = 7,"),
+            "t.toml:18: target[0].mappings[0].portal_group: no portal group with tag 7",
+        );
+        expect(
+            &edited("initiator_group = 1 }", "initiator_group = 9 }"),
+            "t.toml:18: target[0].mappings[0].initiator_group: no initiator group with tag 9",
+        );
+        expect(
+            &edited(
+                "{ portal_group = 1, initiator_group = 1 }",
+                "{ portal_group = 1, initiator_group = 1 }, { portal_group = 1, initiator_group = 1 }",
+            ),
+            "t.toml:18: target[0].mappings[1].portal_group: portal group 1 mapped twice",
+        );
+        expect(
+            &edited(
+                "mappings = [ { portal_group = 1, initiator_group = 1 } ]\n",
+                "",
+            ),
+            "t.toml:15: target[0].mappings: missing (required)",
+        );
+        expect(
+            &edited(
+                "name = \"iqn.2026-11.io.example:t0\"",
+                "name = \"iqn.2026-11.io.example:t0\"\nqueue_depth = 0",
+            ),
+            "t.toml:17: target[0].queue_depth: 0 out of range 1..=4096",
+        );
+        expect(
+            &edited(
+                "name = \"iqn.2026-11.io.example:t0\"",
+                "name = \"iqn.2026-11.io.example:t0\"\nqueue_depth = 4097",
+            ),
+            "t.toml:17: target[0].queue_depth: 4097 out of range 1..=4096",
+        );
+    }
+
+    #[test]
+    fn global_errors() {
+        expect(
+            &format!("[global]\nmax_burst_length = 4096\nfirst_burst_length = 8192\n{BASE}"),
+            "t.toml:3: global.first_burst_length: 8192 exceeds max_burst_length (4096)",
+        );
+        expect(
+            &format!("[global]\nlog_level = \"loud\"\n{BASE}"),
+            "t.toml:2: global.log_level: \"loud\" is not one of error, warn, info, debug, trace",
+        );
+        for (key, value, range) in [
+            ("max_recv_data_segment_length", "511", "512..=16777215"),
+            ("max_recv_data_segment_length", "16777216", "512..=16777215"),
+            ("max_burst_length", "0", "512..=16777215"),
+            ("first_burst_length", "100", "512..=16777215"),
+            ("max_outstanding_r2t", "0", "1..=65535"),
+            ("max_outstanding_r2t", "65536", "1..=65535"),
+            ("default_time2wait", "3601", "0..=3600"),
+            ("default_time2retain", "-1", "0..=3600"),
+            ("error_recovery_level", "3", "0..=2"),
+            ("max_connections", "0", "1..=65535"),
+            ("max_sessions", "0", "1..=65535"),
+            ("nop_in_interval", "3601", "0..=3600"),
+            ("nop_in_timeout", "0", "1..=3600"),
+        ] {
+            expect(
+                &format!("# comment\n[global]\n{key} = {value}\n{BASE}"),
+                &format!("t.toml:3: global.{key}: {value} out of range {range}"),
+            );
+        }
+        // A small MaxBurstLength lowers the default FirstBurstLength with it.
+        let c = parse(
+            &format!("[global]\nmax_burst_length = 4096\nlog_level = \"DEBUG\"\n{BASE}"),
+            "t.toml",
+        )
+        .unwrap();
+        assert_eq!(c.global.first_burst_length, 4096);
+        assert_eq!(c.global.log_level, "debug");
+    }
+
+    #[test]
+    fn default_config_is_complete() {
+        let c = default_config(None);
+        assert_eq!(c.portal_groups.len(), 1);
+        assert_eq!(c.portal_groups[0].tag, 1);
+        assert_eq!(
+            c.portal_groups[0].portals,
+            vec![DEFAULT_PORTAL.parse::<SocketAddr>().unwrap()]
+        );
+        assert_eq!(
+            c.initiator_groups,
+            vec![InitiatorGroup {
+                tag: 1,
+                initiators: vec!["ANY".into()],
+                netmasks: vec![Netmask::Any],
+            }]
+        );
+        assert_eq!(
+            c.bdevs,
+            vec![BdevConfig {
+                name: "Malloc0".into(),
+                block_size: 512,
+                kind: BdevKind::Malloc { size: 1 << 30 },
+            }]
+        );
+        assert_eq!(c.targets.len(), 1);
+        let t = &c.targets[0];
+        assert_eq!(t.name, DEFAULT_TARGET_NAME);
+        assert_eq!(
+            t.luns,
+            vec![LunMapping {
+                lun: 0,
+                bdev: "Malloc0".into()
+            }]
+        );
+        assert_eq!(
+            t.mappings,
+            vec![PortGroupMapping {
+                portal_group: 1,
+                initiator_group: 1
+            }]
+        );
+        assert_eq!(t.queue_depth, 128);
+        assert_eq!(c.global, Global::default());
+        assert!(check_iscsi_name(DEFAULT_TARGET_NAME).is_ok());
+
+        let c = default_config(Some("[::]:3261"));
+        assert_eq!(
+            c.portal_groups[0].portals,
+            vec!["[::]:3261".parse::<SocketAddr>().unwrap()]
+        );
+        assert!(default_config_checked(Some("nowhere")).is_err());
+        assert_eq!(default_config(Some("nowhere")), default_config(None));
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("4096B"), Ok(4096));
+        assert_eq!(parse_size("1k"), Ok(1024));
+        assert_eq!(parse_size("1KiB"), Ok(1024));
+        assert_eq!(parse_size("512M"), Ok(512 << 20));
+        assert_eq!(parse_size("10GiB"), Ok(10 << 30));
+        assert_eq!(parse_size(" 2 TiB "), Ok(2 << 40));
+        assert_eq!(parse_size("3g"), Ok(3 << 30));
+        assert!(parse_size("").is_err());
+        assert!(parse_size("G").is_err());
+        assert!(parse_size("1.5G").is_err());
+        assert!(parse_size("-1").is_err());
+        assert!(parse_size("1PB").is_err());
+        assert!(parse_size("1KB").is_err());
+        assert!(parse_size("99999999999999999999").is_err());
+        assert!(parse_size("16777216T").is_err());
+    }
+
+    #[test]
+    fn netmasks() {
+        assert_eq!(parse_netmask("ANY"), Ok(Netmask::Any));
+        assert_eq!(parse_netmask("any"), Ok(Netmask::Any));
+        assert_eq!(
+            parse_netmask("10.0.0.0/8"),
+            Ok(Netmask::Cidr {
+                addr: "10.0.0.0".parse().unwrap(),
+                prefix: 8
+            })
+        );
+        assert_eq!(
+            parse_netmask("192.168.1.7"),
+            Ok(Netmask::Cidr {
+                addr: "192.168.1.7".parse().unwrap(),
+                prefix: 32
+            })
+        );
+        assert_eq!(
+            parse_netmask("fd00::/8"),
+            Ok(Netmask::Cidr {
+                addr: "fd00::".parse().unwrap(),
+                prefix: 8
+            })
+        );
+        assert_eq!(
+            parse_netmask("::1"),
+            Ok(Netmask::Cidr {
+                addr: "::1".parse().unwrap(),
+                prefix: 128
+            })
+        );
+        assert!(parse_netmask("0.0.0.0/0").is_ok());
+        assert!(parse_netmask("::/128").is_ok());
+        assert!(parse_netmask("::/129").is_err());
+        assert!(parse_netmask("1.2.3.4/33").is_err());
+        assert!(parse_netmask("1.2.3.4/").is_err());
+        assert!(parse_netmask("1.2.3.4/-1").is_err());
+        assert!(parse_netmask("host/8").is_err());
+        assert!(parse_netmask("").is_err());
+    }
+
+    #[test]
+    fn iscsi_names() {
+        assert_eq!(
+            check_iscsi_name("iqn.2026-11.io.Example:Disk1").as_deref(),
+            Ok("iqn.2026-11.io.example:disk1")
+        );
+        assert!(check_iscsi_name("iqn.1994-05.com.redhat").is_ok());
+        assert!(check_iscsi_name("iqn.1994-05.com.redhat:a:b.c-d").is_ok());
+        assert!(check_iscsi_name("eui.02004567A425678D").is_ok());
+        assert!(check_iscsi_name("naa.52004567BA64678D").is_ok());
+        assert!(check_iscsi_name("naa.62004567BA64678D0123456789ABCDEF").is_ok());
+        for bad in [
+            "",
+            "iqn.",
+            "iqn.2026-11",
+            "iqn.2026-11.",
+            "iqn.2026-00.io.x",
+            "iqn.26-11.io.x",
+            "iqn.2026-11.io..x",
+            "iqn.2026-11.io.x:",
+            "iqn.2026-11.io x",
+            "iqn.2026-11.io.x:a b",
+            "iqn.2026-11.io.x:é",
+            "eui.0200",
+            "eui.02004567A425678G",
+            "naa.0123456789abcdef0",
+            "iscsi.disk",
+        ] {
+            assert!(check_iscsi_name(bad).is_err(), "{bad:?}");
+        }
+        let long = format!("iqn.2026-11.io.x:{}", "a".repeat(206));
+        assert_eq!(long.len(), 223);
+        assert!(check_iscsi_name(&long).is_ok());
+        assert!(check_iscsi_name(&format!("{long}a")).is_err());
+    }
+
+    #[test]
+    fn load_file_reports_path() {
+        let path =
+            std::env::temp_dir().join(format!("iscsi-tgt-config-{}.toml", std::process::id()));
+        std::fs::write(&path, BASE.replacen("lun = 0", "lun = -1", 1)).unwrap();
+        let e = load_file(&path).unwrap_err().to_string();
+        assert_eq!(
+            e,
+            format!(
+                "{}:17: target[0].luns[0].lun: -1 out of range 0..=16383",
+                path.display()
+            )
+        );
+        std::fs::write(&path, BASE).unwrap();
+        assert!(load_file(&path).is_ok());
+        std::fs::remove_file(&path).unwrap();
+        let e = load_file(&path).unwrap_err();
+        assert_eq!(e.line, None);
+        assert!(e.to_string().contains("cannot read"));
+    }
+
+    #[test]
+    fn garbage_never_panics() {
+        for text in [
+            "\u{0}",
+            "[[",
+            "[[target]]\n[[target]]\n",
+            "[global]\n[global]\n",
+            "target = []\nportal_group = [{}]",
+            "portal_group = [{ tag = 99999999999, portals = [\"1.1.1.1:1\"] }]",
+            "[[portal_group]]\ntag = 1\nportals = [1]\n",
+            "[[bdev]]\nsize = 9223372036854775807\n",
+        ] {
+            let _ = parse(text, "g.toml");
+        }
+        expect(
+            "portal_group = [{ tag = 99999999999, portals = [\"1.1.1.1:1\"] }]",
+            "t.toml:1: portal_group[0].tag: 99999999999 out of range",
+        );
     }
 }
