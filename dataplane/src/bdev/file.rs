@@ -340,7 +340,15 @@ impl FileBdev {
                     path.display()
                 )))
             }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                if size.is_none() {
+                    return Err(BdevError::Config(format!(
+                        "{name}: {} does not exist and no size was given to create it",
+                        path.display()
+                    )));
+                }
+                false
+            }
             Err(e) => return Err(err("cannot inspect", e)),
         };
         let file = OpenOptions::new()
@@ -570,6 +578,12 @@ mod tests {
     #[test]
     fn open_checks_geometry() {
         let p = TempPath::new("geom");
+        assert!(matches!(
+            FileBdev::open("f", &p.0, 512, None),
+            Err(BdevError::Config(_))
+        ));
+        assert!(!p.0.exists(), "a failed open must not leave a file behind");
+        std::fs::write(&p.0, b"").unwrap();
         assert!(matches!(
             FileBdev::open("f", &p.0, 512, None),
             Err(BdevError::Config(_))

@@ -1,7 +1,8 @@
 //! A RAM block device.
 //!
-//! The data lives in one zero-initialised heap allocation (hugepages come later behind the same
-//! type). Requests are executed when submitted, but their completions are only handed out by
+//! The data lives in one zero-initialised heap allocation obtained with `alloc_zeroed`, so the
+//! kernel hands out pages lazily and an unwritten device costs no memory (hugepages come later
+//! behind the same type). Requests are executed when submitted, but their completions are only handed out by
 //! the next [`BlockDevice::poll`], exactly as an asynchronous backend would.
 //!
 //! The device is thin provisioned: a bitmap keeps one bit per block, set when the block has
@@ -20,7 +21,7 @@ pub struct MallocBdev {
     name: String,
     block_size: u32,
     num_blocks: u64,
-    data: Vec<u8>,
+    data: Box<[u8]>,
     /// One bit per block: set when mapped (written), clear when deallocated.
     mapped: Bitmap,
     done: VecDeque<BdevCompletion>,
@@ -32,11 +33,9 @@ impl MallocBdev {
         let num_blocks = check_geometry(block_size, size_bytes)?;
         let len = byte_len(num_blocks, block_size)
             .ok_or_else(|| BdevError::Config(format!("size {size_bytes} too large")))?;
-        let mut data = Vec::new();
-        data.try_reserve_exact(len).map_err(|_| {
+        let data = zeroed_bytes(len).ok_or_else(|| {
             BdevError::Config(format!("cannot allocate {size_bytes} bytes for {name}"))
         })?;
-        data.resize(len, 0);
         Ok(MallocBdev {
             name: name.to_string(),
             block_size,
@@ -149,13 +148,11 @@ impl BlockDevice for MallocBdev {
         }
         let len = byte_len(num_blocks, self.block_size)
             .ok_or_else(|| BdevError::Config(format!("{num_blocks} blocks too large")))?;
-        if len > self.data.len() {
-            self.data
-                .try_reserve_exact(len - self.data.len())
-                .map_err(|_| BdevError::Config(format!("cannot grow to {len} bytes")))?;
-        }
-        self.data.resize(len, 0);
-        self.data.shrink_to_fit();
+        let mut data = zeroed_bytes(len)
+            .ok_or_else(|| BdevError::Config(format!("cannot allocate {len} bytes")))?;
+        let keep = len.min(self.data.len());
+        data[..keep].copy_from_slice(&self.data[..keep]);
+        self.data = data;
         self.mapped.resize(num_blocks);
         self.num_blocks = num_blocks;
         Ok(())
@@ -164,6 +161,24 @@ impl BlockDevice for MallocBdev {
     fn flush_blocking(&mut self) -> Result<(), BdevError> {
         Ok(())
     }
+}
+
+/// `len` zero bytes from the allocator's zeroed path (lazily backed pages for large sizes);
+/// `None` when the allocation fails.
+fn zeroed_bytes(len: usize) -> Option<Box<[u8]>> {
+    if len == 0 {
+        return Some(Box::default());
+    }
+    let layout = std::alloc::Layout::array::<u8>(len).ok()?;
+    // SAFETY: the layout has a non-zero size (len > 0), as `alloc_zeroed` requires.
+    let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
+    if ptr.is_null() {
+        return None;
+    }
+    // SAFETY: `ptr` comes from the global allocator with the layout of `[u8; len]`, all `len`
+    // bytes are initialised (zero), and ownership passes to the box, which frees it with the
+    // same layout.
+    Some(unsafe { Box::from_raw(std::ptr::slice_from_raw_parts_mut(ptr, len)) })
 }
 
 /// A fixed-size bit set, one bit per block.
@@ -269,6 +284,9 @@ mod tests {
         assert_eq!(d.block_size(), 4096);
         assert_eq!(d.name(), "m");
         assert!(d.thin_provisioned());
+        // Large devices are allocated lazily and start deallocated.
+        let big = MallocBdev::new("big", 512, 1 << 30).unwrap();
+        assert_eq!(big.lba_status(0), (LbaState::Deallocated, 1 << 21));
     }
 
     #[test]
