@@ -6,7 +6,7 @@
 //! channel, which [`BlockDevice::poll`] drains without blocking.
 //!
 //! The execution of one request is [`execute`], a plain function of the backing [`Backing`];
-//! the thread pool ([`WorkerPool`]) only moves requests to it and completions back, so a
+//! the thread pool (`WorkerPool`) only moves requests to it and completions back, so a
 //! different engine (io_uring with O_DIRECT) can replace the pool without touching the rest.
 //!
 //! Regular files are thin provisioned: unmap and write-zeroes punch holes, and GET LBA STATUS

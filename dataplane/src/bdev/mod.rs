@@ -4,7 +4,7 @@
 //! owns the device calls [`BlockDevice::poll`] to collect what finished. Buffers travel by value
 //! inside the request and come back in the completion.
 //!
-//! Backends: [`malloc`] (RAM), [`file`] (regular file or block device), [`null`] (benchmarks).
+//! Backends: [`malloc`] (RAM), [`file`](mod@file) (regular file or block device), [`null`] (benchmarks).
 
 pub mod file;
 pub mod malloc;

@@ -1262,6 +1262,29 @@ mappings = [ { portal_group = 1, initiator_group = 1 } ]
         assert_eq!(c.global, Global::default());
     }
 
+    /// The example in this module's documentation (the README's copy) is valid.
+    #[test]
+    fn documented_example_parses() {
+        let source = include_str!("config.rs");
+        let doc: String = source
+            .lines()
+            .take_while(|l| l.starts_with("//!"))
+            .map(|l| {
+                format!(
+                    "{}\n",
+                    l.trim_start_matches("//!").strip_prefix(' ').unwrap_or("")
+                )
+            })
+            .collect();
+        let start = doc.find("```toml\n").expect("a toml block") + "```toml\n".len();
+        let len = doc[start..].find("```").expect("its end");
+        let c = parse(&doc[start..start + len], "doc").unwrap();
+        let mut expected = parse(EXAMPLE, "example").unwrap();
+        // The documented example differs from the brief's only in comments.
+        expected.global = Global::default();
+        assert_eq!(c, expected);
+    }
+
     #[test]
     fn base_parses_with_defaults() {
         let c = parse(BASE, "t.toml").unwrap();
