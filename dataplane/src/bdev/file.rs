@@ -307,8 +307,9 @@ pub struct FileBdev {
 impl FileBdev {
     /// Opens (creating a missing regular file) `path` with [`DEFAULT_WORKERS`] I/O threads.
     ///
-    /// Regular files: `size` given sets the file's length; `None` keeps the current length,
-    /// which must not be 0. Block devices: the capacity is the device's size, or `size` when
+    /// Regular files: `size` given extends a shorter file to it (a longer file is left as it is
+    /// and only its first `size` bytes are used); `None` uses the current length, which must
+    /// not be 0, and a missing file without a size is an error. Block devices: the capacity is the device's size, or `size` when
     /// given and not larger. Sizes must be multiples of `block_size` (512 or 4096).
     pub fn open(
         name: &str,
@@ -389,7 +390,11 @@ impl FileBdev {
             match size {
                 Some(s) => {
                     check_geometry(block_size, s)?;
-                    file.set_len(s).map_err(|e| err("cannot size", e))?;
+                    let current = file.metadata().map_err(|e| err("cannot inspect", e))?.len();
+                    // Grow a shorter file; never truncate a longer one (its tail is data).
+                    if current < s {
+                        file.set_len(s).map_err(|e| err("cannot size", e))?;
+                    }
                     s
                 }
                 None => file.metadata().map_err(|e| err("cannot inspect", e))?.len(),
@@ -599,6 +604,11 @@ mod tests {
         // Reopened without a size: keeps the existing length.
         let d = FileBdev::open("f", &p.0, 4096, None).unwrap();
         assert_eq!(d.num_blocks(), 256);
+        drop(d);
+        // A smaller size uses the front of the file without truncating it.
+        let d = FileBdev::open("f", &p.0, 512, Some(4096)).unwrap();
+        assert_eq!(d.num_blocks(), 8);
+        assert_eq!(std::fs::metadata(&p.0).unwrap().len(), 1 << 20);
         assert!(FileBdev::open("f", Path::new("/proc/self"), 512, None).is_err());
     }
 
