@@ -4,7 +4,7 @@
 //! owns the device calls [`BlockDevice::poll`] to collect what finished. Buffers travel by value
 //! inside the request and come back in the completion.
 //!
-//! Backends: [`malloc`] (RAM), [`file`] (regular file or block device), [`null`] (benchmarks).
+//! Backends: [`malloc`] (RAM), [`file`](mod@file) (regular file or block device), [`null`] (benchmarks).
 
 pub mod file;
 pub mod malloc;
@@ -137,5 +137,123 @@ pub fn check_range(lba: u64, blocks: u64, capacity: u64) -> Result<(), BdevError
             blocks,
             capacity,
         }),
+    }
+}
+
+/// Checks construction parameters: the block size is 512 or 4096 and `size_bytes` a positive
+/// multiple of it. Returns the capacity in blocks.
+pub fn check_geometry(block_size: u32, size_bytes: u64) -> Result<u64, BdevError> {
+    if block_size != 512 && block_size != 4096 {
+        return Err(BdevError::Config(format!(
+            "block size {block_size} is not 512 or 4096"
+        )));
+    }
+    // The block size is a power of two: the low bits are the remainder.
+    if size_bytes == 0 || size_bytes & (u64::from(block_size) - 1) != 0 {
+        return Err(BdevError::Config(format!(
+            "size {size_bytes} is not a positive multiple of the block size {block_size}"
+        )));
+    }
+    Ok(size_bytes / u64::from(block_size))
+}
+
+/// The byte length of `blocks` blocks, or `None` when it does not fit in memory sizes.
+pub fn byte_len(blocks: u64, block_size: u32) -> Option<usize> {
+    blocks
+        .checked_mul(u64::from(block_size))
+        .and_then(|n| usize::try_from(n).ok())
+}
+
+/// Checks that a request carries the buffer its operation needs, of the right length.
+/// Reads and writes need exactly `blocks * block_size` bytes; other operations take none
+/// (a buffer given anyway is handed back untouched).
+pub fn check_buffer(io: &BdevIo, block_size: u32) -> Result<(), BdevError> {
+    let blocks = match io.op {
+        BdevOp::Read { blocks, .. } | BdevOp::Write { blocks, .. } => blocks,
+        _ => return Ok(()),
+    };
+    let got = io.buf.as_ref().map_or(0, IoBuf::len);
+    match byte_len(u64::from(blocks), block_size) {
+        Some(expected) if expected == got && io.buf.is_some() => Ok(()),
+        Some(expected) => Err(BdevError::BadBuffer { expected, got }),
+        None => Err(BdevError::BadBuffer {
+            expected: usize::MAX,
+            got,
+        }),
+    }
+}
+
+/// The block range an operation touches, for range checks (`None` for flush).
+pub fn op_range(op: &BdevOp) -> Option<(u64, u64)> {
+    match *op {
+        BdevOp::Read { lba, blocks } | BdevOp::Write { lba, blocks, .. } => {
+            Some((lba, u64::from(blocks)))
+        }
+        BdevOp::Unmap { lba, blocks } | BdevOp::WriteZeroes { lba, blocks } => Some((lba, blocks)),
+        BdevOp::Flush => None,
+    }
+}
+
+/// Range check of a whole request against a capacity.
+pub fn check_op_range(op: &BdevOp, capacity: u64) -> Result<(), BdevError> {
+    match op_range(op) {
+        Some((lba, blocks)) => check_range(lba, blocks, capacity),
+        None => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn geometry() {
+        assert_eq!(check_geometry(512, 4096), Ok(8));
+        assert_eq!(check_geometry(4096, 4096), Ok(1));
+        assert!(matches!(
+            check_geometry(1024, 4096),
+            Err(BdevError::Config(_))
+        ));
+        assert!(matches!(check_geometry(512, 0), Err(BdevError::Config(_))));
+        assert!(matches!(
+            check_geometry(512, 513),
+            Err(BdevError::Config(_))
+        ));
+    }
+
+    #[test]
+    fn ranges_and_buffers() {
+        assert!(check_range(u64::MAX, 2, u64::MAX).is_err());
+        assert!(check_range(6, 2, 8).is_ok());
+        assert!(check_range(7, 2, 8).is_err());
+        let io = BdevIo {
+            tag: 1,
+            op: BdevOp::Read { lba: 0, blocks: 2 },
+            buf: Some(IoBuf::zeroed(1024)),
+        };
+        assert!(check_buffer(&io, 512).is_ok());
+        assert_eq!(
+            check_buffer(&io, 4096),
+            Err(BdevError::BadBuffer {
+                expected: 8192,
+                got: 1024
+            })
+        );
+        let io = BdevIo {
+            tag: 1,
+            op: BdevOp::Write {
+                lba: 0,
+                blocks: 1,
+                fua: false,
+            },
+            buf: None,
+        };
+        assert_eq!(
+            check_buffer(&io, 512),
+            Err(BdevError::BadBuffer {
+                expected: 512,
+                got: 0
+            })
+        );
     }
 }
