@@ -629,12 +629,7 @@ impl Connection {
         self.cp = est.conn;
         self.exp_cmdsn = est.exp_cmdsn;
         self.statsn = est.statsn;
-        self.queue_depth = est
-            .target
-            .as_ref()
-            .map(|t| t.queue_depth)
-            .unwrap_or(8)
-            .max(1);
+        self.queue_depth = super::login::session_window(est.target.as_ref());
         self.max_cmdsn = self.exp_cmdsn.wrapping_sub(1);
         self.update_window();
         if let Some(t) = est.target {

@@ -69,6 +69,9 @@ pub struct Login {
     partial: Vec<u8>,
     /// Whether TargetPortalGroupTag was already declared.
     tpgt_sent: bool,
+    /// Commands the initiator may send once logged in (MaxCmdSN - ExpCmdSN + 1); during
+    /// login only the login itself is outstanding.
+    window: u32,
 }
 
 impl Login {
@@ -92,6 +95,7 @@ impl Login {
             statsn: 0,
             partial: Vec::new(),
             tpgt_sent: false,
+            window: 1,
         }
     }
 
@@ -99,7 +103,7 @@ impl Login {
         SeqNumbers {
             statsn: self.statsn,
             exp_cmdsn: self.cmdsn,
-            max_cmdsn: self.cmdsn,
+            max_cmdsn: self.cmdsn.wrapping_add(self.window).wrapping_sub(1),
         }
     }
 
@@ -290,6 +294,7 @@ impl Login {
             Err(status) => return self.fail(status),
         };
         let tsih = reg.tsih;
+        self.window = session_window(self.target.as_ref());
         let bhs = self.respond(true, false, STAGE_FULL_FEATURE, reply.clone(), tsih);
         let neg = self
             .negotiator
@@ -311,10 +316,10 @@ impl Login {
         };
         LoginStep::Done(bhs, reply, Box::new(est))
     }
+}
 
-    /// The session this login reinstated, if any, is reported by the registry; the caller
-    /// reads it back from [`TargetEnv::register_session`]'s result through this hook.
-    pub fn conn_uid(&self) -> u64 {
-        self.conn_uid
-    }
+/// The command window a session starts with: the target's queue depth, or a small one for
+/// discovery sessions (which only send Text and Logout).
+pub fn session_window(target: Option<&TargetInfo>) -> u32 {
+    target.map_or(8, |t| t.queue_depth).max(1)
 }
