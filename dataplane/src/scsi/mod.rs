@@ -366,3 +366,9 @@ impl Default for Device {
         Self::new()
     }
 }
+
+#[cfg(test)]
+mod testutil;
+
+#[cfg(test)]
+mod tests;
