@@ -404,8 +404,8 @@ pub fn decode(cdb: &[u8]) -> Result<Command, Sense> {
     }
     // Reserved bits must be zero; the control byte is left alone (NACA/LINK are not used
     // by iSCSI initiators and rejecting them helps nobody).
-    for i in 1..n - 1 {
-        let bad = cdb[i] & !info.usage[i];
+    for (i, (&b, &u)) in cdb.iter().zip(info.usage).enumerate().take(n - 1).skip(1) {
+        let bad = b & !u;
         if bad != 0 {
             return Err(Sense::invalid_cdb(i, Some(7 - bad.leading_zeros() as u8)));
         }

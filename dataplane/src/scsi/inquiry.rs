@@ -99,7 +99,7 @@ fn designator(code_set_proto: u8, piv_assoc_type: u8, value: &[u8]) -> Vec<u8> {
 fn name_string(s: &str) -> Vec<u8> {
     let mut v: Vec<u8> = s.bytes().take(251).collect();
     v.push(0);
-    while v.len() % 4 != 0 {
+    while !v.len().is_multiple_of(4) {
         v.push(0);
     }
     v

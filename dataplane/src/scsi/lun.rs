@@ -965,31 +965,29 @@ impl Lun {
                 data,
                 or,
                 writing,
-            } => {
-                if !*writing {
-                    let n = *blocks as usize * bs;
-                    let mut medium = buf.unwrap_or_default();
-                    let d = data.as_slice();
-                    if *or {
-                        for (m, x) in medium.as_mut_slice().iter_mut().zip(d) {
-                            *m |= *x;
-                        }
-                    } else if let Some(off) = first_difference(medium.as_slice(), &d[..n]) {
-                        op.error = Some(Sense::miscompare(off as u64));
-                    } else {
-                        medium = IoBuf::from_vec(d[n..].to_vec());
+            } if !*writing => {
+                let n = *blocks as usize * bs;
+                let mut medium = buf.unwrap_or_default();
+                let d = data.as_slice();
+                if *or {
+                    for (m, x) in medium.as_mut_slice().iter_mut().zip(d) {
+                        *m |= *x;
                     }
-                    if op.error.is_none() {
-                        *writing = true;
-                        next = Some((
-                            BdevOp::Write {
-                                lba: *lba,
-                                blocks: *blocks,
-                                fua: *fua,
-                            },
-                            Some(medium),
-                        ));
-                    }
+                } else if let Some(off) = first_difference(medium.as_slice(), &d[..n]) {
+                    op.error = Some(Sense::miscompare(off as u64));
+                } else {
+                    medium = IoBuf::from_vec(d[n..].to_vec());
+                }
+                if op.error.is_none() {
+                    *writing = true;
+                    next = Some((
+                        BdevOp::Write {
+                            lba: *lba,
+                            blocks: *blocks,
+                            fua: *fua,
+                        },
+                        Some(medium),
+                    ));
                 }
             }
             _ => {}
