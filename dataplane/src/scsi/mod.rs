@@ -16,6 +16,18 @@
 //!   no cancellation here, only the side effects on state (unit attentions, reservations).
 
 // The implementation modules are private to the layer; the types below are its surface.
+mod cdb;
+mod inquiry;
+mod lun;
+mod mode;
+mod opcodes;
+mod sense;
+
+use std::collections::{BTreeMap, HashSet, VecDeque};
+
+use cdb::Command;
+use lun::{response, Lun};
+use sense::{asc, Sense};
 
 use crate::bdev::BlockDevice;
 use crate::mem::IoBuf;
@@ -103,13 +115,36 @@ pub struct LunIdentity {
 /// The logical units of one target node and the state they share (unit attentions per
 /// I_T nexus, reservations).
 pub struct Device {
-    // Filled in by the implementation.
+    luns: BTreeMap<u64, Lun>,
+    nexuses: HashSet<NexusId>,
+    /// Responses decided without a LUN (unknown LUN, REPORT LUNS, CDB errors).
+    done: VecDeque<ScsiResponse>,
+    in_flight: usize,
+}
+
+/// REPORT LUNS single-level LUN encoding (SAM-5 4.7): peripheral below 256, else flat.
+fn encode_lun(lun: u64) -> [u8; 8] {
+    let mut b = [0u8; 8];
+    if lun < 256 {
+        b[1] = lun as u8;
+    } else if lun < 0x4000 {
+        b[0] = 0x40 | (lun >> 8) as u8;
+        b[1] = lun as u8;
+    } else {
+        b = lun.to_be_bytes();
+    }
+    b
 }
 
 impl Device {
     /// A device with no logical units.
     pub fn new() -> Self {
-        unimplemented!()
+        Device {
+            luns: BTreeMap::new(),
+            nexuses: HashSet::new(),
+            done: VecDeque::new(),
+            in_flight: 0,
+        }
     }
 
     /// Adds logical unit `lun` backed by `bdev`. Errors when the number is taken.
@@ -119,66 +154,210 @@ impl Device {
         bdev: Box<dyn BlockDevice>,
         identity: LunIdentity,
     ) -> Result<(), String> {
-        let _ = (lun, bdev, identity);
-        unimplemented!()
+        if self.luns.contains_key(&lun) {
+            return Err(format!("LUN {lun} already exists"));
+        }
+        let bs = bdev.block_size();
+        if bs == 0 {
+            return Err(format!("LUN {lun}: block size 0"));
+        }
+        let mut l = Lun::new(bdev, identity);
+        for &n in &self.nexuses {
+            l.add_nexus(n);
+        }
+        self.luns.insert(lun, l);
+        Ok(())
     }
 
     /// LUN numbers in ascending order.
     pub fn luns(&self) -> Vec<u64> {
-        unimplemented!()
+        self.luns.keys().copied().collect()
+    }
+
+    fn report_luns(&self, select: u8, alloc: u32) -> Result<Vec<u8>, Sense> {
+        if alloc < 16 {
+            return Err(Sense::invalid_cdb(6, None));
+        }
+        let luns: Vec<u64> = match select {
+            0 | 2 => self.luns.keys().copied().collect(),
+            // No well-known logical units.
+            1 => Vec::new(),
+            _ => return Err(Sense::invalid_cdb(2, None)),
+        };
+        let mut v = vec![0u8; 8];
+        v[0..4].copy_from_slice(&((luns.len() * 8) as u32).to_be_bytes());
+        for l in luns {
+            v.extend_from_slice(&encode_lun(l));
+        }
+        Ok(v)
     }
 
     /// Queue a command. Its response appears in a later [`Device::poll`].
     pub fn submit(&mut self, task: ScsiTask) {
-        let _ = task;
-        unimplemented!()
+        self.in_flight += 1;
+        if self.nexuses.insert(task.nexus) {
+            for l in self.luns.values_mut() {
+                l.add_nexus(task.nexus);
+            }
+        }
+        let tag = task.tag;
+        let decoded = cdb::decode(&task.cdb);
+        let opcode = task.cdb.first().copied().unwrap_or(0);
+        let Some(lun) = self.luns.get_mut(&task.lun) else {
+            let r = self.no_such_lun(tag, opcode, decoded);
+            self.done.push_back(r);
+            return;
+        };
+        let cmd = match decoded {
+            Ok(c) => c,
+            Err(sense) => {
+                let r = lun.check(tag, sense, 0);
+                self.done.push_back(r);
+                return;
+            }
+        };
+        if !cmd.passes_unit_attention() {
+            if let Some(code) = lun.take_ua(task.nexus) {
+                let r = lun.check(tag, Sense::unit_attention(code), 0);
+                self.done.push_back(r);
+                return;
+            }
+        }
+        if lun.reservation.is_some_and(|h| h != task.nexus) && !cmd.passes_reservation() {
+            self.done.push_back(response(
+                tag,
+                ScsiStatus::ReservationConflict,
+                Vec::new(),
+                None,
+                0,
+            ));
+            return;
+        }
+        if let Command::ReportLuns { select, alloc } = cmd {
+            let r = match self.report_luns(select, alloc) {
+                Ok(data) => {
+                    let mut data = data;
+                    data.truncate(alloc as usize);
+                    response(
+                        tag,
+                        ScsiStatus::Good,
+                        Vec::new(),
+                        Some(IoBuf::from_vec(data)),
+                        0,
+                    )
+                }
+                Err(sense) => self.luns[&task.lun].check(tag, sense, 0),
+            };
+            self.done.push_back(r);
+            return;
+        }
+        lun.execute(task, cmd);
+    }
+
+    fn no_such_lun(&self, tag: u64, opcode: u8, decoded: Result<Command, Sense>) -> ScsiResponse {
+        let not_supported = Sense::illegal(asc::LUN_NOT_SUPPORTED);
+        let fail = |s: Sense| response(tag, ScsiStatus::CheckCondition, s.encode(false), None, 0);
+        let data = |mut v: Vec<u8>, alloc: u32| {
+            v.truncate(alloc as usize);
+            response(
+                tag,
+                ScsiStatus::Good,
+                Vec::new(),
+                Some(IoBuf::from_vec(v)),
+                0,
+            )
+        };
+        match decoded {
+            Ok(Command::ReportLuns { select, alloc }) => match self.report_luns(select, alloc) {
+                Ok(v) => data(v, alloc),
+                Err(s) => fail(s),
+            },
+            Ok(Command::Inquiry {
+                evpd: false,
+                page: 0,
+                alloc,
+            }) => data(inquiry::no_lun(), alloc),
+            Ok(Command::Inquiry { .. }) => fail(not_supported),
+            // SPC-4 5.12: sense data reporting the missing LUN, with GOOD status.
+            Ok(Command::RequestSense { desc, alloc }) => data(not_supported.encode(desc), alloc),
+            Err(s) if matches!(opcode, 0x12 | 0xA0 | 0x03) => fail(s),
+            _ => fail(not_supported),
+        }
     }
 
     /// Drives block-device completions and moves finished responses into `out`.
     pub fn poll(&mut self, out: &mut Vec<ScsiResponse>) -> usize {
-        let _ = out;
-        unimplemented!()
+        let before = out.len();
+        out.extend(self.done.drain(..));
+        for l in self.luns.values_mut() {
+            l.poll();
+            out.append(&mut l.done);
+        }
+        let n = out.len() - before;
+        self.in_flight = self.in_flight.saturating_sub(n);
+        n
     }
 
     /// Tasks submitted and not yet returned by `poll`.
     pub fn in_flight(&self) -> usize {
-        unimplemented!()
+        self.in_flight
     }
 
     /// A new I_T nexus (session) starts using this device.
     pub fn nexus_added(&mut self, nexus: NexusId) {
-        let _ = nexus;
-        unimplemented!()
+        self.nexuses.insert(nexus);
+        for l in self.luns.values_mut() {
+            l.add_nexus(nexus);
+        }
     }
 
     /// An I_T nexus is gone (session closed or reinstated): drop its state.
     pub fn nexus_removed(&mut self, nexus: NexusId) {
-        let _ = nexus;
-        unimplemented!()
+        self.nexuses.remove(&nexus);
+        for l in self.luns.values_mut() {
+            l.remove_nexus(nexus);
+        }
     }
 
     /// LOGICAL UNIT RESET issued by `by`: unit attentions, reservations released, mode
     /// parameters as the reset requires.
     pub fn lun_reset(&mut self, lun: u64, by: NexusId) {
-        let _ = (lun, by);
-        unimplemented!()
+        // SAM-5 6.3.3: every I_T nexus, the issuer included, gets the unit attention.
+        let _ = by;
+        if let Some(l) = self.luns.get_mut(&lun) {
+            l.reset(asc::BUS_DEVICE_RESET, false);
+        }
     }
 
     /// TARGET WARM RESET (`cold == false`) or TARGET COLD RESET issued by `by`.
     pub fn target_reset(&mut self, by: NexusId, cold: bool) {
-        let _ = (by, cold);
-        unimplemented!()
+        let _ = by;
+        let code = if cold {
+            asc::POWER_ON_OCCURRED
+        } else {
+            asc::POWER_ON_RESET
+        };
+        for l in self.luns.values_mut() {
+            l.reset(code, cold);
+        }
     }
 
     /// Changes a LUN's capacity and raises CAPACITY DATA HAS CHANGED for every nexus.
     pub fn resize_lun(&mut self, lun: u64, num_blocks: u64) -> Result<(), String> {
-        let _ = (lun, num_blocks);
-        unimplemented!()
+        let l = self
+            .luns
+            .get_mut(&lun)
+            .ok_or_else(|| format!("no LUN {lun}"))?;
+        l.resize(num_blocks).map_err(|e| e.to_string())
     }
 
     /// Flushes every block device synchronously (shutdown).
     pub fn flush_all(&mut self) {
-        unimplemented!()
+        for (n, l) in self.luns.iter_mut() {
+            if let Err(e) = l.flush_blocking() {
+                log::error!("LUN {n}: flush failed: {e}");
+            }
+        }
     }
 }
 
@@ -187,3 +366,9 @@ impl Default for Device {
         Self::new()
     }
 }
+
+#[cfg(test)]
+mod testutil;
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,1000 @@
+//! One logical unit: its block device, mode state, unit attentions, SPC-2 reservation and the
+//! execution of commands, medium ones as asynchronous block-device requests.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+
+use super::cdb::{ByteCheck, Command};
+use super::inquiry::{self, Limits, LunFacts, MAX_COMPARE_AND_WRITE};
+use super::mode::{self, ModeState, SenseRequest};
+use super::opcodes;
+use super::sense::{asc, key, Sense};
+use super::{LunIdentity, NexusId, ScsiResponse, ScsiStatus, ScsiTask};
+use crate::bdev::{BdevCompletion, BdevError, BdevIo, BdevOp, BlockDevice, LbaState};
+use crate::mem::IoBuf;
+
+/// Unit attentions kept per nexus; older ones are dropped beyond this (SAM-5 allows it).
+const MAX_UA_PER_NEXUS: usize = 16;
+/// GET LBA STATUS descriptors returned at most per command.
+const MAX_LBA_STATUS_DESCRIPTORS: usize = 64;
+
+pub(super) fn response(
+    tag: u64,
+    status: ScsiStatus,
+    sense: Vec<u8>,
+    data_in: Option<IoBuf>,
+    data_out_wanted: u32,
+) -> ScsiResponse {
+    ScsiResponse {
+        tag,
+        status,
+        sense,
+        data_in,
+        data_out_wanted,
+    }
+}
+
+/// A response with data truncated to the allocation length.
+fn with_data(tag: u64, mut data: Vec<u8>, alloc: u32, wanted: u32) -> ScsiResponse {
+    data.truncate(usize::try_from(alloc).unwrap_or(usize::MAX));
+    response(
+        tag,
+        ScsiStatus::Good,
+        Vec::new(),
+        Some(IoBuf::from_vec(data)),
+        wanted,
+    )
+}
+
+fn map_bdev_error(e: &BdevError, writing: bool) -> Sense {
+    match e {
+        BdevError::OutOfRange { .. } => Sense::lba_out_of_range(),
+        BdevError::Io(_) if writing => Sense::new(key::MEDIUM_ERROR, asc::WRITE_ERROR),
+        BdevError::Io(_) => Sense::new(key::MEDIUM_ERROR, asc::UNRECOVERED_READ_ERROR),
+        BdevError::Unsupported(_) => Sense::invalid_cdb(0, None),
+        _ => Sense::new(key::HARDWARE_ERROR, asc::INTERNAL_TARGET_FAILURE),
+    }
+}
+
+/// The offset of the first byte where `a` and `b` differ.
+fn first_difference(a: &[u8], b: &[u8]) -> Option<usize> {
+    a.iter().zip(b).position(|(x, y)| x != y)
+}
+
+/// What a medium operation still has to do; advanced as its requests complete.
+enum Kind {
+    Read {
+        lba: u64,
+        blocks: u32,
+    },
+    Write {
+        lba: u64,
+        blocks: u32,
+        fua: bool,
+        buf: Option<IoBuf>,
+    },
+    /// WRITE SAME with UNMAP, or without a data block (NDOB).
+    Deallocate {
+        lba: u64,
+        blocks: u64,
+        unmap: bool,
+    },
+    Flush,
+    Unmap {
+        ranges: Vec<(u64, u64)>,
+    },
+    Verify {
+        lba: u64,
+        blocks: u32,
+        data: IoBuf,
+        one_block: bool,
+    },
+    /// COMPARE AND WRITE (`or == false`) and ORWRITE: read, then compare or merge, then write.
+    ReadModifyWrite {
+        lba: u64,
+        blocks: u32,
+        fua: bool,
+        data: IoBuf,
+        or: bool,
+        writing: bool,
+    },
+}
+
+impl Kind {
+    fn writes(&self) -> bool {
+        !matches!(self, Kind::Read { .. } | Kind::Verify { .. })
+    }
+}
+
+struct Op {
+    tag: u64,
+    wanted: u32,
+    kind: Kind,
+    pending: usize,
+    error: Option<Sense>,
+    /// Data-In produced when the op finishes.
+    data_in: Option<IoBuf>,
+    /// Block range held exclusively while the op runs.
+    lock: Option<(u64, u64)>,
+}
+
+pub(super) struct Lun {
+    bdev: Box<dyn BlockDevice>,
+    pub identity: LunIdentity,
+    pub mode: ModeState,
+    limits: Limits,
+    ua: HashMap<NexusId, VecDeque<u16>>,
+    pub reservation: Option<NexusId>,
+    prevent: HashSet<NexusId>,
+    ops: HashMap<u64, Op>,
+    next_op: u64,
+    /// Ops waiting for their block range, in arrival order.
+    waiting: VecDeque<u64>,
+    /// Requests the device refused with QueueFull, resubmitted in order on the next poll.
+    retry: VecDeque<BdevIo>,
+    completions: Vec<BdevCompletion>,
+    /// Finished responses not yet collected by the device.
+    pub done: Vec<ScsiResponse>,
+}
+
+impl Lun {
+    pub fn new(bdev: Box<dyn BlockDevice>, identity: LunIdentity) -> Self {
+        let limits = Limits::for_block_size(bdev.block_size());
+        Lun {
+            bdev,
+            identity,
+            mode: ModeState::default(),
+            limits,
+            ua: HashMap::new(),
+            reservation: None,
+            prevent: HashSet::new(),
+            ops: HashMap::new(),
+            next_op: 1,
+            waiting: VecDeque::new(),
+            retry: VecDeque::new(),
+            completions: Vec::new(),
+            done: Vec::new(),
+        }
+    }
+
+    fn block_size(&self) -> u32 {
+        self.bdev.block_size()
+    }
+
+    fn capacity(&self) -> u64 {
+        self.bdev.num_blocks()
+    }
+
+    fn thin(&self) -> bool {
+        self.bdev.thin_provisioned()
+    }
+
+    pub fn check(&self, tag: u64, sense: Sense, wanted: u32) -> ScsiResponse {
+        response(
+            tag,
+            ScsiStatus::CheckCondition,
+            sense.encode(self.mode.d_sense),
+            None,
+            wanted,
+        )
+    }
+
+    // ---- unit attentions, reservations, nexus state ----
+
+    pub fn add_nexus(&mut self, nexus: NexusId) {
+        self.ua.entry(nexus).or_default();
+    }
+
+    pub fn remove_nexus(&mut self, nexus: NexusId) {
+        self.ua.remove(&nexus);
+        self.prevent.remove(&nexus);
+        if self.reservation == Some(nexus) {
+            self.reservation = None;
+        }
+    }
+
+    fn push_ua(q: &mut VecDeque<u16>, code: u16) {
+        if !q.contains(&code) {
+            if q.len() >= MAX_UA_PER_NEXUS {
+                q.pop_front();
+            }
+            q.push_back(code);
+        }
+    }
+
+    /// Raises a unit attention for every known nexus except `except`.
+    pub fn raise_ua(&mut self, code: u16, except: Option<NexusId>) {
+        for (n, q) in self.ua.iter_mut() {
+            if Some(*n) != except {
+                Self::push_ua(q, code);
+            }
+        }
+    }
+
+    pub fn take_ua(&mut self, nexus: NexusId) -> Option<u16> {
+        self.ua.get_mut(&nexus).and_then(|q| q.pop_front())
+    }
+
+    /// The reset side effects shared by LOGICAL UNIT RESET and target resets.
+    pub fn reset(&mut self, code: u16, power_on: bool) {
+        self.raise_ua(code, None);
+        self.reservation = None;
+        self.prevent.clear();
+        if power_on {
+            self.mode = ModeState::default();
+        }
+    }
+
+    pub fn resize(&mut self, num_blocks: u64) -> Result<(), BdevError> {
+        self.bdev.resize(num_blocks)?;
+        self.raise_ua(asc::CAPACITY_DATA_CHANGED, None);
+        Ok(())
+    }
+
+    pub fn flush_blocking(&mut self) -> Result<(), BdevError> {
+        self.bdev.flush_blocking()
+    }
+
+    // ---- command execution ----
+
+    fn range(&self, lba: u64, blocks: u64) -> Result<(), Sense> {
+        match lba.checked_add(blocks) {
+            Some(end) if end <= self.capacity() => Ok(()),
+            _ => Err(Sense::lba_out_of_range()),
+        }
+    }
+
+    /// Bytes for `blocks` blocks, saturated for the `data_out_wanted` report.
+    fn bytes(&self, blocks: u64) -> u32 {
+        u32::try_from(blocks.saturating_mul(u64::from(self.block_size()))).unwrap_or(u32::MAX)
+    }
+
+    fn transfer_ok(&self, blocks: u32, byte: usize) -> Result<(), Sense> {
+        if blocks > self.limits.max_transfer_blocks {
+            Err(Sense::invalid_cdb(byte, None))
+        } else {
+            Ok(())
+        }
+    }
+
+    fn facts(&self) -> LunFacts {
+        LunFacts {
+            thin: self.thin(),
+            limits: self.limits,
+        }
+    }
+
+    /// Runs one decoded command from `task`; the response lands in `self.done` now or later.
+    pub fn execute(&mut self, task: ScsiTask, cmd: Command) {
+        let tag = task.tag;
+        let wanted = self.wanted(&cmd);
+        match self.run(task, cmd, wanted) {
+            Ok(Some(r)) => self.done.push(r),
+            Ok(None) => {}
+            Err(sense) => {
+                let r = self.check(tag, sense, wanted);
+                self.done.push(r);
+            }
+        }
+        self.start_waiting();
+    }
+
+    /// Data-Out bytes the CDB calls for.
+    fn wanted(&self, cmd: &Command) -> u32 {
+        match *cmd {
+            Command::Write { blocks, .. }
+            | Command::WriteVerify { blocks, .. }
+            | Command::OrWrite { blocks, .. } => self.bytes(u64::from(blocks)),
+            Command::Verify { blocks, bytchk, .. } => match bytchk {
+                ByteCheck::None => 0,
+                ByteCheck::Full => self.bytes(u64::from(blocks)),
+                ByteCheck::OneBlock => self.block_size(),
+            },
+            Command::CompareAndWrite { blocks, .. } => self.bytes(2 * u64::from(blocks)),
+            Command::WriteSame { ndob, .. } => {
+                if ndob {
+                    0
+                } else {
+                    self.block_size()
+                }
+            }
+            Command::Unmap { len } | Command::ModeSelect { len, .. } => len,
+            _ => 0,
+        }
+    }
+
+    fn run(
+        &mut self,
+        task: ScsiTask,
+        cmd: Command,
+        wanted: u32,
+    ) -> Result<Option<ScsiResponse>, Sense> {
+        let tag = task.tag;
+        let nexus = task.nexus;
+        let good = || {
+            Ok(Some(response(
+                tag,
+                ScsiStatus::Good,
+                Vec::new(),
+                None,
+                wanted,
+            )))
+        };
+        match cmd {
+            Command::TestUnitReady => good(),
+            Command::RequestSense { desc, alloc } => {
+                let sense = match self.take_ua(nexus) {
+                    Some(code) => Sense::unit_attention(code),
+                    None => Sense::new(key::NO_SENSE, asc::NO_ADDITIONAL),
+                };
+                Ok(Some(with_data(tag, sense.encode(desc), alloc, 0)))
+            }
+            Command::Inquiry { evpd, page, alloc } => {
+                let data = if evpd {
+                    inquiry::vpd(page, &self.identity, &self.facts())?
+                } else if page != 0 {
+                    return Err(Sense::invalid_cdb(2, None));
+                } else {
+                    inquiry::standard(&self.identity)
+                };
+                Ok(Some(with_data(tag, data, alloc, 0)))
+            }
+            Command::ModeSense {
+                ten,
+                dbd,
+                llbaa,
+                pc,
+                page,
+                subpage,
+                alloc,
+            } => {
+                let req = SenseRequest {
+                    ten,
+                    dbd,
+                    llbaa,
+                    pc,
+                    page,
+                    subpage,
+                    block_size: self.block_size(),
+                    num_blocks: self.capacity(),
+                };
+                let data = mode::mode_sense(&req, self.mode)?;
+                Ok(Some(with_data(tag, data, alloc, 0)))
+            }
+            Command::ModeSelect { ten, pf, sp, len } => {
+                let data = task.data_out.as_ref().map(IoBuf::as_slice).unwrap_or(&[]);
+                let data = &data[..data.len().min(len as usize)];
+                let next = mode::mode_select(ten, pf, sp, data, self.mode, self.block_size())?;
+                if next != self.mode {
+                    self.mode = next;
+                    self.raise_ua(asc::MODE_PARAMETERS_CHANGED, Some(nexus));
+                }
+                good()
+            }
+            Command::Reserve6 => match self.reservation {
+                Some(holder) if holder != nexus => Ok(Some(response(
+                    tag,
+                    ScsiStatus::ReservationConflict,
+                    Vec::new(),
+                    None,
+                    0,
+                ))),
+                _ => {
+                    self.reservation = Some(nexus);
+                    good()
+                }
+            },
+            Command::Release6 => {
+                if self.reservation == Some(nexus) {
+                    self.reservation = None;
+                }
+                good()
+            }
+            Command::StartStop { .. } => good(),
+            Command::PreventAllow { prevent } => {
+                match prevent {
+                    0 => {
+                        self.prevent.remove(&nexus);
+                    }
+                    1 => {
+                        self.prevent.insert(nexus);
+                    }
+                    _ => return Err(Sense::invalid_cdb(4, Some(1))),
+                }
+                good()
+            }
+            Command::ReadCapacity10 { .. } => {
+                let last = self.capacity().saturating_sub(1);
+                let mut v = Vec::with_capacity(8);
+                v.extend_from_slice(&u32::try_from(last).unwrap_or(u32::MAX).to_be_bytes());
+                v.extend_from_slice(&self.block_size().to_be_bytes());
+                Ok(Some(with_data(tag, v, 8, 0)))
+            }
+            Command::ReadCapacity16 { alloc } => {
+                let mut v = vec![0u8; 32];
+                v[0..8].copy_from_slice(&self.capacity().saturating_sub(1).to_be_bytes());
+                v[8..12].copy_from_slice(&self.block_size().to_be_bytes());
+                if self.thin() {
+                    v[14] = 0x80 | 0x40; // LBPME, LBPRZ
+                }
+                Ok(Some(with_data(tag, v, alloc, 0)))
+            }
+            Command::GetLbaStatus { lba, alloc } => {
+                if lba >= self.capacity() {
+                    return Err(Sense::lba_out_of_range());
+                }
+                Ok(Some(with_data(tag, self.lba_status(lba, alloc), alloc, 0)))
+            }
+            Command::ReportOpcodes {
+                rctd,
+                options,
+                opcode,
+                sa,
+                alloc,
+            } => {
+                let data = opcodes::report(rctd, options, opcode, sa)?;
+                Ok(Some(with_data(tag, data, alloc, 0)))
+            }
+            Command::ReportLuns { .. } => Err(Sense::invalid_cdb(0, None)),
+            Command::Read { lba, blocks } => {
+                self.range(lba, u64::from(blocks))?;
+                self.transfer_ok(blocks, 7)?;
+                if blocks == 0 {
+                    return good();
+                }
+                self.start(tag, wanted, Kind::Read { lba, blocks }, None)
+            }
+            Command::Write { lba, blocks, fua } => {
+                self.write(task, lba, blocks, fua || !self.mode.wce, wanted)
+            }
+            Command::WriteVerify { lba, blocks, .. } => {
+                // Verification after the write can only compare the data with itself.
+                self.write(task, lba, blocks, true, wanted)
+            }
+            Command::Verify {
+                lba,
+                blocks,
+                bytchk,
+            } => {
+                self.range(lba, u64::from(blocks))?;
+                self.transfer_ok(blocks, 7)?;
+                if blocks == 0 || bytchk == ByteCheck::None {
+                    return good();
+                }
+                let need = if bytchk == ByteCheck::OneBlock {
+                    self.block_size() as usize
+                } else {
+                    wanted as usize
+                };
+                let mut data = match task.data_out {
+                    Some(d) if d.len() >= need => d,
+                    _ => return Err(Sense::invalid_cdb(0, None)),
+                };
+                data.truncate(need);
+                let kind = Kind::Verify {
+                    lba,
+                    blocks,
+                    data,
+                    one_block: bytchk == ByteCheck::OneBlock,
+                };
+                self.start(tag, wanted, kind, None)
+            }
+            Command::PreFetch { lba, blocks } => {
+                self.range(lba, u64::from(blocks))?;
+                good()
+            }
+            Command::SyncCache { lba, blocks } => {
+                self.range(lba, u64::from(blocks))?;
+                self.start(tag, wanted, Kind::Flush, None)
+            }
+            Command::WriteSame {
+                lba,
+                blocks,
+                unmap,
+                ndob,
+            } => self.write_same(task, lba, blocks, unmap, ndob, wanted),
+            Command::Unmap { len } => self.unmap(task, len, wanted),
+            Command::CompareAndWrite { lba, blocks, fua } => {
+                let blocks = u32::from(blocks);
+                if blocks > MAX_COMPARE_AND_WRITE {
+                    return Err(Sense::invalid_cdb(13, None));
+                }
+                self.read_modify_write(task, lba, blocks, fua, false, wanted)
+            }
+            Command::OrWrite { lba, blocks, fua } => {
+                self.read_modify_write(task, lba, blocks, fua, true, wanted)
+            }
+        }
+    }
+
+    fn lba_status(&self, lba: u64, alloc: u32) -> Vec<u8> {
+        let room = (alloc as usize).saturating_sub(8) / 16;
+        let max = room.clamp(1, MAX_LBA_STATUS_DESCRIPTORS);
+        let cap = self.capacity();
+        let mut v = vec![0u8; 8];
+        let mut at = lba;
+        while at < cap && (v.len() - 8) / 16 < max {
+            let (state, span) = self.bdev.lba_status(at);
+            let span = span.clamp(1, cap - at).min(u64::from(u32::MAX));
+            v.extend_from_slice(&at.to_be_bytes());
+            v.extend_from_slice(&(span as u32).to_be_bytes());
+            v.push(match state {
+                LbaState::Mapped => 0,
+                LbaState::Deallocated => 1,
+            });
+            v.extend_from_slice(&[0; 3]);
+            at += span;
+        }
+        let len = (v.len() - 4) as u32;
+        v[0..4].copy_from_slice(&len.to_be_bytes());
+        v
+    }
+
+    fn write(
+        &mut self,
+        task: ScsiTask,
+        lba: u64,
+        blocks: u32,
+        fua: bool,
+        wanted: u32,
+    ) -> Result<Option<ScsiResponse>, Sense> {
+        self.range(lba, u64::from(blocks))?;
+        self.transfer_ok(blocks, 7)?;
+        // Only whole blocks that actually arrived are written: with an Expected Data Transfer
+        // Length below the CDB's, the initiator sees the rest as residual.
+        let bs = self.block_size() as usize;
+        let have = task.data_out.as_ref().map_or(0, IoBuf::len) / bs;
+        let blocks = blocks.min(u32::try_from(have).unwrap_or(u32::MAX));
+        if blocks == 0 {
+            return Ok(Some(response(
+                task.tag,
+                ScsiStatus::Good,
+                Vec::new(),
+                None,
+                wanted,
+            )));
+        }
+        let mut buf = task.data_out.unwrap_or_default();
+        buf.truncate(blocks as usize * bs);
+        let kind = Kind::Write {
+            lba,
+            blocks,
+            fua,
+            buf: Some(buf),
+        };
+        self.start(task.tag, wanted, kind, Some((lba, u64::from(blocks))))
+    }
+
+    fn write_same(
+        &mut self,
+        task: ScsiTask,
+        lba: u64,
+        blocks: u32,
+        unmap: bool,
+        ndob: bool,
+        wanted: u32,
+    ) -> Result<Option<ScsiResponse>, Sense> {
+        let len_byte = if ndob || task.cdb.first() == Some(&0x93) {
+            10
+        } else {
+            7
+        };
+        self.range(lba, u64::from(blocks))?;
+        if blocks == 0 {
+            // WSNZ = 1 in the block limits page.
+            return Err(Sense::invalid_cdb(len_byte, None));
+        }
+        if blocks > self.limits.max_write_same_blocks {
+            return Err(Sense::invalid_cdb(len_byte, None));
+        }
+        let bs = self.block_size() as usize;
+        let block = if ndob {
+            None
+        } else {
+            match task.data_out {
+                Some(d) if d.len() == bs => Some(d),
+                _ => return Err(Sense::invalid_cdb(len_byte, None)),
+            }
+        };
+        let lock = Some((lba, u64::from(blocks)));
+        let deallocate = (unmap && self.thin()) || block.is_none();
+        if deallocate {
+            let kind = Kind::Deallocate {
+                lba,
+                blocks: u64::from(blocks),
+                unmap: unmap && self.thin(),
+            };
+            return self.start(task.tag, wanted, kind, lock);
+        }
+        let block = block.unwrap_or_default();
+        let mut data = Vec::with_capacity(bs * blocks as usize);
+        for _ in 0..blocks {
+            data.extend_from_slice(block.as_slice());
+        }
+        let kind = Kind::Write {
+            lba,
+            blocks,
+            fua: !self.mode.wce,
+            buf: Some(IoBuf::from_vec(data)),
+        };
+        self.start(task.tag, wanted, kind, lock)
+    }
+
+    fn unmap(
+        &mut self,
+        task: ScsiTask,
+        len: u32,
+        wanted: u32,
+    ) -> Result<Option<ScsiResponse>, Sense> {
+        if !self.thin() {
+            return Err(Sense::illegal(asc::INVALID_COMMAND_OPCODE));
+        }
+        if len == 0 {
+            return Ok(Some(response(
+                task.tag,
+                ScsiStatus::Good,
+                Vec::new(),
+                None,
+                wanted,
+            )));
+        }
+        let data = task.data_out.as_ref().map(IoBuf::as_slice).unwrap_or(&[]);
+        let data = &data[..data.len().min(len as usize)];
+        if data.len() < 8 {
+            return Err(Sense::illegal(asc::PARAMETER_LIST_LENGTH_ERROR));
+        }
+        let bddl = usize::from(u16::from_be_bytes([data[2], data[3]]));
+        let descs = &data[8..];
+        let bddl = bddl.min(descs.len()) / 16 * 16;
+        let count = bddl / 16;
+        if count > inquiry::MAX_UNMAP_DESCRIPTORS as usize {
+            return Err(Sense::invalid_param(2, None));
+        }
+        let mut ranges = Vec::with_capacity(count);
+        let mut total: u64 = 0;
+        for (i, d) in descs[..bddl].chunks_exact(16).enumerate() {
+            let lba = u64::from_be_bytes(d[0..8].try_into().unwrap_or([0; 8]));
+            let n = u64::from(u32::from_be_bytes(d[8..12].try_into().unwrap_or([0; 4])));
+            self.range(lba, n)?;
+            total = total.saturating_add(n);
+            if total > u64::from(inquiry::MAX_UNMAP_BLOCKS) {
+                return Err(Sense::invalid_param(8 + 16 * i + 8, None));
+            }
+            if n > 0 {
+                ranges.push((lba, n));
+            }
+        }
+        if ranges.is_empty() {
+            return Ok(Some(response(
+                task.tag,
+                ScsiStatus::Good,
+                Vec::new(),
+                None,
+                wanted,
+            )));
+        }
+        self.start(task.tag, wanted, Kind::Unmap { ranges }, None)
+    }
+
+    fn read_modify_write(
+        &mut self,
+        task: ScsiTask,
+        lba: u64,
+        blocks: u32,
+        fua: bool,
+        or: bool,
+        wanted: u32,
+    ) -> Result<Option<ScsiResponse>, Sense> {
+        self.range(lba, u64::from(blocks))?;
+        if or {
+            self.transfer_ok(blocks, 10)?;
+        }
+        if blocks == 0 {
+            return Ok(Some(response(
+                task.tag,
+                ScsiStatus::Good,
+                Vec::new(),
+                None,
+                wanted,
+            )));
+        }
+        let data = match task.data_out {
+            Some(d) if d.len() == wanted as usize => d,
+            _ => return Err(Sense::invalid_cdb(if or { 10 } else { 13 }, None)),
+        };
+        let kind = Kind::ReadModifyWrite {
+            lba,
+            blocks,
+            fua: fua || !self.mode.wce,
+            data,
+            or,
+            writing: false,
+        };
+        self.start(task.tag, wanted, kind, Some((lba, u64::from(blocks))))
+    }
+
+    // ---- asynchronous machinery ----
+
+    fn overlaps(a: (u64, u64), b: (u64, u64)) -> bool {
+        a.0 < b.0.saturating_add(b.1) && b.0 < a.0.saturating_add(a.1)
+    }
+
+    fn range_busy(&self, range: (u64, u64), ahead_of: Option<u64>) -> bool {
+        let held = self
+            .ops
+            .iter()
+            .filter(|(id, op)| op.lock.is_some() && !self.waiting.contains(id))
+            .any(|(_, op)| op.lock.is_some_and(|l| Self::overlaps(l, range)));
+        let queued = self
+            .waiting
+            .iter()
+            .take_while(|id| Some(**id) != ahead_of)
+            .filter_map(|id| self.ops.get(id).and_then(|o| o.lock))
+            .any(|l| Self::overlaps(l, range));
+        held || queued
+    }
+
+    /// Registers an op and starts it, or queues it behind overlapping ones.
+    fn start(
+        &mut self,
+        tag: u64,
+        wanted: u32,
+        kind: Kind,
+        lock: Option<(u64, u64)>,
+    ) -> Result<Option<ScsiResponse>, Sense> {
+        let id = self.next_op;
+        self.next_op = self.next_op.wrapping_add(1);
+        let busy = lock.is_some_and(|l| self.range_busy(l, None));
+        self.ops.insert(
+            id,
+            Op {
+                tag,
+                wanted,
+                kind,
+                pending: 0,
+                error: None,
+                data_in: None,
+                lock,
+            },
+        );
+        if busy {
+            self.waiting.push_back(id);
+        } else {
+            self.begin(id);
+        }
+        Ok(None)
+    }
+
+    fn start_waiting(&mut self) {
+        loop {
+            let ready = self.waiting.iter().copied().find(|id| {
+                let lock = self.ops.get(id).and_then(|o| o.lock);
+                lock.is_none_or(|l| !self.range_busy(l, Some(*id)))
+            });
+            let Some(id) = ready else { break };
+            self.waiting.retain(|w| *w != id);
+            self.begin(id);
+        }
+    }
+
+    fn submit_io(&mut self, io: BdevIo) -> Result<(), BdevError> {
+        if !self.retry.is_empty() {
+            self.retry.push_back(io);
+            return Ok(());
+        }
+        match self.bdev.submit(io) {
+            Ok(()) => Ok(()),
+            Err((BdevError::QueueFull, io)) => {
+                self.retry.push_back(io);
+                Ok(())
+            }
+            Err((e, _)) => Err(e),
+        }
+    }
+
+    /// Issues an op's first requests.
+    fn begin(&mut self, id: u64) {
+        let Some(op) = self.ops.get_mut(&id) else {
+            return;
+        };
+        let bs = self.bdev.block_size() as usize;
+        let mut ios: Vec<(BdevOp, Option<IoBuf>)> = Vec::new();
+        match &mut op.kind {
+            Kind::Read { lba, blocks } => ios.push((
+                BdevOp::Read {
+                    lba: *lba,
+                    blocks: *blocks,
+                },
+                Some(IoBuf::zeroed(*blocks as usize * bs)),
+            )),
+            Kind::Verify { lba, blocks, .. } | Kind::ReadModifyWrite { lba, blocks, .. } => ios
+                .push((
+                    BdevOp::Read {
+                        lba: *lba,
+                        blocks: *blocks,
+                    },
+                    Some(IoBuf::zeroed(*blocks as usize * bs)),
+                )),
+            Kind::Write {
+                lba,
+                blocks,
+                fua,
+                buf,
+            } => ios.push((
+                BdevOp::Write {
+                    lba: *lba,
+                    blocks: *blocks,
+                    fua: *fua,
+                },
+                buf.take(),
+            )),
+            Kind::Deallocate { lba, blocks, unmap } => {
+                let op = if *unmap {
+                    BdevOp::Unmap {
+                        lba: *lba,
+                        blocks: *blocks,
+                    }
+                } else {
+                    BdevOp::WriteZeroes {
+                        lba: *lba,
+                        blocks: *blocks,
+                    }
+                };
+                ios.push((op, None));
+            }
+            Kind::Flush => ios.push((BdevOp::Flush, None)),
+            Kind::Unmap { ranges } => {
+                for &(lba, blocks) in ranges.iter() {
+                    ios.push((BdevOp::Unmap { lba, blocks }, None));
+                }
+            }
+        }
+        self.issue(id, ios);
+    }
+
+    fn issue(&mut self, id: u64, ios: Vec<(BdevOp, Option<IoBuf>)>) {
+        for (bop, buf) in ios {
+            let writing = !matches!(bop, BdevOp::Read { .. });
+            let io = BdevIo {
+                tag: id,
+                op: bop,
+                buf,
+            };
+            match self.submit_io(io) {
+                Ok(()) => {
+                    if let Some(op) = self.ops.get_mut(&id) {
+                        op.pending += 1;
+                    }
+                }
+                Err(e) => {
+                    if let Some(op) = self.ops.get_mut(&id) {
+                        op.error = Some(map_bdev_error(&e, writing));
+                    }
+                    break;
+                }
+            }
+        }
+        if self.ops.get(&id).is_some_and(|op| op.pending == 0) {
+            self.finish(id);
+        }
+    }
+
+    fn finish(&mut self, id: u64) {
+        let Some(op) = self.ops.remove(&id) else {
+            return;
+        };
+        let r = match op.error {
+            Some(sense) => self.check(op.tag, sense, op.wanted),
+            None => response(op.tag, ScsiStatus::Good, Vec::new(), op.data_in, op.wanted),
+        };
+        self.done.push(r);
+    }
+
+    /// Drives the block device; finished responses accumulate in `self.done`.
+    pub fn poll(&mut self) {
+        while let Some(io) = self.retry.pop_front() {
+            let id = io.tag;
+            let writing = !matches!(io.op, BdevOp::Read { .. });
+            match self.bdev.submit(io) {
+                Ok(()) => {}
+                Err((BdevError::QueueFull, io)) => {
+                    self.retry.push_front(io);
+                    break;
+                }
+                Err((e, _)) => self.io_done(id, Err(e), None, writing),
+            }
+        }
+        let mut comps = std::mem::take(&mut self.completions);
+        self.bdev.poll(&mut comps);
+        for c in comps.drain(..) {
+            let writing = self.ops.get(&c.tag).is_some_and(|o| {
+                o.kind.writes() && !matches!(o.kind, Kind::ReadModifyWrite { writing: false, .. })
+            });
+            self.io_done(c.tag, c.result, c.buf, writing);
+        }
+        self.completions = comps;
+        self.start_waiting();
+    }
+
+    fn io_done(
+        &mut self,
+        id: u64,
+        result: Result<(), BdevError>,
+        buf: Option<IoBuf>,
+        writing: bool,
+    ) {
+        let Some(op) = self.ops.get_mut(&id) else {
+            return;
+        };
+        op.pending = op.pending.saturating_sub(1);
+        if let Err(e) = &result {
+            if op.error.is_none() {
+                op.error = Some(map_bdev_error(e, writing));
+            }
+        }
+        if op.pending > 0 {
+            return;
+        }
+        if op.error.is_some() {
+            self.finish(id);
+            return;
+        }
+        let bs = self.bdev.block_size() as usize;
+        let mut next: Option<(BdevOp, Option<IoBuf>)> = None;
+        match &mut op.kind {
+            Kind::Read { .. } => op.data_in = buf,
+            Kind::Verify {
+                data, one_block, ..
+            } => {
+                let medium = buf.unwrap_or_default();
+                let m = medium.as_slice();
+                let diff = if *one_block {
+                    m.chunks(bs.max(1)).enumerate().find_map(|(i, blk)| {
+                        first_difference(blk, data.as_slice()).map(|o| i * bs + o)
+                    })
+                } else {
+                    first_difference(m, data.as_slice())
+                };
+                if let Some(off) = diff {
+                    op.error = Some(Sense::miscompare(off as u64));
+                }
+            }
+            Kind::ReadModifyWrite {
+                lba,
+                blocks,
+                fua,
+                data,
+                or,
+                writing,
+            } if !*writing => {
+                let n = *blocks as usize * bs;
+                let mut medium = buf.unwrap_or_default();
+                let d = data.as_slice();
+                if *or {
+                    for (m, x) in medium.as_mut_slice().iter_mut().zip(d) {
+                        *m |= *x;
+                    }
+                } else if let Some(off) = first_difference(medium.as_slice(), &d[..n]) {
+                    op.error = Some(Sense::miscompare(off as u64));
+                } else {
+                    medium = IoBuf::from_vec(d[n..].to_vec());
+                }
+                if op.error.is_none() {
+                    *writing = true;
+                    next = Some((
+                        BdevOp::Write {
+                            lba: *lba,
+                            blocks: *blocks,
+                            fua: *fua,
+                        },
+                        Some(medium),
+                    ));
+                }
+            }
+            _ => {}
+        }
+        match next {
+            Some(io) => self.issue(id, vec![io]),
+            None => self.finish(id),
+        }
+    }
+}
