@@ -7,14 +7,23 @@
 use e2e::{artifacts_dir, fio_bin, parse_fio_terse, run_with_timeout, Target, DEFAULT_LUN_BYTES};
 use std::fs;
 use std::process::Command;
+use std::sync::Mutex;
 use std::time::Duration;
 
 const FIO_TIMEOUT: Duration = Duration::from_secs(300);
 const MIB: u64 = 1 << 20;
 
-/// Run one fio job description against `t`; every job must finish with error 0
-/// and must have written and then read back exactly `per_job_bytes`.
-fn run_fio(t: &mut Target, name: &str, numjobs: u64, per_job_bytes: u64, extra: &[&str]) {
+/// The fio tests run one at a time: each starts its own target (1 GiB LUN) and
+/// 4 fio processes, too much in parallel on the 2-core CI machines.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+/// Start a target and run one fio job description against it; every job must
+/// finish with error 0 and must have written and then read back exactly
+/// `per_job_bytes` (job i covers [i * per_job_bytes, (i + 1) * per_job_bytes)).
+fn run_fio(name: &str, numjobs: u64, per_job_bytes: u64, extra: &[&str]) {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut t = Target::start(&format!("fio-{name}"));
+    let t = &mut t;
     assert!(numjobs * per_job_bytes <= DEFAULT_LUN_BYTES);
     let dir = artifacts_dir().join(format!("fio-{name}-{}", t.port()));
     fs::create_dir_all(&dir).unwrap();
@@ -76,15 +85,12 @@ fn run_fio(t: &mut Target, name: &str, numjobs: u64, per_job_bytes: u64, extra: 
 
 #[test]
 fn randwrite_4k_verify_crc32c_4_jobs() {
-    let mut t = Target::start("fio-4k");
-    run_fio(&mut t, "rw4k", 4, 64 * MIB, &["--rw=randwrite", "--bs=4k"]);
+    run_fio("rw4k", 4, 64 * MIB, &["--rw=randwrite", "--bs=4k"]);
 }
 
 #[test]
 fn randwrite_mixed_bs_up_to_128k_verify() {
-    let mut t = Target::start("fio-mixed");
     run_fio(
-        &mut t,
         "mixed",
         4,
         64 * MIB,
@@ -94,12 +100,5 @@ fn randwrite_mixed_bs_up_to_128k_verify() {
 
 #[test]
 fn seqwrite_128k_verify_crc32c() {
-    let mut t = Target::start("fio-128k");
-    run_fio(
-        &mut t,
-        "seq128k",
-        2,
-        128 * MIB,
-        &["--rw=write", "--bs=128k"],
-    );
+    run_fio("seq128k", 2, 128 * MIB, &["--rw=write", "--bs=128k"]);
 }
