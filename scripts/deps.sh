@@ -147,7 +147,7 @@ build_fio() {
 }
 
 if ! fio_ok; then
-    echo "deps.sh: building fio with the libiscsi engine into ${FIO_BIN} (takes a few minutes)" >&2
+    echo "deps.sh: building fio with the libiscsi engine into ${FIO_BIN} (about a minute)" >&2
     build_fio
     fio_ok || die "${FIO_BIN} was built but does not list the libiscsi engine"
 fi
