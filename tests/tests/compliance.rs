@@ -1,0 +1,181 @@
+//! libiscsi's SCSI/iSCSI conformance suite (`iscsi-test-cu -d -t ALL`) against
+//! a fresh target.
+//!
+//! * every test in tests/claimed-tests.txt must pass (and not be skipped),
+//! * the CUnit run summary must report 0 failed tests,
+//! * the run must be complete: the parsed results must cover exactly the tests
+//!   `iscsi-test-cu -l` lists for the ALL family.
+//!
+//! Full output: target/e2e/iscsi-test-cu.log; really passing tests (candidates
+//! for the claimed list): target/e2e/iscsi-test-cu-passing.txt.
+
+use e2e::{
+    artifacts_dir, parse_claimed, parse_iscsi_test_cu, run_with_timeout, workspace_root, Target,
+};
+use std::collections::BTreeSet;
+use std::fs;
+use std::process::Command;
+use std::time::Duration;
+
+const FAMILY: &str = "ALL";
+
+fn cu_timeout() -> Duration {
+    let secs = std::env::var("E2E_CU_TIMEOUT_SECS")
+        .ok()
+        .map(|s| s.parse().expect("E2E_CU_TIMEOUT_SECS is a number"))
+        .unwrap_or(15 * 60);
+    Duration::from_secs(secs)
+}
+
+fn listed_tests() -> BTreeSet<String> {
+    let out = run_with_timeout(
+        Command::new("iscsi-test-cu").arg("-l"),
+        Duration::from_secs(30),
+    );
+    out.assert_success();
+    let prefix = format!("{FAMILY}.");
+    let set: BTreeSet<String> = out
+        .stdout
+        .lines()
+        .map(str::trim)
+        .filter(|l| l.starts_with(&prefix) && l.split('.').count() == 3)
+        .map(String::from)
+        .collect();
+    assert!(
+        set.len() > 100,
+        "iscsi-test-cu -l lists only {} tests",
+        set.len()
+    );
+    set
+}
+
+#[test]
+fn iscsi_test_cu_all() {
+    let claimed_path = workspace_root().join("tests/claimed-tests.txt");
+    let claimed = parse_claimed(
+        &fs::read_to_string(&claimed_path)
+            .unwrap_or_else(|e| panic!("{}: {e}", claimed_path.display())),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let listed = listed_tests();
+
+    let mut t = Target::start("compliance");
+    let out = run_with_timeout(
+        Command::new("iscsi-test-cu")
+            .args(["-d", "-t", FAMILY])
+            .arg(t.lun_url()),
+        cu_timeout(),
+    );
+    let log = artifacts_dir().join("iscsi-test-cu.log");
+    fs::write(&log, format!("{out}\n")).expect("write iscsi-test-cu.log");
+    eprintln!(
+        "iscsi-test-cu took {:.1?}; full output in {}",
+        out.elapsed,
+        log.display()
+    );
+    assert!(
+        !out.timed_out,
+        "iscsi-test-cu timed out after {:?}; see {}",
+        cu_timeout(),
+        log.display()
+    );
+    t.assert_running();
+
+    let report = parse_iscsi_test_cu(&out.stdout, FAMILY).unwrap_or_else(|e| {
+        panic!(
+            "cannot parse iscsi-test-cu output ({e}); see {}",
+            log.display()
+        )
+    });
+
+    // Completeness: exactly the listed tests ran.
+    let ran: BTreeSet<String> = report.tests.iter().map(|t| t.name.clone()).collect();
+    let missing: Vec<_> = listed.difference(&ran).collect();
+    let extra: Vec<_> = ran.difference(&listed).collect();
+    assert!(
+        missing.is_empty() && extra.is_empty(),
+        "parsed results differ from `iscsi-test-cu -l`: missing {missing:?}, unexpected {extra:?}"
+    );
+
+    let passing: Vec<&str> = report.really_passed().map(|t| t.name.as_str()).collect();
+    fs::write(
+        artifacts_dir().join("iscsi-test-cu-passing.txt"),
+        passing.iter().map(|n| format!("{n}\n")).collect::<String>(),
+    )
+    .expect("write iscsi-test-cu-passing.txt");
+
+    // Claimed tests.
+    let mut problems = Vec::new();
+    for name in &claimed {
+        match report.get(name) {
+            None => problems.push(format!("claimed test {name} did not run (unknown name?)")),
+            Some(t) if t.outcome == e2e::Outcome::Failed => problems.push(format!(
+                "claimed test {name} FAILED: {}",
+                t.output.join(" | ")
+            )),
+            Some(t) if t.skipped => problems.push(format!(
+                "claimed test {name} was SKIPPED: {}",
+                t.output.join(" | ")
+            )),
+            Some(_) => {}
+        }
+    }
+
+    let claimed_set: BTreeSet<&str> = claimed.iter().map(String::as_str).collect();
+    let unclaimed: Vec<&str> = passing
+        .iter()
+        .copied()
+        .filter(|n| !claimed_set.contains(n))
+        .collect();
+    let failed: Vec<String> = report
+        .failed()
+        .map(|t| format!("  {} -- {}", t.name, t.output.join(" | ")))
+        .collect();
+    let skipped: Vec<String> = report
+        .skipped()
+        .map(|t| {
+            format!(
+                "  {} -- {}",
+                t.name,
+                t.output.first().map(String::as_str).unwrap_or("")
+            )
+        })
+        .collect();
+
+    eprintln!(
+        "iscsi-test-cu: {} tests, {} passed ({} of them skipped), {} failed; {} claimed",
+        report.summary.ran,
+        report.summary.passed.unwrap_or(0),
+        skipped.len(),
+        report.summary.failed,
+        claimed.len()
+    );
+    eprintln!("skipped ({}):\n{}", skipped.len(), skipped.join("\n"));
+    eprintln!("failed ({}):\n{}", failed.len(), failed.join("\n"));
+    eprintln!(
+        "passing but not claimed yet ({}; add to tests/claimed-tests.txt):\n{}",
+        unclaimed.len(),
+        unclaimed.join("\n")
+    );
+
+    if report.summary.failed > 0 {
+        problems.push(format!(
+            "Run Summary reports {} failed tests (must be 0):\n{}",
+            report.summary.failed,
+            failed.join("\n")
+        ));
+    } else {
+        // iscsi-test-cu exits non-zero iff a test failed.
+        assert!(
+            out.success(),
+            "0 failed tests but iscsi-test-cu exited {:?}",
+            out.status
+        );
+    }
+    assert!(
+        problems.is_empty(),
+        "compliance problems (full output {}):\n{}",
+        log.display(),
+        problems.join("\n")
+    );
+}
