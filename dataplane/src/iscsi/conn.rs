@@ -30,6 +30,10 @@ use std::time::{Duration, Instant};
 
 /// Largest write we gather into one buffer (Expected Data Transfer Length).
 pub const MAX_WRITE_LEN: u32 = 64 * 1024 * 1024;
+/// Fixed-format sense: ABORTED COMMAND, DATA PHASE ERROR (0x4B/0x00).
+const DATA_PHASE_ERROR_SENSE: [u8; 18] = [
+    0x70, 0, 0x0b, 0, 0, 0, 0, 10, 0, 0, 0, 0, 0x4b, 0x00, 0, 0, 0, 0,
+];
 /// Largest data segment accepted during login (RFC 7143 default MRDSL).
 const LOGIN_MRDSL: u32 = 8192;
 
@@ -952,11 +956,39 @@ impl Connection {
                 Some(RxDest::Scratch)
             }
             Err(DataOutError::Sequence(why)) => {
-                // ERL 0 recovers data sequence errors by dropping the connection.
-                self.close_with(CloseReason::ProtocolError(why.into()));
+                let hdr = Bhs(self.rx_hdr);
+                self.data_sequence_error(d.itt, why, &hdr);
                 None
             }
         }
+    }
+
+    /// A Data-Out broke its sequence (DataSN, offset, TTT). At ERL 0 there is no recovery
+    /// within the command: the PDU is rejected and the command ends with CHECK CONDITION,
+    /// ABORTED COMMAND / DATA PHASE ERROR, so the initiator learns at once instead of
+    /// timing out; the connection and the other commands on it carry on. Later Data-Out
+    /// PDUs of that command find no task and are dropped.
+    fn data_sequence_error(&mut self, itt: u32, why: &str, hdr: &Bhs) {
+        log::debug!("conn {}: ITT {itt:#x}: {why}", self.uid);
+        self.reject(RejectReason::ProtocolError, hdr);
+        let Some(task) = self.tasks.get(&itt) else {
+            return;
+        };
+        if task.state == TaskState::Submitted {
+            return;
+        }
+        let task = self.tasks.remove(&itt).expect("task exists");
+        self.deferred
+            .retain(|_, d| !matches!(d, Deferred::Scsi(i) if *i == itt));
+        let residual = Residual::of(task.cmd.edtl, 0);
+        self.send_response(
+            itt,
+            ScsiStatus::CheckCondition as u8,
+            residual,
+            0,
+            &DATA_PHASE_ERROR_SENSE,
+        );
+        self.update_window();
     }
 
     fn check_data_out(&self, d: &DataOut) -> Result<u32, DataOutError> {
@@ -1012,7 +1044,8 @@ impl Connection {
                 Ok(_) => {}
                 Err(DataOutError::UnknownTask) => return,
                 Err(DataOutError::Sequence(why)) => {
-                    self.close_with(CloseReason::ProtocolError(why.into()));
+                    let hdr = Bhs(self.rx_hdr);
+                    self.data_sequence_error(d.itt, why, &hdr);
                     return;
                 }
             }

@@ -157,6 +157,10 @@ impl Login {
             self.cid = req.cid;
             self.cmdsn = req.cmdsn;
             self.statsn = req.exp_statsn;
+            // The first request may skip the security stage (RFC 7143 §6.3).
+            if req.csg == STAGE_OPERATIONAL {
+                self.stage = STAGE_OPERATIONAL;
+            }
             // We speak version 0 only (RFC 7143 §11.12.4).
             if req.version_min > 0 {
                 return self.fail(LoginStatus::UNSUPPORTED_VERSION);

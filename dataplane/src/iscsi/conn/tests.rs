@@ -497,16 +497,42 @@ fn unsolicited_data_out_when_initial_r2t_is_no() {
 }
 
 #[test]
-fn bad_datasn_closes_the_connection() {
+fn bad_datasn_rejects_and_fails_the_command() {
     let mut h = Harness::new();
     h.login(&[("ImmediateData", "No")]);
     h.command(9, 10, &write10(2), 1024, true, &[]);
     let r2t = h.recv().remove(0);
     h.data_out(9, r2t.u32(20), 5, 0, false, &[0u8; 512]);
-    assert!(matches!(
-        h.conn.wants_close(),
-        Some(CloseReason::ProtocolError(_))
-    ));
+    let got = h.recv();
+    assert_eq!(got.len(), 2);
+    assert_eq!(got[0].op(), pdu::opcode::REJECT);
+    assert_eq!(got[0].bhs.0[2], 0x04);
+    assert_eq!(got[1].op(), pdu::opcode::SCSI_RESPONSE);
+    assert_eq!(got[1].bhs.0[3], 0x02);
+    assert_eq!((got[1].data[2 + 2], got[1].data[2 + 12]), (0x0b, 0x4b));
+    // The rest of the command's data is dropped; the connection stays up.
+    h.data_out(9, r2t.u32(20), 1, 512, true, &[0u8; 512]);
+    assert!(h.recv().is_empty());
+    assert!(h.conn.wants_close().is_none());
+    assert!(h.env.submitted.is_empty());
+    h.command(10, 11, &read10(1), 512, false, &[]);
+    assert_eq!(h.env.submitted.len(), 1);
+}
+
+#[test]
+fn login_may_start_in_the_operational_stage() {
+    let mut h = Harness::new();
+    let (b, d) = Harness::login_pdu(
+        1,
+        3,
+        true,
+        &[("InitiatorName", "iqn.i"), ("TargetName", "iqn.t")],
+    );
+    h.send(b, &d);
+    let got = h.recv();
+    assert_eq!((got[0].bhs.0[36], got[0].bhs.0[37]), (0, 0));
+    assert_eq!(got[0].bhs.0[1], 0x87);
+    assert!(h.conn.in_full_feature());
 }
 
 #[test]
