@@ -226,6 +226,7 @@ pub struct Connection {
     target_name: Option<String>,
     initiator_name: String,
     tsih: u16,
+    cid: u16,
     nexus: NexusId,
     sp: SessionParams,
     cp: ConnParams,
@@ -276,6 +277,7 @@ impl Connection {
             target_name: None,
             initiator_name: String::new(),
             tsih: 0,
+            cid: 0,
             nexus: uid,
             sp: SessionParams::default(),
             cp: ConnParams::default(),
@@ -629,6 +631,7 @@ impl Connection {
         self.session_type = est.session_type;
         self.initiator_name = est.initiator_name;
         self.tsih = est.tsih;
+        self.cid = est.cid;
         self.sp = est.session;
         self.cp = est.conn;
         self.exp_cmdsn = est.exp_cmdsn;
@@ -753,6 +756,8 @@ impl Connection {
             Request::Logout(l) => {
                 let response = match l.reason {
                     LogoutReason::CloseSession => 0,
+                    // One connection per session: only our own CID can be closed.
+                    LogoutReason::CloseConnection if l.cid != self.cid => 1,
                     LogoutReason::CloseConnection => 0,
                     // Connection recovery needs ERL 2.
                     LogoutReason::RemoveForRecovery => 2,

@@ -447,6 +447,130 @@ mod tests {
         assert!(!group_allows(&g6, "x", "fe80::5".parse().unwrap()));
     }
 
+    fn model() -> Targets {
+        let cfg = crate::tgt::config::parse(
+            r#"
+[[portal_group]]
+tag = 1
+portals = ["127.0.0.1:3260"]
+[[portal_group]]
+tag = 2
+portals = ["127.0.0.1:3261"]
+[[initiator_group]]
+tag = 1
+initiators = ["ANY"]
+netmasks = ["127.0.0.0/8"]
+[[initiator_group]]
+tag = 2
+initiators = ["iqn.only"]
+netmasks = ["ANY"]
+[[bdev]]
+name = "A"
+type = "null"
+size = "1MiB"
+[[bdev]]
+name = "B"
+type = "null"
+size = "1MiB"
+[[target]]
+name = "iqn.2026-11.io.x:a"
+luns = [ { lun = 0, bdev = "A" } ]
+mappings = [ { portal_group = 1, initiator_group = 1 } ]
+[[target]]
+name = "iqn.2026-11.io.x:b"
+luns = [ { lun = 0, bdev = "B" } ]
+mappings = [ { portal_group = 2, initiator_group = 2 } ]
+"#,
+            "test.toml",
+        )
+        .unwrap();
+        Targets::build(cfg).unwrap()
+    }
+
+    #[test]
+    fn login_lookup_applies_portal_groups_and_acls() {
+        let t = model();
+        let peer: SocketAddr = "127.0.0.1:5000".parse().unwrap();
+        assert_eq!(
+            t.login_target("iqn.2026-11.io.x:a", "iqn.i", peer, 1)
+                .unwrap()
+                .id,
+            0
+        );
+        assert_eq!(
+            t.login_target("IQN.2026-11.IO.X:A", "iqn.i", peer, 1)
+                .unwrap()
+                .id,
+            0,
+            "names compare case-insensitively"
+        );
+        // Exposed on portal group 2 only.
+        assert_eq!(
+            t.login_target("iqn.2026-11.io.x:b", "iqn.only", peer, 1),
+            Err(LoginStatus::NOT_FOUND)
+        );
+        assert_eq!(
+            t.login_target("iqn.2026-11.io.x:b", "iqn.other", peer, 2),
+            Err(LoginStatus::AUTHORIZATION_FAILED)
+        );
+        assert!(t
+            .login_target("iqn.2026-11.io.x:b", "iqn.only", peer, 2)
+            .is_ok());
+        assert_eq!(
+            t.login_target("iqn.nope", "iqn.i", peer, 1),
+            Err(LoginStatus::NOT_FOUND)
+        );
+        // From outside 127/8 the first group refuses.
+        let far: SocketAddr = "[::1]:5000".parse().unwrap();
+        assert_eq!(
+            t.login_target("iqn.2026-11.io.x:a", "iqn.i", far, 1),
+            Err(LoginStatus::AUTHORIZATION_FAILED)
+        );
+    }
+
+    #[test]
+    fn discovery_lists_only_visible_targets_with_their_portals() {
+        let t = model();
+        let peer: SocketAddr = "127.0.0.1:5000".parse().unwrap();
+        let local: SocketAddr = "127.0.0.1:3260".parse().unwrap();
+        let seen = t.discover("iqn.i", peer, local, None);
+        assert_eq!(seen.len(), 1);
+        assert_eq!(seen[0].name, "iqn.2026-11.io.x:a");
+        assert_eq!(seen[0].addresses, vec!["127.0.0.1:3260,1".to_string()]);
+        let seen = t.discover("iqn.only", peer, local, None);
+        assert_eq!(seen.len(), 2);
+        assert_eq!(seen[1].addresses, vec!["127.0.0.1:3261,2".to_string()]);
+        let one = t.discover("iqn.only", peer, local, Some("iqn.2026-11.io.x:b"));
+        assert_eq!(one.len(), 1);
+    }
+
+    #[test]
+    fn same_isid_reinstates_the_old_session() {
+        let mut t = model();
+        let key = SessionKey {
+            initiator: "iqn.i".into(),
+            isid: [0x80, 0, 0, 0, 0, 1],
+            target: Some(0),
+        };
+        let a = t.register_session(key.clone(), 10).unwrap();
+        assert_eq!(a.reinstated, None);
+        let other = SessionKey {
+            isid: [0x80, 0, 0, 0, 0, 2],
+            ..key.clone()
+        };
+        let b = t.register_session(other, 11).unwrap();
+        assert_ne!(a.tsih, b.tsih);
+        let c = t.register_session(key, 12).unwrap();
+        assert_eq!(c.reinstated, Some(10));
+        assert_eq!(t.to_close, vec![10]);
+        assert!(!t.session_exists(a.tsih));
+        assert!(t.session_exists(c.tsih));
+        // The old connection's late teardown must not remove the new session.
+        t.unregister_session(c.tsih, 10);
+        assert!(t.session_exists(c.tsih));
+        assert_eq!(t.session_count(), 2);
+    }
+
     #[test]
     fn lun_identity_is_stable() {
         let node = TargetNode {
