@@ -6,11 +6,3 @@
 
 /// True when the crate was built with the `dpdk` feature (real bindings linked in).
 pub const ENABLED: bool = cfg!(feature = "dpdk");
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn default_build_has_no_dpdk() {
-        assert!(!super::ENABLED);
-    }
-}
