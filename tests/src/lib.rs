@@ -653,11 +653,16 @@ pub fn parse_iscsi_test_cu(output: &str, family: &str) -> Result<CuReport, Strin
             l.strip_prefix(w)
                 .is_some_and(|r| r.is_empty() || r.starts_with(char::is_whitespace))
         };
-        let outcome = if let Some(l) = b
+        let result_at = b
             .lines
             .iter()
-            .find(|l| starts(l, "passed") || starts(l, "FAILED"))
-        {
+            .position(|l| starts(l, "passed") || starts(l, "FAILED"));
+        // Only what the test printed before its result word is its own: text after the
+        // word on that line comes from the next suite's setup (e.g. its PR clean-up
+        // "[SKIPPED] PERSISTENT RESERVE IN is not implemented.").
+        let own_lines = &b.lines[..result_at.unwrap_or(b.lines.len())];
+        let skipped = own_lines.iter().any(|l| l.contains("[SKIPPED]"));
+        let outcome = if let Some(l) = result_at.map(|i| &b.lines[i]) {
             if starts(l, "passed") {
                 Outcome::Passed
             } else {
@@ -681,7 +686,6 @@ pub fn parse_iscsi_test_cu(output: &str, family: &str) -> Result<CuReport, Strin
                 ));
             }
         };
-        let skipped = b.lines.iter().any(|l| l.contains("[SKIPPED]"));
         if !seen.insert(b.name.clone()) {
             return Err(format!("test {} appears twice", b.name));
         }
@@ -910,6 +914,20 @@ mod tests {
         assert_ne!(doctored, SAMPLE);
         let e = parse_iscsi_test_cu(&doctored, "ALL").unwrap_err();
         assert!(e.contains("failed"), "{e}");
+    }
+
+    #[test]
+    fn next_suite_setup_text_is_not_the_previous_tests_skip() {
+        let out = "Suite: A\n  Test: One ...passed    [SKIPPED] PERSISTENT RESERVE IN is not implemented.\n\
+Suite: B\n  Test: Two ...    [SKIPPED] Not here. Skipping test\npassed\n\
+Run Summary:    Type  Total    Ran Passed Failed Inactive\n\
+              suites      2      2    n/a      0        0\n\
+               tests      2      2      2      0        0\n\
+             asserts      2      2      2      0      n/a\n";
+        let r = parse_iscsi_test_cu(out, "ALL").unwrap();
+        assert!(!r.get("ALL.A.One").unwrap().skipped);
+        assert!(r.get("ALL.B.Two").unwrap().skipped);
+        assert_eq!(r.really_passed().count(), 1);
     }
 
     #[test]
