@@ -1188,7 +1188,8 @@ impl Connection {
             }
             self.send_response(task.itt, status, residual, datasn, &resp.sense);
         } else {
-            self.send_response(task.itt, status, residual, 0, &resp.sense);
+            // ExpDataSN counts the R2Ts (and Data-Ins) sent for the command.
+            self.send_response(task.itt, status, residual, task.r2tsn, &resp.sense);
         }
     }
 
