@@ -359,6 +359,19 @@ impl Command {
         )
     }
 
+    /// True for commands that modify the medium (refused while write protected).
+    pub fn writes_medium(&self) -> bool {
+        matches!(
+            self,
+            Command::Write { .. }
+                | Command::WriteVerify { .. }
+                | Command::WriteSame { .. }
+                | Command::Unmap { .. }
+                | Command::CompareAndWrite { .. }
+                | Command::OrWrite { .. }
+        )
+    }
+
     /// True for commands allowed from a nexus that does not hold an SPC-2 reservation
     /// held by another nexus (SPC-2 table 12; RELEASE is then a no-op).
     pub fn passes_reservation(&self) -> bool {

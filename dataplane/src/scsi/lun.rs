@@ -319,6 +319,9 @@ impl Lun {
                 wanted,
             )))
         };
+        if self.mode.swp && cmd.writes_medium() {
+            return Err(Sense::new(key::DATA_PROTECT, asc::WRITE_PROTECTED));
+        }
         match cmd {
             Command::TestUnitReady => good(),
             Command::RequestSense { desc, alloc } => {

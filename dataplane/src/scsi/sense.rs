@@ -7,6 +7,7 @@ pub mod key {
     pub const HARDWARE_ERROR: u8 = 0x04;
     pub const ILLEGAL_REQUEST: u8 = 0x05;
     pub const UNIT_ATTENTION: u8 = 0x06;
+    pub const DATA_PROTECT: u8 = 0x07;
     pub const MISCOMPARE: u8 = 0x0E;
 }
 
@@ -22,6 +23,7 @@ pub mod asc {
     pub const INVALID_FIELD_IN_CDB: u16 = 0x2400;
     pub const LUN_NOT_SUPPORTED: u16 = 0x2500;
     pub const INVALID_FIELD_IN_PARAMETER_LIST: u16 = 0x2600;
+    pub const WRITE_PROTECTED: u16 = 0x2700;
     pub const POWER_ON_RESET: u16 = 0x2900;
     pub const POWER_ON_OCCURRED: u16 = 0x2901;
     pub const BUS_DEVICE_RESET: u16 = 0x2903;

@@ -578,3 +578,23 @@ fn garbage_cdbs_never_panic() {
     d.poll(&mut out);
     assert_eq!(d.in_flight(), 0);
 }
+
+#[test]
+fn software_write_protect() {
+    let (mut d, _) = device(true);
+    let cur = mode_sense6_control(&mut d, N1);
+    let mut list = vec![0, 0, 0, 0];
+    list.extend(&cur[4..]);
+    list[4 + 4] |= 0x08;
+    let len = list.len() as u8;
+    let r = cmd(&mut d, N1, &[0x15, 0x10, 0, 0, len, 0], Some(list.clone()));
+    assert_eq!(r.status, ScsiStatus::Good);
+    assert_eq!(mode_sense6_control(&mut d, N1)[2], 0x90);
+    let r = cmd(&mut d, N1, &rw10(0x2A, 0, 1), Some(vec![0; 512]));
+    assert_eq!(sense_of(&r), (7, 0x27, 0));
+    assert_eq!(read(&mut d, 0, 1).len(), 512);
+    list[4 + 4] &= !0x08;
+    let r = cmd(&mut d, N1, &[0x15, 0x10, 0, 0, len, 0], Some(list));
+    assert_eq!(r.status, ScsiStatus::Good);
+    write(&mut d, 0, 1, 1);
+}
