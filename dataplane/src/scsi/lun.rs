@@ -691,6 +691,13 @@ impl Lun {
         if or {
             self.transfer_ok(blocks, 10)?;
         }
+        // The Data-Out must match the CDB exactly, even for zero blocks: a mismatch means the
+        // initiator and the CDB disagree about the operation (libiscsi encodes 256 blocks
+        // as 0 in COMPARE AND WRITE's one-byte field and expects a refusal).
+        let data_len = task.data_out.as_ref().map_or(0, IoBuf::len);
+        if data_len != wanted as usize {
+            return Err(Sense::invalid_cdb(if or { 10 } else { 13 }, None));
+        }
         if blocks == 0 {
             return Ok(Some(response(
                 task.tag,
@@ -700,10 +707,7 @@ impl Lun {
                 wanted,
             )));
         }
-        let data = match task.data_out {
-            Some(d) if d.len() == wanted as usize => d,
-            _ => return Err(Sense::invalid_cdb(if or { 10 } else { 13 }, None)),
-        };
+        let data = task.data_out.unwrap_or_default();
         let kind = Kind::ReadModifyWrite {
             lba,
             blocks,

@@ -598,3 +598,12 @@ fn software_write_protect() {
     assert_eq!(r.status, ScsiStatus::Good);
     write(&mut d, 0, 1, 1);
 }
+
+#[test]
+fn compare_and_write_zero_blocks_with_data_is_refused() {
+    let (mut d, _) = device(true);
+    let r = cmd(&mut d, N1, &caw_cdb(0, 0), None);
+    assert_eq!(r.status, ScsiStatus::Good);
+    let r = cmd(&mut d, N1, &caw_cdb(0, 0), Some(vec![0x41; 512 * 512]));
+    assert_eq!(sense_of(&r), (5, 0x24, 0));
+}
