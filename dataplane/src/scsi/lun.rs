@@ -392,6 +392,8 @@ impl Lun {
                 }
                 good()
             }
+            // The medium is not removable, so it can be neither ejected nor loaded.
+            Command::StartStop { loej: true, .. } => Err(Sense::invalid_cdb(4, Some(1))),
             Command::StartStop { .. } => good(),
             Command::PreventAllow { prevent } => {
                 match prevent {

@@ -509,9 +509,11 @@ fn sync_cache_prefetch_and_misc() {
     let r = cmd(&mut d, N1, &rw10(0x34, BLOCKS as u32, 1), None);
     assert_eq!(sense_of(&r), (5, 0x21, 0));
     assert_eq!(
-        cmd(&mut d, N1, &[0x1B, 0, 0, 0, 0x02, 0], None).status,
+        cmd(&mut d, N1, &[0x1B, 1, 0, 0, 0x01, 0], None).status,
         ScsiStatus::Good
     );
+    let r = cmd(&mut d, N1, &[0x1B, 1, 0, 0, 0x02, 0], None);
+    assert_eq!(sense_of(&r), (5, 0x24, 0));
     assert_eq!(
         cmd(&mut d, N1, &[0x1E, 0, 0, 0, 1, 0], None).status,
         ScsiStatus::Good
