@@ -351,12 +351,9 @@ pub enum Command {
 }
 
 impl Command {
-    /// True for commands that a pending unit attention does not block (SAM-5 5.14, SPC-4).
-    pub fn passes_unit_attention(&self) -> bool {
-        matches!(
-            self,
-            Command::Inquiry { .. } | Command::ReportLuns { .. } | Command::RequestSense { .. }
-        )
+    /// True for the operation codes a pending unit attention does not block (SAM-5 5.14).
+    pub fn opcode_passes_unit_attention(opcode: u8) -> bool {
+        matches!(opcode, 0x12 | 0xA0 | 0x03)
     }
 
     /// True for commands that modify the medium (refused while write protected).

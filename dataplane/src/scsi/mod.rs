@@ -208,6 +208,15 @@ impl Device {
             self.done.push_back(r);
             return;
         };
+        // A pending unit attention outranks CDB errors (SAM-5 5.14): only INQUIRY, REPORT
+        // LUNS and REQUEST SENSE get past it, whatever the rest of their CDB says.
+        if !Command::opcode_passes_unit_attention(opcode) {
+            if let Some(code) = lun.take_ua(task.nexus) {
+                let r = lun.check(tag, Sense::unit_attention(code), 0);
+                self.done.push_back(r);
+                return;
+            }
+        }
         let cmd = match decoded {
             Ok(c) => c,
             Err(sense) => {
@@ -216,13 +225,6 @@ impl Device {
                 return;
             }
         };
-        if !cmd.passes_unit_attention() {
-            if let Some(code) = lun.take_ua(task.nexus) {
-                let r = lun.check(tag, Sense::unit_attention(code), 0);
-                self.done.push_back(r);
-                return;
-            }
-        }
         if lun.reservation.is_some_and(|h| h != task.nexus) && !cmd.passes_reservation() {
             self.done.push_back(response(
                 tag,

@@ -609,3 +609,13 @@ fn compare_and_write_zero_blocks_with_data_is_refused() {
     let r = cmd(&mut d, N1, &caw_cdb(0, 0), Some(vec![0x41; 512 * 512]));
     assert_eq!(sense_of(&r), (5, 0x24, 0));
 }
+
+#[test]
+fn unit_attention_outranks_cdb_errors() {
+    let (mut d, _) = device(true);
+    d.lun_reset(0, N1);
+    let r = cmd(&mut d, N1, &[0xC7, 0, 0, 0, 0, 0], None);
+    assert_eq!(sense_of(&r), (6, 0x29, 0x03));
+    let r = cmd(&mut d, N1, &[0xC7, 0, 0, 0, 0, 0], None);
+    assert_eq!(sense_of(&r), (5, 0x20, 0));
+}
