@@ -1007,3 +1007,112 @@ impl Lun {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::scsi::testutil::MockBdev;
+    use crate::scsi::DataDirection;
+
+    fn lun(limit: Option<usize>) -> Lun {
+        let (mut m, _) = MockBdev::new(512, 64, true);
+        m.queue_limit = limit;
+        let id = LunIdentity {
+            vendor: "V".into(),
+            product: "P".into(),
+            revision: "1".into(),
+            serial: "S".into(),
+            naa: 0x6000_0000_0000_0002,
+            target_name: "iqn.t".into(),
+            portal_group_tag: 1,
+            relative_port: 1,
+        };
+        Lun::new(Box::new(m), id)
+    }
+
+    fn task(tag: u64, data: Option<Vec<u8>>) -> ScsiTask {
+        ScsiTask {
+            tag,
+            nexus: 1,
+            lun: 0,
+            cdb: Vec::new(),
+            expected_len: 0,
+            direction: DataDirection::Write,
+            data_out: data.map(IoBuf::from_vec),
+        }
+    }
+
+    #[test]
+    fn queue_full_requests_are_retried_in_order() {
+        let mut l = lun(Some(1));
+        for tag in 0..3u64 {
+            let cmd = Command::Write {
+                lba: tag,
+                blocks: 1,
+                fua: false,
+            };
+            l.execute(task(tag, Some(vec![tag as u8 + 1; 512])), cmd);
+        }
+        assert!(l.done.is_empty());
+        let mut tags = Vec::new();
+        for _ in 0..5 {
+            l.poll();
+            tags.extend(l.done.drain(..).map(|r| (r.tag, r.status)));
+        }
+        assert_eq!(
+            tags,
+            vec![
+                (0, ScsiStatus::Good),
+                (1, ScsiStatus::Good),
+                (2, ScsiStatus::Good)
+            ]
+        );
+        l.execute(task(9, None), Command::Read { lba: 2, blocks: 1 });
+        l.poll();
+        let r = l.done.pop().unwrap();
+        assert_eq!(r.data_in.unwrap().as_slice(), &[3u8; 512][..]);
+    }
+
+    #[test]
+    fn overlapping_writes_wait_for_each_other_but_reads_do_not() {
+        let mut l = lun(None);
+        let w = |lba| Command::Write {
+            lba,
+            blocks: 4,
+            fua: false,
+        };
+        l.execute(task(1, Some(vec![1; 2048])), w(0));
+        l.execute(task(2, Some(vec![2; 2048])), w(2));
+        l.execute(task(3, Some(vec![3; 2048])), w(8));
+        assert_eq!(l.waiting.len(), 1);
+        l.execute(task(4, None), Command::Read { lba: 0, blocks: 8 });
+        assert_eq!(l.waiting.len(), 1);
+        l.poll();
+        let done: Vec<u64> = l.done.drain(..).map(|r| r.tag).collect();
+        assert_eq!(done, vec![1, 3, 4]);
+        l.poll();
+        assert_eq!(l.done.pop().map(|r| r.tag), Some(2));
+        assert!(l.ops.is_empty() && l.waiting.is_empty());
+    }
+
+    #[test]
+    fn unit_attention_queue_is_bounded_and_deduplicated() {
+        let mut l = lun(None);
+        l.add_nexus(1);
+        l.add_nexus(2);
+        l.raise_ua(asc::BUS_DEVICE_RESET, None);
+        l.raise_ua(asc::BUS_DEVICE_RESET, None);
+        l.raise_ua(asc::MODE_PARAMETERS_CHANGED, Some(2));
+        assert_eq!(l.take_ua(1), Some(asc::BUS_DEVICE_RESET));
+        assert_eq!(l.take_ua(1), Some(asc::MODE_PARAMETERS_CHANGED));
+        assert_eq!(l.take_ua(1), None);
+        assert_eq!(l.take_ua(2), Some(asc::BUS_DEVICE_RESET));
+        assert_eq!(l.take_ua(2), None);
+        for code in 0..40u16 {
+            l.raise_ua(code, None);
+        }
+        assert_eq!(l.ua[&1].len(), MAX_UA_PER_NEXUS);
+        l.remove_nexus(1);
+        assert_eq!(l.take_ua(1), None);
+    }
+}
