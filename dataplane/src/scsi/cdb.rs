@@ -1,6 +1,7 @@
 //! CDB decoding: the table of supported operation codes (also the source of REPORT
 //! SUPPORTED OPERATION CODES usage data) and the typed commands the LUN executes.
 
+use super::pr::Access;
 use super::sense::{asc, Sense};
 
 /// One supported command: its CDB usage bitmap validates incoming CDBs and is what REPORT
@@ -111,6 +112,72 @@ pub static OPS: &[OpInfo] = &[
         [0x5A, 0x18, F, F, 0, 0, 0, F, F, CTL]
     ),
     op!(
+        "PERSISTENT RESERVE IN / READ KEYS",
+        0x5E,
+        Some(0),
+        [0x5E, 0x1F, 0, 0, 0, 0, 0, F, F, CTL]
+    ),
+    op!(
+        "PERSISTENT RESERVE IN / READ RESERVATION",
+        0x5E,
+        Some(1),
+        [0x5E, 0x1F, 0, 0, 0, 0, 0, F, F, CTL]
+    ),
+    op!(
+        "PERSISTENT RESERVE IN / REPORT CAPABILITIES",
+        0x5E,
+        Some(2),
+        [0x5E, 0x1F, 0, 0, 0, 0, 0, F, F, CTL]
+    ),
+    op!(
+        "PERSISTENT RESERVE IN / READ FULL STATUS",
+        0x5E,
+        Some(3),
+        [0x5E, 0x1F, 0, 0, 0, 0, 0, F, F, CTL]
+    ),
+    op!(
+        "PERSISTENT RESERVE OUT / REGISTER",
+        0x5F,
+        Some(0),
+        [0x5F, 0x1F, F, 0, 0, F, F, F, F, CTL]
+    ),
+    op!(
+        "PERSISTENT RESERVE OUT / RESERVE",
+        0x5F,
+        Some(1),
+        [0x5F, 0x1F, F, 0, 0, F, F, F, F, CTL]
+    ),
+    op!(
+        "PERSISTENT RESERVE OUT / RELEASE",
+        0x5F,
+        Some(2),
+        [0x5F, 0x1F, F, 0, 0, F, F, F, F, CTL]
+    ),
+    op!(
+        "PERSISTENT RESERVE OUT / CLEAR",
+        0x5F,
+        Some(3),
+        [0x5F, 0x1F, F, 0, 0, F, F, F, F, CTL]
+    ),
+    op!(
+        "PERSISTENT RESERVE OUT / PREEMPT",
+        0x5F,
+        Some(4),
+        [0x5F, 0x1F, F, 0, 0, F, F, F, F, CTL]
+    ),
+    op!(
+        "PERSISTENT RESERVE OUT / PREEMPT AND ABORT",
+        0x5F,
+        Some(5),
+        [0x5F, 0x1F, F, 0, 0, F, F, F, F, CTL]
+    ),
+    op!(
+        "PERSISTENT RESERVE OUT / REGISTER AND IGNORE EXISTING KEY",
+        0x5F,
+        Some(6),
+        [0x5F, 0x1F, F, 0, 0, F, F, F, F, CTL]
+    ),
+    op!(
         "READ(16)",
         0x88,
         None,
@@ -216,7 +283,7 @@ pub static OPS: &[OpInfo] = &[
 
 /// Operation codes whose byte 1 carries a service action in its low five bits.
 pub fn has_service_action(opcode: u8) -> bool {
-    matches!(opcode, 0x9E | 0xA3)
+    matches!(opcode, 0x5E | 0x5F | 0x9E | 0xA3)
 }
 
 /// Looks a CDB's operation up in [`OPS`].
@@ -294,6 +361,15 @@ pub enum Command {
     GetLbaStatus {
         lba: u64,
         alloc: u32,
+    },
+    PrIn {
+        sa: u8,
+        alloc: u32,
+    },
+    PrOut {
+        sa: u8,
+        scope_type: u8,
+        len: u32,
     },
     ReportOpcodes {
         rctd: bool,
@@ -380,7 +456,32 @@ impl Command {
                 | Command::Release6
                 | Command::PreventAllow { prevent: 0 }
                 | Command::ReportOpcodes { .. }
+                | Command::PrIn { .. }
         )
+    }
+
+    /// The command's class under a persistent reservation (SPC-4 table 49).
+    pub fn access(&self) -> Access {
+        match self {
+            Command::Inquiry { .. }
+            | Command::ReportLuns { .. }
+            | Command::RequestSense { .. }
+            | Command::TestUnitReady
+            | Command::ReadCapacity10 { .. }
+            | Command::ReadCapacity16 { .. }
+            | Command::ReportOpcodes { .. }
+            | Command::PrIn { .. }
+            | Command::PrOut { .. }
+            | Command::Reserve6
+            | Command::Release6
+            | Command::PreventAllow { prevent: 0 } => Access::Always,
+            Command::Read { .. }
+            | Command::Verify { .. }
+            | Command::PreFetch { .. }
+            | Command::GetLbaStatus { .. }
+            | Command::ModeSense { .. } => Access::Read,
+            _ => Access::Write,
+        }
     }
 }
 
@@ -584,6 +685,15 @@ pub fn decode(cdb: &[u8]) -> Result<Command, Sense> {
             let (lba, blocks) = lba_len(c, opcode);
             Command::OrWrite { lba, blocks, fua }
         }
+        0x5E => Command::PrIn {
+            sa: c[1] & 0x1F,
+            alloc: be32(&c[7..9]),
+        },
+        0x5F => Command::PrOut {
+            sa: c[1] & 0x1F,
+            scope_type: c[2],
+            len: be32(&c[5..9]),
+        },
         0x9E if sa == Some(0x10) => Command::ReadCapacity16 {
             alloc: be32(&c[10..14]),
         },

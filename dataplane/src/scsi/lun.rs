@@ -7,6 +7,7 @@ use super::cdb::{ByteCheck, Command};
 use super::inquiry::{self, Limits, LunFacts, MAX_COMPARE_AND_WRITE};
 use super::mode::{self, ModeState, SenseRequest};
 use super::opcodes;
+use super::pr::{Pr, PrError};
 use super::sense::{asc, key, Sense};
 use super::{LunIdentity, NexusId, ScsiResponse, ScsiStatus, ScsiTask};
 use crate::bdev::{BdevCompletion, BdevError, BdevIo, BdevOp, BlockDevice, LbaState};
@@ -123,7 +124,9 @@ pub(super) struct Lun {
     pub mode: ModeState,
     limits: Limits,
     ua: HashMap<NexusId, VecDeque<u16>>,
-    pub reservation: Option<NexusId>,
+    /// SPC-2 RESERVE(6) holder.
+    reservation: Option<NexusId>,
+    pr: Pr,
     prevent: HashSet<NexusId>,
     ops: HashMap<u64, Op>,
     next_op: u64,
@@ -146,6 +149,7 @@ impl Lun {
             limits,
             ua: HashMap::new(),
             reservation: None,
+            pr: Pr::default(),
             prevent: HashSet::new(),
             ops: HashMap::new(),
             next_op: 1,
@@ -190,6 +194,19 @@ impl Lun {
         if self.reservation == Some(nexus) {
             self.reservation = None;
         }
+        self.pr.remove_nexus(nexus);
+    }
+
+    /// True when a reservation held elsewhere forbids `cmd` from `nexus`.
+    pub fn conflicts(&self, nexus: NexusId, cmd: &Command) -> bool {
+        if self.reservation.is_some_and(|h| h != nexus) && !cmd.passes_reservation() {
+            return true;
+        }
+        // SPC-4 5.7.1: RESERVE/RELEASE(6) meet persistent reservations with a conflict.
+        if matches!(cmd, Command::Reserve6 | Command::Release6) && self.pr.active() {
+            return true;
+        }
+        !self.pr.allows(nexus, cmd.access())
     }
 
     fn push_ua(q: &mut VecDeque<u16>, code: u16) {
@@ -297,7 +314,9 @@ impl Lun {
                     self.block_size()
                 }
             }
-            Command::Unmap { len } | Command::ModeSelect { len, .. } => len,
+            Command::Unmap { len }
+            | Command::ModeSelect { len, .. }
+            | Command::PrOut { len, .. } => len,
             _ => 0,
         }
     }
@@ -440,6 +459,38 @@ impl Lun {
                 Ok(Some(with_data(tag, data, alloc, 0)))
             }
             Command::ReportLuns { .. } => Err(Sense::invalid_cdb(0, None)),
+            Command::PrIn { sa, alloc } => {
+                let data = self.pr.read(sa)?;
+                Ok(Some(with_data(tag, data, alloc, 0)))
+            }
+            Command::PrOut {
+                sa,
+                scope_type,
+                len,
+            } => {
+                let data = task.data_out.as_ref().map(IoBuf::as_slice).unwrap_or(&[]);
+                let data = &data[..data.len().min(len as usize)];
+                let mut uas = Vec::new();
+                let result = self
+                    .pr
+                    .out(nexus, sa, scope_type, data, &mut |n, c| uas.push((n, c)));
+                for (n, code) in uas {
+                    if let Some(q) = self.ua.get_mut(&n) {
+                        Self::push_ua(q, code);
+                    }
+                }
+                match result {
+                    Ok(()) => good(),
+                    Err(PrError::Check(sense)) => Err(sense),
+                    Err(PrError::Conflict) => Ok(Some(response(
+                        tag,
+                        ScsiStatus::ReservationConflict,
+                        Vec::new(),
+                        None,
+                        wanted,
+                    ))),
+                }
+            }
             Command::Read { lba, blocks } => {
                 self.range(lba, u64::from(blocks))?;
                 self.transfer_ok(blocks, 7)?;

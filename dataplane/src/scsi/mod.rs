@@ -21,6 +21,7 @@ mod inquiry;
 mod lun;
 mod mode;
 mod opcodes;
+mod pr;
 mod sense;
 
 use std::collections::{BTreeMap, HashSet, VecDeque};
@@ -225,7 +226,7 @@ impl Device {
                 return;
             }
         };
-        if lun.reservation.is_some_and(|h| h != task.nexus) && !cmd.passes_reservation() {
+        if lun.conflicts(task.nexus, &cmd) {
             self.done.push_back(response(
                 tag,
                 ScsiStatus::ReservationConflict,

@@ -23,11 +23,15 @@ pub mod asc {
     pub const INVALID_FIELD_IN_CDB: u16 = 0x2400;
     pub const LUN_NOT_SUPPORTED: u16 = 0x2500;
     pub const INVALID_FIELD_IN_PARAMETER_LIST: u16 = 0x2600;
+    pub const INVALID_RELEASE_OF_PR: u16 = 0x2604;
     pub const WRITE_PROTECTED: u16 = 0x2700;
     pub const POWER_ON_RESET: u16 = 0x2900;
     pub const POWER_ON_OCCURRED: u16 = 0x2901;
     pub const BUS_DEVICE_RESET: u16 = 0x2903;
     pub const MODE_PARAMETERS_CHANGED: u16 = 0x2A01;
+    pub const RESERVATIONS_PREEMPTED: u16 = 0x2A03;
+    pub const RESERVATIONS_RELEASED: u16 = 0x2A04;
+    pub const REGISTRATIONS_PREEMPTED: u16 = 0x2A05;
     pub const CAPACITY_DATA_CHANGED: u16 = 0x2A09;
     pub const SAVING_PARAMETERS_NOT_SUPPORTED: u16 = 0x3900;
     pub const INTERNAL_TARGET_FAILURE: u16 = 0x4400;

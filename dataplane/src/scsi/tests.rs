@@ -619,3 +619,55 @@ fn unit_attention_outranks_cdb_errors() {
     let r = cmd(&mut d, N1, &[0xC7, 0, 0, 0, 0, 0], None);
     assert_eq!(sense_of(&r), (5, 0x20, 0));
 }
+
+fn prout(d: &mut Device, n: NexusId, sa: u8, kind: u8, key: u64, sa_key: u64) -> ScsiStatus {
+    let mut p = vec![0u8; 24];
+    p[0..8].copy_from_slice(&key.to_be_bytes());
+    p[8..16].copy_from_slice(&sa_key.to_be_bytes());
+    cmd(d, n, &[0x5F, sa, kind, 0, 0, 0, 0, 0, 24, 0], Some(p)).status
+}
+
+#[test]
+fn persistent_reservation_access() {
+    let (mut d, _) = device(true);
+    assert_eq!(prout(&mut d, N1, 6, 0, 0, 0x11), ScsiStatus::Good);
+    assert_eq!(prout(&mut d, N2, 6, 0, 0, 0x22), ScsiStatus::Good);
+    assert_eq!(prout(&mut d, N1, 1, 3, 0x11, 0), ScsiStatus::Good);
+    // Exclusive access: the holder reads, the registered other nexus does not.
+    assert_eq!(
+        cmd(&mut d, N1, &rw10(0x28, 0, 1), None).status,
+        ScsiStatus::Good
+    );
+    assert_eq!(
+        cmd(&mut d, N2, &rw10(0x28, 0, 1), None).status,
+        ScsiStatus::ReservationConflict
+    );
+    assert_eq!(cmd(&mut d, N2, &[0; 6], None).status, ScsiStatus::Good);
+    assert_eq!(
+        cmd(&mut d, N2, &[0x16, 0, 0, 0, 0, 0], None).status,
+        ScsiStatus::ReservationConflict
+    );
+    let r = cmd(&mut d, N2, &[0x5E, 1, 0, 0, 0, 0, 0, 0, 64, 0], None);
+    let v = data(&r);
+    assert_eq!(&v[8..16], &0x11u64.to_be_bytes());
+    assert_eq!(v[21], 3);
+    // REGISTER AND MOVE is not supported.
+    let r = cmd(
+        &mut d,
+        N1,
+        &[0x5F, 7, 3, 0, 0, 0, 0, 0, 24, 0],
+        Some(vec![0; 24]),
+    );
+    assert_eq!(sense_of(&r), (5, 0x24, 0));
+    assert_eq!(prout(&mut d, N1, 2, 3, 0x11, 0), ScsiStatus::Good);
+    assert_eq!(
+        cmd(&mut d, N2, &rw10(0x28, 0, 1), None).status,
+        ScsiStatus::Good
+    );
+    assert_eq!(prout(&mut d, N1, 0, 0, 0x11, 0), ScsiStatus::Good);
+    assert_eq!(prout(&mut d, N2, 0, 0, 0x22, 0), ScsiStatus::Good);
+    let r = cmd(&mut d, N1, &[0x5E, 0, 0, 0, 0, 0, 0, 0, 64, 0], None);
+    assert_eq!(&data(&r)[4..8], &[0; 4]);
+    let r = cmd(&mut d, N1, &[0x5E, 4, 0, 0, 0, 0, 0, 0, 64, 0], None);
+    assert_eq!(sense_of(&r), (5, 0x24, 0));
+}
