@@ -56,6 +56,16 @@ fn map_bdev_error(e: &BdevError, writing: bool) -> Sense {
     }
 }
 
+/// Where the transfer length sits in a block command's CDB (for field pointers).
+fn length_field(cdb: &[u8]) -> usize {
+    match cdb.first().map(|op| op >> 5) {
+        Some(0) => 4,
+        Some(5) => 6,
+        Some(4) => 10,
+        _ => 7,
+    }
+}
+
 /// The offset of the first byte where `a` and `b` differ.
 fn first_difference(a: &[u8], b: &[u8]) -> Option<usize> {
     a.iter().zip(b).position(|(x, y)| x != y)
@@ -265,9 +275,10 @@ impl Lun {
         u32::try_from(blocks.saturating_mul(u64::from(self.block_size()))).unwrap_or(u32::MAX)
     }
 
-    fn transfer_ok(&self, blocks: u32, byte: usize) -> Result<(), Sense> {
+    /// Refuses transfers beyond the advertised maximum, pointing at the CDB's length field.
+    fn transfer_ok(&self, blocks: u32, cdb: &[u8]) -> Result<(), Sense> {
         if blocks > self.limits.max_transfer_blocks {
-            Err(Sense::invalid_cdb(byte, None))
+            Err(Sense::invalid_cdb(length_field(cdb), None))
         } else {
             Ok(())
         }
@@ -493,7 +504,7 @@ impl Lun {
             }
             Command::Read { lba, blocks } => {
                 self.range(lba, u64::from(blocks))?;
-                self.transfer_ok(blocks, 7)?;
+                self.transfer_ok(blocks, &task.cdb)?;
                 if blocks == 0 {
                     return good();
                 }
@@ -512,7 +523,7 @@ impl Lun {
                 bytchk,
             } => {
                 self.range(lba, u64::from(blocks))?;
-                self.transfer_ok(blocks, 7)?;
+                self.transfer_ok(blocks, &task.cdb)?;
                 if blocks == 0 || bytchk == ByteCheck::None {
                     return good();
                 }
@@ -594,7 +605,7 @@ impl Lun {
         wanted: u32,
     ) -> Result<Option<ScsiResponse>, Sense> {
         self.range(lba, u64::from(blocks))?;
-        self.transfer_ok(blocks, 7)?;
+        self.transfer_ok(blocks, &task.cdb)?;
         // Only whole blocks that actually arrived are written: with an Expected Data Transfer
         // Length below the CDB's, the initiator sees the rest as residual.
         let bs = self.block_size() as usize;
@@ -629,11 +640,7 @@ impl Lun {
         ndob: bool,
         wanted: u32,
     ) -> Result<Option<ScsiResponse>, Sense> {
-        let len_byte = if ndob || task.cdb.first() == Some(&0x93) {
-            10
-        } else {
-            7
-        };
+        let len_byte = length_field(&task.cdb);
         self.range(lba, u64::from(blocks))?;
         if blocks == 0 {
             // WSNZ = 1 in the block limits page.
@@ -742,7 +749,7 @@ impl Lun {
     ) -> Result<Option<ScsiResponse>, Sense> {
         self.range(lba, u64::from(blocks))?;
         if or {
-            self.transfer_ok(blocks, 10)?;
+            self.transfer_ok(blocks, &task.cdb)?;
         }
         // The Data-Out must match the CDB exactly, even for zero blocks: a mismatch means the
         // initiator and the CDB disagree about the operation (libiscsi encodes 256 blocks

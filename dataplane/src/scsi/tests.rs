@@ -671,3 +671,17 @@ fn persistent_reservation_access() {
     let r = cmd(&mut d, N1, &[0x5E, 4, 0, 0, 0, 0, 0, 0, 64, 0], None);
     assert_eq!(sense_of(&r), (5, 0x24, 0));
 }
+
+#[test]
+fn transfer_beyond_block_limits_is_refused() {
+    let (m, _) = MockBdev::new(BS, 1 << 20, true);
+    let mut d = Device::new();
+    d.add_lun(0, Box::new(m), identity()).unwrap();
+    let mut c = vec![0x88, 0];
+    c.extend_from_slice(&0u64.to_be_bytes());
+    c.extend_from_slice(&0x1_0001u32.to_be_bytes());
+    c.extend_from_slice(&[0, 0]);
+    let r = cmd(&mut d, N1, &c, None);
+    assert_eq!(sense_of(&r), (5, 0x24, 0));
+    assert_eq!(&r.sense[15..18], &[0xC0, 0, 10]);
+}
