@@ -335,11 +335,9 @@ impl Device {
     /// TARGET WARM RESET (`cold == false`) or TARGET COLD RESET issued by `by`.
     pub fn target_reset(&mut self, by: NexusId, cold: bool) {
         let _ = by;
-        let code = if cold {
-            asc::POWER_ON_OCCURRED
-        } else {
-            asc::POWER_ON_RESET
-        };
+        // 29h/00h for both kinds: initiators (libiscsi among them) treat POWER ON, RESET, OR
+        // BUS DEVICE RESET OCCURRED as the benign after-reset attention and retry.
+        let code = asc::POWER_ON_RESET;
         for l in self.luns.values_mut() {
             l.reset(code, cold);
         }

@@ -26,7 +26,6 @@ pub mod asc {
     pub const INVALID_RELEASE_OF_PR: u16 = 0x2604;
     pub const WRITE_PROTECTED: u16 = 0x2700;
     pub const POWER_ON_RESET: u16 = 0x2900;
-    pub const POWER_ON_OCCURRED: u16 = 0x2901;
     pub const BUS_DEVICE_RESET: u16 = 0x2903;
     pub const MODE_PARAMETERS_CHANGED: u16 = 0x2A01;
     pub const RESERVATIONS_PREEMPTED: u16 = 0x2A03;

@@ -685,3 +685,22 @@ fn transfer_beyond_block_limits_is_refused() {
     assert_eq!(sense_of(&r), (5, 0x24, 0));
     assert_eq!(&r.sense[15..18], &[0xC0, 0, 10]);
 }
+
+#[test]
+fn cold_reset_restores_default_mode_and_raises_reset_attention() {
+    let (mut d, _) = device(true);
+    let cur = mode_sense6_control(&mut d, N1);
+    let mut list = vec![0, 0, 0, 0];
+    list.extend(&cur[4..]);
+    list[6] |= 0x04;
+    let len = list.len() as u8;
+    assert_eq!(
+        cmd(&mut d, N1, &[0x15, 0x10, 0, 0, len, 0], Some(list)).status,
+        ScsiStatus::Good
+    );
+    d.target_reset(N2, true);
+    let r = cmd(&mut d, N1, &[0; 6], None);
+    assert_eq!(&r.sense[..4], &[0x70, 0, 6, 0]);
+    assert_eq!((r.sense[12], r.sense[13]), (0x29, 0));
+    assert_eq!(mode_sense6_control(&mut d, N1)[6] & 0x04, 0);
+}
