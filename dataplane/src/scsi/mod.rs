@@ -204,6 +204,27 @@ impl Device {
         let tag = task.tag;
         let decoded = cdb::decode(&task.cdb);
         let opcode = task.cdb.first().copied().unwrap_or(0);
+        // REPORT LUNS answers for the whole target, whichever LUN it is addressed to, and
+        // neither unit attentions nor reservations hold it back.
+        if let Ok(Command::ReportLuns { select, alloc }) = decoded {
+            let d_sense = self.luns.get(&task.lun).is_some_and(|l| l.mode.d_sense);
+            let r = match self.report_luns(select, alloc) {
+                Ok(mut data) => {
+                    data.truncate(alloc as usize);
+                    let data = Some(IoBuf::from_vec(data));
+                    response(tag, ScsiStatus::Good, Vec::new(), data, 0)
+                }
+                Err(sense) => response(
+                    tag,
+                    ScsiStatus::CheckCondition,
+                    sense.encode(d_sense),
+                    None,
+                    0,
+                ),
+            };
+            self.done.push_back(r);
+            return;
+        }
         let Some(lun) = self.luns.get_mut(&task.lun) else {
             let r = self.no_such_lun(tag, opcode, decoded);
             self.done.push_back(r);
@@ -236,24 +257,6 @@ impl Device {
             ));
             return;
         }
-        if let Command::ReportLuns { select, alloc } = cmd {
-            let r = match self.report_luns(select, alloc) {
-                Ok(data) => {
-                    let mut data = data;
-                    data.truncate(alloc as usize);
-                    response(
-                        tag,
-                        ScsiStatus::Good,
-                        Vec::new(),
-                        Some(IoBuf::from_vec(data)),
-                        0,
-                    )
-                }
-                Err(sense) => self.luns[&task.lun].check(tag, sense, 0),
-            };
-            self.done.push_back(r);
-            return;
-        }
         lun.execute(task, cmd);
     }
 
@@ -271,10 +274,6 @@ impl Device {
             )
         };
         match decoded {
-            Ok(Command::ReportLuns { select, alloc }) => match self.report_luns(select, alloc) {
-                Ok(v) => data(v, alloc),
-                Err(s) => fail(s),
-            },
             Ok(Command::Inquiry {
                 evpd: false,
                 page: 0,
