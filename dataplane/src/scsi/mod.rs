@@ -14,6 +14,18 @@
 //! - Every submitted task produces exactly one response, even when the iSCSI layer has
 //!   meanwhile aborted it (the caller drops such responses). Aborts and resets therefore need
 //!   no cancellation here, only the side effects on state (unit attentions, reservations).
+//! - A WRITE whose Data-Out is shorter than the CDB asks writes only the whole blocks that
+//!   arrived (GOOD; the caller reports the underflow). COMPARE AND WRITE, ORWRITE and WRITE
+//!   SAME instead refuse Data-Out of the wrong size with INVALID FIELD IN CDB.
+//! - A nexus that was never announced with [`Device::nexus_added`] is added on its first
+//!   command. A new nexus starts without unit attentions. [`Device::nexus_removed`] drops its
+//!   unit attentions, RESERVE(6), PREVENT ALLOW state and also its persistent reservation
+//!   registrations: a nexus id never returns, so nobody could release them afterwards.
+//!
+//! Layout: `cdb` (operation table, decoding), `sense`, `inquiry` (standard data, VPD),
+//! `mode` (mode pages), `opcodes` (REPORT SUPPORTED OPERATION CODES), `pr` (persistent
+//! reservations), `lun` (per-LUN state and command execution); the [`Device`] below routes
+//! tasks, answers REPORT LUNS and unknown LUNs, and applies unit attentions and reservations.
 
 // The implementation modules are private to the layer; the types below are its surface.
 mod cdb;
