@@ -432,6 +432,39 @@ impl Command {
         matches!(opcode, 0x12 | 0xA0 | 0x03)
     }
 
+    /// True when the command moves data to the initiator.
+    pub fn has_data_in(&self) -> bool {
+        matches!(
+            self,
+            Command::Read { .. }
+                | Command::Inquiry { .. }
+                | Command::ModeSense { .. }
+                | Command::RequestSense { .. }
+                | Command::ReadCapacity10 { .. }
+                | Command::ReadCapacity16 { .. }
+                | Command::GetLbaStatus { .. }
+                | Command::ReportLuns { .. }
+                | Command::ReportOpcodes { .. }
+                | Command::PrIn { .. }
+        )
+    }
+
+    /// True when the command takes Data-Out from the initiator.
+    pub fn has_data_out(&self) -> bool {
+        match self {
+            Command::Verify { bytchk, .. } => *bytchk != ByteCheck::None,
+            Command::WriteSame { ndob, .. } => !ndob,
+            Command::Write { .. }
+            | Command::WriteVerify { .. }
+            | Command::Unmap { .. }
+            | Command::CompareAndWrite { .. }
+            | Command::OrWrite { .. }
+            | Command::ModeSelect { .. }
+            | Command::PrOut { .. } => true,
+            _ => false,
+        }
+    }
+
     /// True for commands that modify the medium (refused while write protected).
     pub fn writes_medium(&self) -> bool {
         matches!(

@@ -259,6 +259,18 @@ impl Device {
                 return;
             }
         };
+        // A data phase in the direction the CDB does not transfer is a malformed command
+        // (e.g. a READ sent with Data-Out); an empty one is harmless (residual only).
+        let wrong_direction = match task.direction {
+            DataDirection::Write => cmd.has_data_in() && task.expected_len > 0,
+            DataDirection::Read => cmd.has_data_out() && task.expected_len > 0,
+            _ => false,
+        };
+        if wrong_direction {
+            let r = lun.check(tag, Sense::illegal(asc::INVALID_FIELD_IN_COMMAND_IU), 0);
+            self.done.push_back(r);
+            return;
+        }
         if lun.conflicts(task.nexus, &cmd) {
             self.done.push_back(response(
                 tag,

@@ -15,6 +15,7 @@ pub mod key {
 pub mod asc {
     pub const NO_ADDITIONAL: u16 = 0x0000;
     pub const WRITE_ERROR: u16 = 0x0C00;
+    pub const INVALID_FIELD_IN_COMMAND_IU: u16 = 0x0E03;
     pub const UNRECOVERED_READ_ERROR: u16 = 0x1100;
     pub const MISCOMPARE_DURING_VERIFY: u16 = 0x1D00;
     pub const PARAMETER_LIST_LENGTH_ERROR: u16 = 0x1A00;

@@ -704,3 +704,18 @@ fn cold_reset_restores_default_mode_and_raises_reset_attention() {
     assert_eq!((r.sense[12], r.sense[13]), (0x29, 0));
     assert_eq!(mode_sense6_control(&mut d, N1)[6] & 0x04, 0);
 }
+
+#[test]
+fn data_phase_in_the_wrong_direction_is_refused() {
+    let (mut d, _) = device(true);
+    // task() marks commands with Data-Out as WRITE: a READ with Data-Out fails.
+    let r = cmd(&mut d, N1, &rw10(0x28, 0, 1), Some(vec![0; 4096]));
+    assert_eq!(sense_of(&r), (5, 0x0E, 0x03));
+    // A WRITE announced as READ with a length fails too; without a length it is harmless.
+    let mut t = task(N1, 0, &rw10(0x2A, 0, 1), None);
+    t.expected_len = 512;
+    assert_eq!(sense_of(&run(&mut d, t)), (5, 0x0E, 0x03));
+    let mut t = task(N1, 0, &rw10(0x2A, 0, 1), None);
+    t.direction = DataDirection::None;
+    assert_eq!(run(&mut d, t).status, ScsiStatus::Good);
+}
