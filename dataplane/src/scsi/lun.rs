@@ -658,13 +658,16 @@ impl Lun {
                 _ => return Err(Sense::invalid_cdb(len_byte, None)),
             }
         };
+        if unmap && !self.thin() {
+            // LBPWS/LBPWS10 are clear on a thick LUN, so UNMAP may not be asked for.
+            return Err(Sense::invalid_cdb(1, Some(3)));
+        }
         let lock = Some((lba, u64::from(blocks)));
-        let deallocate = (unmap && self.thin()) || block.is_none();
-        if deallocate {
+        if unmap || block.is_none() {
             let kind = Kind::Deallocate {
                 lba,
                 blocks: u64::from(blocks),
-                unmap: unmap && self.thin(),
+                unmap,
             };
             return self.start(task.tag, wanted, kind, lock);
         }

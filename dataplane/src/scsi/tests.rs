@@ -719,3 +719,23 @@ fn data_phase_in_the_wrong_direction_is_refused() {
     t.direction = DataDirection::None;
     assert_eq!(run(&mut d, t).status, ScsiStatus::Good);
 }
+
+#[test]
+fn thick_lun_refuses_unmap_requests() {
+    let (mut d, _) = device(false);
+    let r = cmd(&mut d, N1, &ws10(0, 1, true), Some(vec![0; 512]));
+    assert_eq!(sense_of(&r), (5, 0x24, 0));
+    let r = cmd(&mut d, N1, &ws10(0, 1, false), Some(vec![7; 512]));
+    assert_eq!(r.status, ScsiStatus::Good);
+    let r = cmd(
+        &mut d,
+        N1,
+        &[0x42, 0, 0, 0, 0, 0, 0, 0, 8, 0],
+        Some(vec![0; 8]),
+    );
+    assert_eq!(sense_of(&r), (5, 0x20, 0));
+    let mut c = vec![0x9E, 0x10];
+    c.resize(16, 0);
+    c[13] = 32;
+    assert_eq!(data(&cmd(&mut d, N1, &c, None))[14], 0);
+}
