@@ -739,3 +739,26 @@ fn thick_lun_refuses_unmap_requests() {
     c[13] = 32;
     assert_eq!(data(&cmd(&mut d, N1, &c, None))[14], 0);
 }
+
+#[test]
+fn request_sense_formats_and_mode_sense10() {
+    let (mut d, _) = device(true);
+    d.lun_reset(0, N1);
+    let r = cmd(&mut d, N1, &[0x03, 1, 0, 0, 252, 0], None);
+    assert_eq!(data(&r), &[0x72, 6, 0x29, 0x03, 0, 0, 0, 0]);
+    let r = cmd(&mut d, N1, &[0x03, 0, 0, 0, 4, 0], None);
+    assert_eq!(data(&r), &[0x70, 0, 0, 0]);
+    let r = cmd(
+        &mut d,
+        N1,
+        &[0x5A, 0x10, 0x3F, 0, 0, 0, 0, 0x01, 0, 0],
+        None,
+    );
+    let v = data(&r);
+    assert_eq!(usize::from(u16::from_be_bytes([v[0], v[1]])), v.len() - 2);
+    assert_eq!((v[3], v[4], v[7]), (0x10, 0x01, 16));
+    assert_eq!(&v[8..16], &BLOCKS.to_be_bytes());
+    let r = cmd(&mut d, N1, &[0x5A, 0x08, 0x08, 0, 0, 0, 0, 0, 12, 0], None);
+    assert_eq!(data(&r).len(), 12);
+    assert_eq!(&data(&r)[8..12], &[0x08, 18, 0x04, 0]);
+}
