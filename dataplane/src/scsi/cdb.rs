@@ -88,6 +88,12 @@ pub static OPS: &[OpInfo] = &[
         [0x35, 0x06, F, F, F, F, 0x3F, F, F, CTL]
     ),
     op!(
+        "READ DEFECT DATA(10)",
+        0x37,
+        None,
+        [0x37, 0, 0x1F, 0, 0, 0, 0, F, F, CTL]
+    ),
+    op!(
         "WRITE SAME(10)",
         0x41,
         None,
@@ -279,6 +285,12 @@ pub static OPS: &[OpInfo] = &[
         None,
         [0xAF, 0xF6, F, F, F, F, F, F, F, F, 0x3F, CTL]
     ),
+    op!(
+        "READ DEFECT DATA(12)",
+        0xB7,
+        None,
+        [0xB7, 0x1F, 0, 0, 0, 0, F, F, F, F, 0, CTL]
+    ),
 ];
 
 /// Operation codes whose byte 1 carries a service action in its low five bits.
@@ -366,6 +378,11 @@ pub enum Command {
         sa: u8,
         alloc: u32,
     },
+    ReadDefectData {
+        twelve: bool,
+        lists: u8,
+        alloc: u32,
+    },
     PrOut {
         sa: u8,
         scope_type: u8,
@@ -446,6 +463,7 @@ impl Command {
                 | Command::ReportLuns { .. }
                 | Command::ReportOpcodes { .. }
                 | Command::PrIn { .. }
+                | Command::ReadDefectData { .. }
         )
     }
 
@@ -512,6 +530,7 @@ impl Command {
             | Command::Verify { .. }
             | Command::PreFetch { .. }
             | Command::GetLbaStatus { .. }
+            | Command::ReadDefectData { .. }
             | Command::ModeSense { .. } => Access::Read,
             _ => Access::Write,
         }
@@ -718,6 +737,16 @@ pub fn decode(cdb: &[u8]) -> Result<Command, Sense> {
             let (lba, blocks) = lba_len(c, opcode);
             Command::OrWrite { lba, blocks, fua }
         }
+        0x37 => Command::ReadDefectData {
+            twelve: false,
+            lists: c[2] & 0x1F,
+            alloc: be32(&c[7..9]),
+        },
+        0xB7 => Command::ReadDefectData {
+            twelve: true,
+            lists: c[1] & 0x1F,
+            alloc: be32(&c[6..10]),
+        },
         0x5E => Command::PrIn {
             sa: c[1] & 0x1F,
             alloc: be32(&c[7..9]),

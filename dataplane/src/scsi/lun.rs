@@ -470,6 +470,19 @@ impl Lun {
                 Ok(Some(with_data(tag, data, alloc, 0)))
             }
             Command::ReportLuns { .. } => Err(Sense::invalid_cdb(0, None)),
+            Command::ReadDefectData {
+                twelve,
+                lists,
+                alloc,
+            } => {
+                // No defects: the requested lists and format are echoed with length zero.
+                let data = if twelve {
+                    vec![0, lists, 0, 0, 0, 0, 0, 0]
+                } else {
+                    vec![0, lists, 0, 0]
+                };
+                Ok(Some(with_data(tag, data, alloc, 0)))
+            }
             Command::PrIn { sa, alloc } => {
                 let data = self.pr.read(sa)?;
                 Ok(Some(with_data(tag, data, alloc, 0)))

@@ -762,3 +762,17 @@ fn request_sense_formats_and_mode_sense10() {
     assert_eq!(data(&r).len(), 12);
     assert_eq!(&data(&r)[8..12], &[0x08, 18, 0x04, 0]);
 }
+
+#[test]
+fn read_defect_data_reports_empty_lists() {
+    let (mut d, _) = device(true);
+    let r = cmd(&mut d, N1, &[0x37, 0, 0x18 | 5, 0, 0, 0, 0, 0, 32, 0], None);
+    assert_eq!(data(&r), &[0, 0x1D, 0, 0]);
+    let r = cmd(
+        &mut d,
+        N1,
+        &[0xB7, 0x08, 0, 0, 0, 0, 0, 0, 0, 4, 0, 0],
+        None,
+    );
+    assert_eq!(data(&r), &[0, 0x08, 0, 0]);
+}
