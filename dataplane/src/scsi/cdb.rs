@@ -1,6 +1,7 @@
 //! CDB decoding: the table of supported operation codes (also the source of REPORT
 //! SUPPORTED OPERATION CODES usage data) and the typed commands the LUN executes.
 
+use super::pr::Access;
 use super::sense::{asc, Sense};
 
 /// One supported command: its CDB usage bitmap validates incoming CDBs and is what REPORT
@@ -87,6 +88,12 @@ pub static OPS: &[OpInfo] = &[
         [0x35, 0x06, F, F, F, F, 0x3F, F, F, CTL]
     ),
     op!(
+        "READ DEFECT DATA(10)",
+        0x37,
+        None,
+        [0x37, 0, 0x1F, 0, 0, 0, 0, F, F, CTL]
+    ),
+    op!(
         "WRITE SAME(10)",
         0x41,
         None,
@@ -109,6 +116,72 @@ pub static OPS: &[OpInfo] = &[
         0x5A,
         None,
         [0x5A, 0x18, F, F, 0, 0, 0, F, F, CTL]
+    ),
+    op!(
+        "PERSISTENT RESERVE IN / READ KEYS",
+        0x5E,
+        Some(0),
+        [0x5E, 0x1F, 0, 0, 0, 0, 0, F, F, CTL]
+    ),
+    op!(
+        "PERSISTENT RESERVE IN / READ RESERVATION",
+        0x5E,
+        Some(1),
+        [0x5E, 0x1F, 0, 0, 0, 0, 0, F, F, CTL]
+    ),
+    op!(
+        "PERSISTENT RESERVE IN / REPORT CAPABILITIES",
+        0x5E,
+        Some(2),
+        [0x5E, 0x1F, 0, 0, 0, 0, 0, F, F, CTL]
+    ),
+    op!(
+        "PERSISTENT RESERVE IN / READ FULL STATUS",
+        0x5E,
+        Some(3),
+        [0x5E, 0x1F, 0, 0, 0, 0, 0, F, F, CTL]
+    ),
+    op!(
+        "PERSISTENT RESERVE OUT / REGISTER",
+        0x5F,
+        Some(0),
+        [0x5F, 0x1F, F, 0, 0, F, F, F, F, CTL]
+    ),
+    op!(
+        "PERSISTENT RESERVE OUT / RESERVE",
+        0x5F,
+        Some(1),
+        [0x5F, 0x1F, F, 0, 0, F, F, F, F, CTL]
+    ),
+    op!(
+        "PERSISTENT RESERVE OUT / RELEASE",
+        0x5F,
+        Some(2),
+        [0x5F, 0x1F, F, 0, 0, F, F, F, F, CTL]
+    ),
+    op!(
+        "PERSISTENT RESERVE OUT / CLEAR",
+        0x5F,
+        Some(3),
+        [0x5F, 0x1F, F, 0, 0, F, F, F, F, CTL]
+    ),
+    op!(
+        "PERSISTENT RESERVE OUT / PREEMPT",
+        0x5F,
+        Some(4),
+        [0x5F, 0x1F, F, 0, 0, F, F, F, F, CTL]
+    ),
+    op!(
+        "PERSISTENT RESERVE OUT / PREEMPT AND ABORT",
+        0x5F,
+        Some(5),
+        [0x5F, 0x1F, F, 0, 0, F, F, F, F, CTL]
+    ),
+    op!(
+        "PERSISTENT RESERVE OUT / REGISTER AND IGNORE EXISTING KEY",
+        0x5F,
+        Some(6),
+        [0x5F, 0x1F, F, 0, 0, F, F, F, F, CTL]
     ),
     op!(
         "READ(16)",
@@ -212,11 +285,17 @@ pub static OPS: &[OpInfo] = &[
         None,
         [0xAF, 0xF6, F, F, F, F, F, F, F, F, 0x3F, CTL]
     ),
+    op!(
+        "READ DEFECT DATA(12)",
+        0xB7,
+        None,
+        [0xB7, 0x1F, 0, 0, 0, 0, F, F, F, F, 0, CTL]
+    ),
 ];
 
 /// Operation codes whose byte 1 carries a service action in its low five bits.
 pub fn has_service_action(opcode: u8) -> bool {
-    matches!(opcode, 0x9E | 0xA3)
+    matches!(opcode, 0x5E | 0x5F | 0x9E | 0xA3)
 }
 
 /// Looks a CDB's operation up in [`OPS`].
@@ -295,6 +374,20 @@ pub enum Command {
         lba: u64,
         alloc: u32,
     },
+    PrIn {
+        sa: u8,
+        alloc: u32,
+    },
+    ReadDefectData {
+        twelve: bool,
+        lists: u8,
+        alloc: u32,
+    },
+    PrOut {
+        sa: u8,
+        scope_type: u8,
+        len: u32,
+    },
     ReportOpcodes {
         rctd: bool,
         options: u8,
@@ -351,11 +444,55 @@ pub enum Command {
 }
 
 impl Command {
-    /// True for commands that a pending unit attention does not block (SAM-5 5.14, SPC-4).
-    pub fn passes_unit_attention(&self) -> bool {
+    /// True for the operation codes a pending unit attention does not block (SAM-5 5.14).
+    pub fn opcode_passes_unit_attention(opcode: u8) -> bool {
+        matches!(opcode, 0x12 | 0xA0 | 0x03)
+    }
+
+    /// True when the command moves data to the initiator.
+    pub fn has_data_in(&self) -> bool {
         matches!(
             self,
-            Command::Inquiry { .. } | Command::ReportLuns { .. } | Command::RequestSense { .. }
+            Command::Read { .. }
+                | Command::Inquiry { .. }
+                | Command::ModeSense { .. }
+                | Command::RequestSense { .. }
+                | Command::ReadCapacity10 { .. }
+                | Command::ReadCapacity16 { .. }
+                | Command::GetLbaStatus { .. }
+                | Command::ReportLuns { .. }
+                | Command::ReportOpcodes { .. }
+                | Command::PrIn { .. }
+                | Command::ReadDefectData { .. }
+        )
+    }
+
+    /// True when the command takes Data-Out from the initiator.
+    pub fn has_data_out(&self) -> bool {
+        match self {
+            Command::Verify { bytchk, .. } => *bytchk != ByteCheck::None,
+            Command::WriteSame { ndob, .. } => !ndob,
+            Command::Write { .. }
+            | Command::WriteVerify { .. }
+            | Command::Unmap { .. }
+            | Command::CompareAndWrite { .. }
+            | Command::OrWrite { .. }
+            | Command::ModeSelect { .. }
+            | Command::PrOut { .. } => true,
+            _ => false,
+        }
+    }
+
+    /// True for commands that modify the medium (refused while write protected).
+    pub fn writes_medium(&self) -> bool {
+        matches!(
+            self,
+            Command::Write { .. }
+                | Command::WriteVerify { .. }
+                | Command::WriteSame { .. }
+                | Command::Unmap { .. }
+                | Command::CompareAndWrite { .. }
+                | Command::OrWrite { .. }
         )
     }
 
@@ -370,7 +507,33 @@ impl Command {
                 | Command::Release6
                 | Command::PreventAllow { prevent: 0 }
                 | Command::ReportOpcodes { .. }
+                | Command::PrIn { .. }
         )
+    }
+
+    /// The command's class under a persistent reservation (SPC-4 table 49).
+    pub fn access(&self) -> Access {
+        match self {
+            Command::Inquiry { .. }
+            | Command::ReportLuns { .. }
+            | Command::RequestSense { .. }
+            | Command::TestUnitReady
+            | Command::ReadCapacity10 { .. }
+            | Command::ReadCapacity16 { .. }
+            | Command::ReportOpcodes { .. }
+            | Command::PrIn { .. }
+            | Command::PrOut { .. }
+            | Command::Reserve6
+            | Command::Release6
+            | Command::PreventAllow { prevent: 0 } => Access::Always,
+            Command::Read { .. }
+            | Command::Verify { .. }
+            | Command::PreFetch { .. }
+            | Command::GetLbaStatus { .. }
+            | Command::ReadDefectData { .. }
+            | Command::ModeSense { .. } => Access::Read,
+            _ => Access::Write,
+        }
     }
 }
 
@@ -574,6 +737,25 @@ pub fn decode(cdb: &[u8]) -> Result<Command, Sense> {
             let (lba, blocks) = lba_len(c, opcode);
             Command::OrWrite { lba, blocks, fua }
         }
+        0x37 => Command::ReadDefectData {
+            twelve: false,
+            lists: c[2] & 0x1F,
+            alloc: be32(&c[7..9]),
+        },
+        0xB7 => Command::ReadDefectData {
+            twelve: true,
+            lists: c[1] & 0x1F,
+            alloc: be32(&c[6..10]),
+        },
+        0x5E => Command::PrIn {
+            sa: c[1] & 0x1F,
+            alloc: be32(&c[7..9]),
+        },
+        0x5F => Command::PrOut {
+            sa: c[1] & 0x1F,
+            scope_type: c[2],
+            len: be32(&c[5..9]),
+        },
         0x9E if sa == Some(0x10) => Command::ReadCapacity16 {
             alloc: be32(&c[10..14]),
         },

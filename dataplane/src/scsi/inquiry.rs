@@ -8,7 +8,7 @@ const MAX_TRANSFER_BYTES: u32 = 32 << 20;
 /// COMPARE AND WRITE blocks per command (VPD B0 byte 5 holds at most 255).
 pub const MAX_COMPARE_AND_WRITE: u32 = 255;
 /// UNMAP limits (VPD B0).
-pub const MAX_UNMAP_BLOCKS: u32 = 0x0040_0000;
+pub const MAX_UNMAP_BLOCKS: u32 = 0x0010_0000;
 pub const MAX_UNMAP_DESCRIPTORS: u32 = 256;
 
 /// The block limits the LUN enforces and advertises; one place so the two agree.

@@ -7,6 +7,7 @@ use super::cdb::{ByteCheck, Command};
 use super::inquiry::{self, Limits, LunFacts, MAX_COMPARE_AND_WRITE};
 use super::mode::{self, ModeState, SenseRequest};
 use super::opcodes;
+use super::pr::{Pr, PrError};
 use super::sense::{asc, key, Sense};
 use super::{LunIdentity, NexusId, ScsiResponse, ScsiStatus, ScsiTask};
 use crate::bdev::{BdevCompletion, BdevError, BdevIo, BdevOp, BlockDevice, LbaState};
@@ -52,6 +53,16 @@ fn map_bdev_error(e: &BdevError, writing: bool) -> Sense {
         BdevError::Io(_) => Sense::new(key::MEDIUM_ERROR, asc::UNRECOVERED_READ_ERROR),
         BdevError::Unsupported(_) => Sense::invalid_cdb(0, None),
         _ => Sense::new(key::HARDWARE_ERROR, asc::INTERNAL_TARGET_FAILURE),
+    }
+}
+
+/// Where the transfer length sits in a block command's CDB (for field pointers).
+fn length_field(cdb: &[u8]) -> usize {
+    match cdb.first().map(|op| op >> 5) {
+        Some(0) => 4,
+        Some(5) => 6,
+        Some(4) => 10,
+        _ => 7,
     }
 }
 
@@ -123,7 +134,9 @@ pub(super) struct Lun {
     pub mode: ModeState,
     limits: Limits,
     ua: HashMap<NexusId, VecDeque<u16>>,
-    pub reservation: Option<NexusId>,
+    /// SPC-2 RESERVE(6) holder.
+    reservation: Option<NexusId>,
+    pr: Pr,
     prevent: HashSet<NexusId>,
     ops: HashMap<u64, Op>,
     next_op: u64,
@@ -146,6 +159,7 @@ impl Lun {
             limits,
             ua: HashMap::new(),
             reservation: None,
+            pr: Pr::default(),
             prevent: HashSet::new(),
             ops: HashMap::new(),
             next_op: 1,
@@ -190,6 +204,19 @@ impl Lun {
         if self.reservation == Some(nexus) {
             self.reservation = None;
         }
+        self.pr.remove_nexus(nexus);
+    }
+
+    /// True when a reservation held elsewhere forbids `cmd` from `nexus`.
+    pub fn conflicts(&self, nexus: NexusId, cmd: &Command) -> bool {
+        if self.reservation.is_some_and(|h| h != nexus) && !cmd.passes_reservation() {
+            return true;
+        }
+        // SPC-4 5.7.1: RESERVE/RELEASE(6) meet persistent reservations with a conflict.
+        if matches!(cmd, Command::Reserve6 | Command::Release6) && self.pr.active() {
+            return true;
+        }
+        !self.pr.allows(nexus, cmd.access())
     }
 
     fn push_ua(q: &mut VecDeque<u16>, code: u16) {
@@ -248,9 +275,10 @@ impl Lun {
         u32::try_from(blocks.saturating_mul(u64::from(self.block_size()))).unwrap_or(u32::MAX)
     }
 
-    fn transfer_ok(&self, blocks: u32, byte: usize) -> Result<(), Sense> {
+    /// Refuses transfers beyond the advertised maximum, pointing at the CDB's length field.
+    fn transfer_ok(&self, blocks: u32, cdb: &[u8]) -> Result<(), Sense> {
         if blocks > self.limits.max_transfer_blocks {
-            Err(Sense::invalid_cdb(byte, None))
+            Err(Sense::invalid_cdb(length_field(cdb), None))
         } else {
             Ok(())
         }
@@ -297,7 +325,9 @@ impl Lun {
                     self.block_size()
                 }
             }
-            Command::Unmap { len } | Command::ModeSelect { len, .. } => len,
+            Command::Unmap { len }
+            | Command::ModeSelect { len, .. }
+            | Command::PrOut { len, .. } => len,
             _ => 0,
         }
     }
@@ -319,6 +349,9 @@ impl Lun {
                 wanted,
             )))
         };
+        if self.mode.swp && cmd.writes_medium() {
+            return Err(Sense::new(key::DATA_PROTECT, asc::WRITE_PROTECTED));
+        }
         match cmd {
             Command::TestUnitReady => good(),
             Command::RequestSense { desc, alloc } => {
@@ -389,6 +422,8 @@ impl Lun {
                 }
                 good()
             }
+            // The medium is not removable, so it can be neither ejected nor loaded.
+            Command::StartStop { loej: true, .. } => Err(Sense::invalid_cdb(4, Some(1))),
             Command::StartStop { .. } => good(),
             Command::PreventAllow { prevent } => {
                 match prevent {
@@ -435,9 +470,54 @@ impl Lun {
                 Ok(Some(with_data(tag, data, alloc, 0)))
             }
             Command::ReportLuns { .. } => Err(Sense::invalid_cdb(0, None)),
+            Command::ReadDefectData {
+                twelve,
+                lists,
+                alloc,
+            } => {
+                // No defects: the requested lists and format are echoed with length zero.
+                let data = if twelve {
+                    vec![0, lists, 0, 0, 0, 0, 0, 0]
+                } else {
+                    vec![0, lists, 0, 0]
+                };
+                Ok(Some(with_data(tag, data, alloc, 0)))
+            }
+            Command::PrIn { sa, alloc } => {
+                let data = self.pr.read(sa)?;
+                Ok(Some(with_data(tag, data, alloc, 0)))
+            }
+            Command::PrOut {
+                sa,
+                scope_type,
+                len,
+            } => {
+                let data = task.data_out.as_ref().map(IoBuf::as_slice).unwrap_or(&[]);
+                let data = &data[..data.len().min(len as usize)];
+                let mut uas = Vec::new();
+                let result = self
+                    .pr
+                    .out(nexus, sa, scope_type, data, &mut |n, c| uas.push((n, c)));
+                for (n, code) in uas {
+                    if let Some(q) = self.ua.get_mut(&n) {
+                        Self::push_ua(q, code);
+                    }
+                }
+                match result {
+                    Ok(()) => good(),
+                    Err(PrError::Check(sense)) => Err(sense),
+                    Err(PrError::Conflict) => Ok(Some(response(
+                        tag,
+                        ScsiStatus::ReservationConflict,
+                        Vec::new(),
+                        None,
+                        wanted,
+                    ))),
+                }
+            }
             Command::Read { lba, blocks } => {
                 self.range(lba, u64::from(blocks))?;
-                self.transfer_ok(blocks, 7)?;
+                self.transfer_ok(blocks, &task.cdb)?;
                 if blocks == 0 {
                     return good();
                 }
@@ -456,7 +536,7 @@ impl Lun {
                 bytchk,
             } => {
                 self.range(lba, u64::from(blocks))?;
-                self.transfer_ok(blocks, 7)?;
+                self.transfer_ok(blocks, &task.cdb)?;
                 if blocks == 0 || bytchk == ByteCheck::None {
                     return good();
                 }
@@ -538,7 +618,7 @@ impl Lun {
         wanted: u32,
     ) -> Result<Option<ScsiResponse>, Sense> {
         self.range(lba, u64::from(blocks))?;
-        self.transfer_ok(blocks, 7)?;
+        self.transfer_ok(blocks, &task.cdb)?;
         // Only whole blocks that actually arrived are written: with an Expected Data Transfer
         // Length below the CDB's, the initiator sees the rest as residual.
         let bs = self.block_size() as usize;
@@ -573,11 +653,7 @@ impl Lun {
         ndob: bool,
         wanted: u32,
     ) -> Result<Option<ScsiResponse>, Sense> {
-        let len_byte = if ndob || task.cdb.first() == Some(&0x93) {
-            10
-        } else {
-            7
-        };
+        let len_byte = length_field(&task.cdb);
         self.range(lba, u64::from(blocks))?;
         if blocks == 0 {
             // WSNZ = 1 in the block limits page.
@@ -595,13 +671,16 @@ impl Lun {
                 _ => return Err(Sense::invalid_cdb(len_byte, None)),
             }
         };
+        if unmap && !self.thin() {
+            // LBPWS/LBPWS10 are clear on a thick LUN, so UNMAP may not be asked for.
+            return Err(Sense::invalid_cdb(1, Some(3)));
+        }
         let lock = Some((lba, u64::from(blocks)));
-        let deallocate = (unmap && self.thin()) || block.is_none();
-        if deallocate {
+        if unmap || block.is_none() {
             let kind = Kind::Deallocate {
                 lba,
                 blocks: u64::from(blocks),
-                unmap: unmap && self.thin(),
+                unmap,
             };
             return self.start(task.tag, wanted, kind, lock);
         }
@@ -686,7 +765,14 @@ impl Lun {
     ) -> Result<Option<ScsiResponse>, Sense> {
         self.range(lba, u64::from(blocks))?;
         if or {
-            self.transfer_ok(blocks, 10)?;
+            self.transfer_ok(blocks, &task.cdb)?;
+        }
+        // The Data-Out must match the CDB exactly, even for zero blocks: a mismatch means the
+        // initiator and the CDB disagree about the operation (libiscsi encodes 256 blocks
+        // as 0 in COMPARE AND WRITE's one-byte field and expects a refusal).
+        let data_len = task.data_out.as_ref().map_or(0, IoBuf::len);
+        if data_len != wanted as usize {
+            return Err(Sense::invalid_cdb(if or { 10 } else { 13 }, None));
         }
         if blocks == 0 {
             return Ok(Some(response(
@@ -697,10 +783,7 @@ impl Lun {
                 wanted,
             )));
         }
-        let data = match task.data_out {
-            Some(d) if d.len() == wanted as usize => d,
-            _ => return Err(Sense::invalid_cdb(if or { 10 } else { 13 }, None)),
-        };
+        let data = task.data_out.unwrap_or_default();
         let kind = Kind::ReadModifyWrite {
             lba,
             blocks,
@@ -996,5 +1079,114 @@ impl Lun {
             Some(io) => self.issue(id, vec![io]),
             None => self.finish(id),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::scsi::testutil::MockBdev;
+    use crate::scsi::DataDirection;
+
+    fn lun(limit: Option<usize>) -> Lun {
+        let (mut m, _) = MockBdev::new(512, 64, true);
+        m.queue_limit = limit;
+        let id = LunIdentity {
+            vendor: "V".into(),
+            product: "P".into(),
+            revision: "1".into(),
+            serial: "S".into(),
+            naa: 0x6000_0000_0000_0002,
+            target_name: "iqn.t".into(),
+            portal_group_tag: 1,
+            relative_port: 1,
+        };
+        Lun::new(Box::new(m), id)
+    }
+
+    fn task(tag: u64, data: Option<Vec<u8>>) -> ScsiTask {
+        ScsiTask {
+            tag,
+            nexus: 1,
+            lun: 0,
+            cdb: Vec::new(),
+            expected_len: 0,
+            direction: DataDirection::Write,
+            data_out: data.map(IoBuf::from_vec),
+        }
+    }
+
+    #[test]
+    fn queue_full_requests_are_retried_in_order() {
+        let mut l = lun(Some(1));
+        for tag in 0..3u64 {
+            let cmd = Command::Write {
+                lba: tag,
+                blocks: 1,
+                fua: false,
+            };
+            l.execute(task(tag, Some(vec![tag as u8 + 1; 512])), cmd);
+        }
+        assert!(l.done.is_empty());
+        let mut tags = Vec::new();
+        for _ in 0..5 {
+            l.poll();
+            tags.extend(l.done.drain(..).map(|r| (r.tag, r.status)));
+        }
+        assert_eq!(
+            tags,
+            vec![
+                (0, ScsiStatus::Good),
+                (1, ScsiStatus::Good),
+                (2, ScsiStatus::Good)
+            ]
+        );
+        l.execute(task(9, None), Command::Read { lba: 2, blocks: 1 });
+        l.poll();
+        let r = l.done.pop().unwrap();
+        assert_eq!(r.data_in.unwrap().as_slice(), &[3u8; 512][..]);
+    }
+
+    #[test]
+    fn overlapping_writes_wait_for_each_other_but_reads_do_not() {
+        let mut l = lun(None);
+        let w = |lba| Command::Write {
+            lba,
+            blocks: 4,
+            fua: false,
+        };
+        l.execute(task(1, Some(vec![1; 2048])), w(0));
+        l.execute(task(2, Some(vec![2; 2048])), w(2));
+        l.execute(task(3, Some(vec![3; 2048])), w(8));
+        assert_eq!(l.waiting.len(), 1);
+        l.execute(task(4, None), Command::Read { lba: 0, blocks: 8 });
+        assert_eq!(l.waiting.len(), 1);
+        l.poll();
+        let done: Vec<u64> = l.done.drain(..).map(|r| r.tag).collect();
+        assert_eq!(done, vec![1, 3, 4]);
+        l.poll();
+        assert_eq!(l.done.pop().map(|r| r.tag), Some(2));
+        assert!(l.ops.is_empty() && l.waiting.is_empty());
+    }
+
+    #[test]
+    fn unit_attention_queue_is_bounded_and_deduplicated() {
+        let mut l = lun(None);
+        l.add_nexus(1);
+        l.add_nexus(2);
+        l.raise_ua(asc::BUS_DEVICE_RESET, None);
+        l.raise_ua(asc::BUS_DEVICE_RESET, None);
+        l.raise_ua(asc::MODE_PARAMETERS_CHANGED, Some(2));
+        assert_eq!(l.take_ua(1), Some(asc::BUS_DEVICE_RESET));
+        assert_eq!(l.take_ua(1), Some(asc::MODE_PARAMETERS_CHANGED));
+        assert_eq!(l.take_ua(1), None);
+        assert_eq!(l.take_ua(2), Some(asc::BUS_DEVICE_RESET));
+        assert_eq!(l.take_ua(2), None);
+        for code in 0..40u16 {
+            l.raise_ua(code, None);
+        }
+        assert_eq!(l.ua[&1].len(), MAX_UA_PER_NEXUS);
+        l.remove_nexus(1);
+        assert_eq!(l.take_ua(1), None);
     }
 }

@@ -14,6 +14,18 @@
 //! - Every submitted task produces exactly one response, even when the iSCSI layer has
 //!   meanwhile aborted it (the caller drops such responses). Aborts and resets therefore need
 //!   no cancellation here, only the side effects on state (unit attentions, reservations).
+//! - A WRITE whose Data-Out is shorter than the CDB asks writes only the whole blocks that
+//!   arrived (GOOD; the caller reports the underflow). COMPARE AND WRITE, ORWRITE and WRITE
+//!   SAME instead refuse Data-Out of the wrong size with INVALID FIELD IN CDB.
+//! - A nexus that was never announced with [`Device::nexus_added`] is added on its first
+//!   command. A new nexus starts without unit attentions. [`Device::nexus_removed`] drops its
+//!   unit attentions, RESERVE(6), PREVENT ALLOW state and also its persistent reservation
+//!   registrations: a nexus id never returns, so nobody could release them afterwards.
+//!
+//! Layout: `cdb` (operation table, decoding), `sense`, `inquiry` (standard data, VPD),
+//! `mode` (mode pages), `opcodes` (REPORT SUPPORTED OPERATION CODES), `pr` (persistent
+//! reservations), `lun` (per-LUN state and command execution); the [`Device`] below routes
+//! tasks, answers REPORT LUNS and unknown LUNs, and applies unit attentions and reservations.
 
 // The implementation modules are private to the layer; the types below are its surface.
 mod cdb;
@@ -21,6 +33,7 @@ mod inquiry;
 mod lun;
 mod mode;
 mod opcodes;
+mod pr;
 mod sense;
 
 use std::collections::{BTreeMap, HashSet, VecDeque};
@@ -203,11 +216,41 @@ impl Device {
         let tag = task.tag;
         let decoded = cdb::decode(&task.cdb);
         let opcode = task.cdb.first().copied().unwrap_or(0);
+        // REPORT LUNS answers for the whole target, whichever LUN it is addressed to, and
+        // neither unit attentions nor reservations hold it back.
+        if let Ok(Command::ReportLuns { select, alloc }) = decoded {
+            let d_sense = self.luns.get(&task.lun).is_some_and(|l| l.mode.d_sense);
+            let r = match self.report_luns(select, alloc) {
+                Ok(mut data) => {
+                    data.truncate(alloc as usize);
+                    let data = Some(IoBuf::from_vec(data));
+                    response(tag, ScsiStatus::Good, Vec::new(), data, 0)
+                }
+                Err(sense) => response(
+                    tag,
+                    ScsiStatus::CheckCondition,
+                    sense.encode(d_sense),
+                    None,
+                    0,
+                ),
+            };
+            self.done.push_back(r);
+            return;
+        }
         let Some(lun) = self.luns.get_mut(&task.lun) else {
             let r = self.no_such_lun(tag, opcode, decoded);
             self.done.push_back(r);
             return;
         };
+        // A pending unit attention outranks CDB errors (SAM-5 5.14): only INQUIRY, REPORT
+        // LUNS and REQUEST SENSE get past it, whatever the rest of their CDB says.
+        if !Command::opcode_passes_unit_attention(opcode) {
+            if let Some(code) = lun.take_ua(task.nexus) {
+                let r = lun.check(tag, Sense::unit_attention(code), 0);
+                self.done.push_back(r);
+                return;
+            }
+        }
         let cmd = match decoded {
             Ok(c) => c,
             Err(sense) => {
@@ -216,14 +259,19 @@ impl Device {
                 return;
             }
         };
-        if !cmd.passes_unit_attention() {
-            if let Some(code) = lun.take_ua(task.nexus) {
-                let r = lun.check(tag, Sense::unit_attention(code), 0);
-                self.done.push_back(r);
-                return;
-            }
+        // A data phase in the direction the CDB does not transfer is a malformed command
+        // (e.g. a READ sent with Data-Out); an empty one is harmless (residual only).
+        let wrong_direction = match task.direction {
+            DataDirection::Write => cmd.has_data_in() && task.expected_len > 0,
+            DataDirection::Read => cmd.has_data_out() && task.expected_len > 0,
+            _ => false,
+        };
+        if wrong_direction {
+            let r = lun.check(tag, Sense::illegal(asc::INVALID_FIELD_IN_COMMAND_IU), 0);
+            self.done.push_back(r);
+            return;
         }
-        if lun.reservation.is_some_and(|h| h != task.nexus) && !cmd.passes_reservation() {
+        if lun.conflicts(task.nexus, &cmd) {
             self.done.push_back(response(
                 tag,
                 ScsiStatus::ReservationConflict,
@@ -231,24 +279,6 @@ impl Device {
                 None,
                 0,
             ));
-            return;
-        }
-        if let Command::ReportLuns { select, alloc } = cmd {
-            let r = match self.report_luns(select, alloc) {
-                Ok(data) => {
-                    let mut data = data;
-                    data.truncate(alloc as usize);
-                    response(
-                        tag,
-                        ScsiStatus::Good,
-                        Vec::new(),
-                        Some(IoBuf::from_vec(data)),
-                        0,
-                    )
-                }
-                Err(sense) => self.luns[&task.lun].check(tag, sense, 0),
-            };
-            self.done.push_back(r);
             return;
         }
         lun.execute(task, cmd);
@@ -268,10 +298,6 @@ impl Device {
             )
         };
         match decoded {
-            Ok(Command::ReportLuns { select, alloc }) => match self.report_luns(select, alloc) {
-                Ok(v) => data(v, alloc),
-                Err(s) => fail(s),
-            },
             Ok(Command::Inquiry {
                 evpd: false,
                 page: 0,
@@ -332,11 +358,9 @@ impl Device {
     /// TARGET WARM RESET (`cold == false`) or TARGET COLD RESET issued by `by`.
     pub fn target_reset(&mut self, by: NexusId, cold: bool) {
         let _ = by;
-        let code = if cold {
-            asc::POWER_ON_OCCURRED
-        } else {
-            asc::POWER_ON_RESET
-        };
+        // 29h/00h for both kinds: initiators (libiscsi among them) treat POWER ON, RESET, OR
+        // BUS DEVICE RESET OCCURRED as the benign after-reset attention and retry.
+        let code = asc::POWER_ON_RESET;
         for l in self.luns.values_mut() {
             l.reset(code, cold);
         }

@@ -9,6 +9,8 @@ use super::sense::{asc, Sense};
 pub struct ModeState {
     pub wce: bool,
     pub d_sense: bool,
+    /// Software write protect (control page SWP).
+    pub swp: bool,
 }
 
 impl Default for ModeState {
@@ -16,6 +18,7 @@ impl Default for ModeState {
         ModeState {
             wce: true,
             d_sense: false,
+            swp: false,
         }
     }
 }
@@ -52,9 +55,13 @@ fn render_page(code: u8, view: View) -> Vec<u8> {
                 View::Values(s) => {
                     p[2] = if s.d_sense { 0x04 } else { 0 };
                     p[3] = 0x10; // unrestricted reordering
+                    p[4] = if s.swp { 0x08 } else { 0 };
                     p[8..10].copy_from_slice(&0xFFFFu16.to_be_bytes()); // busy timeout: unlimited
                 }
-                View::Changeable => p[2] = 0x04,
+                View::Changeable => {
+                    p[2] = 0x04;
+                    p[4] = 0x08;
+                }
             }
             p
         }
@@ -115,8 +122,12 @@ pub fn mode_sense(req: &SenseRequest, current: ModeState) -> Result<Vec<u8>, Sen
             desc.extend_from_slice(&req.block_size.to_be_bytes()[1..]);
         }
     }
-    // Device-specific parameter: WP = 0, DPOFUA = 1.
-    let dsp = 0x10;
+    // Device-specific parameter: WP as software write protect says, DPOFUA = 1.
+    let wp = match view {
+        View::Values(s) if s.swp => 0x80,
+        _ => 0,
+    };
+    let dsp = 0x10 | wp;
     let mut v = if req.ten {
         let mut h = vec![0u8; 8];
         h[3] = dsp;
@@ -218,7 +229,10 @@ pub fn mode_select(
         }
         match code {
             CACHING => next.wce = new[2] & 0x04 != 0,
-            CONTROL => next.d_sense = new[2] & 0x04 != 0,
+            CONTROL => {
+                next.d_sense = new[2] & 0x04 != 0;
+                next.swp = new[4] & 0x08 != 0;
+            }
             _ => {}
         }
         at += len;
@@ -294,6 +308,18 @@ mod tests {
         data.extend(page);
         let next = mode_select(false, true, false, &data, cur, 512).unwrap();
         assert!(next.d_sense);
+        assert!(!next.swp);
+    }
+
+    #[test]
+    fn swp_sets_write_protect_flag() {
+        let cur = ModeState {
+            swp: true,
+            ..ModeState::default()
+        };
+        let v = mode_sense(&req(CONTROL, ModePc::Current, false, true), cur).unwrap();
+        assert_eq!(v[2], 0x90);
+        assert_eq!(v[4 + 4], 0x08);
     }
 
     #[test]

@@ -7,6 +7,7 @@ pub mod key {
     pub const HARDWARE_ERROR: u8 = 0x04;
     pub const ILLEGAL_REQUEST: u8 = 0x05;
     pub const UNIT_ATTENTION: u8 = 0x06;
+    pub const DATA_PROTECT: u8 = 0x07;
     pub const MISCOMPARE: u8 = 0x0E;
 }
 
@@ -14,6 +15,7 @@ pub mod key {
 pub mod asc {
     pub const NO_ADDITIONAL: u16 = 0x0000;
     pub const WRITE_ERROR: u16 = 0x0C00;
+    pub const INVALID_FIELD_IN_COMMAND_IU: u16 = 0x0E03;
     pub const UNRECOVERED_READ_ERROR: u16 = 0x1100;
     pub const MISCOMPARE_DURING_VERIFY: u16 = 0x1D00;
     pub const PARAMETER_LIST_LENGTH_ERROR: u16 = 0x1A00;
@@ -22,10 +24,14 @@ pub mod asc {
     pub const INVALID_FIELD_IN_CDB: u16 = 0x2400;
     pub const LUN_NOT_SUPPORTED: u16 = 0x2500;
     pub const INVALID_FIELD_IN_PARAMETER_LIST: u16 = 0x2600;
+    pub const INVALID_RELEASE_OF_PR: u16 = 0x2604;
+    pub const WRITE_PROTECTED: u16 = 0x2700;
     pub const POWER_ON_RESET: u16 = 0x2900;
-    pub const POWER_ON_OCCURRED: u16 = 0x2901;
     pub const BUS_DEVICE_RESET: u16 = 0x2903;
     pub const MODE_PARAMETERS_CHANGED: u16 = 0x2A01;
+    pub const RESERVATIONS_PREEMPTED: u16 = 0x2A03;
+    pub const RESERVATIONS_RELEASED: u16 = 0x2A04;
+    pub const REGISTRATIONS_PREEMPTED: u16 = 0x2A05;
     pub const CAPACITY_DATA_CHANGED: u16 = 0x2A09;
     pub const SAVING_PARAMETERS_NOT_SUPPORTED: u16 = 0x3900;
     pub const INTERNAL_TARGET_FAILURE: u16 = 0x4400;

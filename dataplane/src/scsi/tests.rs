@@ -509,9 +509,11 @@ fn sync_cache_prefetch_and_misc() {
     let r = cmd(&mut d, N1, &rw10(0x34, BLOCKS as u32, 1), None);
     assert_eq!(sense_of(&r), (5, 0x21, 0));
     assert_eq!(
-        cmd(&mut d, N1, &[0x1B, 0, 0, 0, 0x02, 0], None).status,
+        cmd(&mut d, N1, &[0x1B, 1, 0, 0, 0x01, 0], None).status,
         ScsiStatus::Good
     );
+    let r = cmd(&mut d, N1, &[0x1B, 1, 0, 0, 0x02, 0], None);
+    assert_eq!(sense_of(&r), (5, 0x24, 0));
     assert_eq!(
         cmd(&mut d, N1, &[0x1E, 0, 0, 0, 1, 0], None).status,
         ScsiStatus::Good
@@ -577,4 +579,200 @@ fn garbage_cdbs_never_panic() {
     let mut out = Vec::new();
     d.poll(&mut out);
     assert_eq!(d.in_flight(), 0);
+}
+
+#[test]
+fn software_write_protect() {
+    let (mut d, _) = device(true);
+    let cur = mode_sense6_control(&mut d, N1);
+    let mut list = vec![0, 0, 0, 0];
+    list.extend(&cur[4..]);
+    list[4 + 4] |= 0x08;
+    let len = list.len() as u8;
+    let r = cmd(&mut d, N1, &[0x15, 0x10, 0, 0, len, 0], Some(list.clone()));
+    assert_eq!(r.status, ScsiStatus::Good);
+    assert_eq!(mode_sense6_control(&mut d, N1)[2], 0x90);
+    let r = cmd(&mut d, N1, &rw10(0x2A, 0, 1), Some(vec![0; 512]));
+    assert_eq!(sense_of(&r), (7, 0x27, 0));
+    assert_eq!(read(&mut d, 0, 1).len(), 512);
+    list[4 + 4] &= !0x08;
+    let r = cmd(&mut d, N1, &[0x15, 0x10, 0, 0, len, 0], Some(list));
+    assert_eq!(r.status, ScsiStatus::Good);
+    write(&mut d, 0, 1, 1);
+}
+
+#[test]
+fn compare_and_write_zero_blocks_with_data_is_refused() {
+    let (mut d, _) = device(true);
+    let r = cmd(&mut d, N1, &caw_cdb(0, 0), None);
+    assert_eq!(r.status, ScsiStatus::Good);
+    let r = cmd(&mut d, N1, &caw_cdb(0, 0), Some(vec![0x41; 512 * 512]));
+    assert_eq!(sense_of(&r), (5, 0x24, 0));
+}
+
+#[test]
+fn unit_attention_outranks_cdb_errors() {
+    let (mut d, _) = device(true);
+    d.lun_reset(0, N1);
+    let r = cmd(&mut d, N1, &[0xC7, 0, 0, 0, 0, 0], None);
+    assert_eq!(sense_of(&r), (6, 0x29, 0x03));
+    let r = cmd(&mut d, N1, &[0xC7, 0, 0, 0, 0, 0], None);
+    assert_eq!(sense_of(&r), (5, 0x20, 0));
+}
+
+fn prout(d: &mut Device, n: NexusId, sa: u8, kind: u8, key: u64, sa_key: u64) -> ScsiStatus {
+    let mut p = vec![0u8; 24];
+    p[0..8].copy_from_slice(&key.to_be_bytes());
+    p[8..16].copy_from_slice(&sa_key.to_be_bytes());
+    cmd(d, n, &[0x5F, sa, kind, 0, 0, 0, 0, 0, 24, 0], Some(p)).status
+}
+
+#[test]
+fn persistent_reservation_access() {
+    let (mut d, _) = device(true);
+    assert_eq!(prout(&mut d, N1, 6, 0, 0, 0x11), ScsiStatus::Good);
+    assert_eq!(prout(&mut d, N2, 6, 0, 0, 0x22), ScsiStatus::Good);
+    assert_eq!(prout(&mut d, N1, 1, 3, 0x11, 0), ScsiStatus::Good);
+    // Exclusive access: the holder reads, the registered other nexus does not.
+    assert_eq!(
+        cmd(&mut d, N1, &rw10(0x28, 0, 1), None).status,
+        ScsiStatus::Good
+    );
+    assert_eq!(
+        cmd(&mut d, N2, &rw10(0x28, 0, 1), None).status,
+        ScsiStatus::ReservationConflict
+    );
+    assert_eq!(cmd(&mut d, N2, &[0; 6], None).status, ScsiStatus::Good);
+    assert_eq!(
+        cmd(&mut d, N2, &[0x16, 0, 0, 0, 0, 0], None).status,
+        ScsiStatus::ReservationConflict
+    );
+    let r = cmd(&mut d, N2, &[0x5E, 1, 0, 0, 0, 0, 0, 0, 64, 0], None);
+    let v = data(&r);
+    assert_eq!(&v[8..16], &0x11u64.to_be_bytes());
+    assert_eq!(v[21], 3);
+    // REGISTER AND MOVE is not supported.
+    let r = cmd(
+        &mut d,
+        N1,
+        &[0x5F, 7, 3, 0, 0, 0, 0, 0, 24, 0],
+        Some(vec![0; 24]),
+    );
+    assert_eq!(sense_of(&r), (5, 0x24, 0));
+    assert_eq!(prout(&mut d, N1, 2, 3, 0x11, 0), ScsiStatus::Good);
+    assert_eq!(
+        cmd(&mut d, N2, &rw10(0x28, 0, 1), None).status,
+        ScsiStatus::Good
+    );
+    assert_eq!(prout(&mut d, N1, 0, 0, 0x11, 0), ScsiStatus::Good);
+    assert_eq!(prout(&mut d, N2, 0, 0, 0x22, 0), ScsiStatus::Good);
+    let r = cmd(&mut d, N1, &[0x5E, 0, 0, 0, 0, 0, 0, 0, 64, 0], None);
+    assert_eq!(&data(&r)[4..8], &[0; 4]);
+    let r = cmd(&mut d, N1, &[0x5E, 4, 0, 0, 0, 0, 0, 0, 64, 0], None);
+    assert_eq!(sense_of(&r), (5, 0x24, 0));
+}
+
+#[test]
+fn transfer_beyond_block_limits_is_refused() {
+    let (m, _) = MockBdev::new(BS, 1 << 20, true);
+    let mut d = Device::new();
+    d.add_lun(0, Box::new(m), identity()).unwrap();
+    let mut c = vec![0x88, 0];
+    c.extend_from_slice(&0u64.to_be_bytes());
+    c.extend_from_slice(&0x1_0001u32.to_be_bytes());
+    c.extend_from_slice(&[0, 0]);
+    let r = cmd(&mut d, N1, &c, None);
+    assert_eq!(sense_of(&r), (5, 0x24, 0));
+    assert_eq!(&r.sense[15..18], &[0xC0, 0, 10]);
+}
+
+#[test]
+fn cold_reset_restores_default_mode_and_raises_reset_attention() {
+    let (mut d, _) = device(true);
+    let cur = mode_sense6_control(&mut d, N1);
+    let mut list = vec![0, 0, 0, 0];
+    list.extend(&cur[4..]);
+    list[6] |= 0x04;
+    let len = list.len() as u8;
+    assert_eq!(
+        cmd(&mut d, N1, &[0x15, 0x10, 0, 0, len, 0], Some(list)).status,
+        ScsiStatus::Good
+    );
+    d.target_reset(N2, true);
+    let r = cmd(&mut d, N1, &[0; 6], None);
+    assert_eq!(&r.sense[..4], &[0x70, 0, 6, 0]);
+    assert_eq!((r.sense[12], r.sense[13]), (0x29, 0));
+    assert_eq!(mode_sense6_control(&mut d, N1)[6] & 0x04, 0);
+}
+
+#[test]
+fn data_phase_in_the_wrong_direction_is_refused() {
+    let (mut d, _) = device(true);
+    // task() marks commands with Data-Out as WRITE: a READ with Data-Out fails.
+    let r = cmd(&mut d, N1, &rw10(0x28, 0, 1), Some(vec![0; 4096]));
+    assert_eq!(sense_of(&r), (5, 0x0E, 0x03));
+    // A WRITE announced as READ with a length fails too; without a length it is harmless.
+    let mut t = task(N1, 0, &rw10(0x2A, 0, 1), None);
+    t.expected_len = 512;
+    assert_eq!(sense_of(&run(&mut d, t)), (5, 0x0E, 0x03));
+    let mut t = task(N1, 0, &rw10(0x2A, 0, 1), None);
+    t.direction = DataDirection::None;
+    assert_eq!(run(&mut d, t).status, ScsiStatus::Good);
+}
+
+#[test]
+fn thick_lun_refuses_unmap_requests() {
+    let (mut d, _) = device(false);
+    let r = cmd(&mut d, N1, &ws10(0, 1, true), Some(vec![0; 512]));
+    assert_eq!(sense_of(&r), (5, 0x24, 0));
+    let r = cmd(&mut d, N1, &ws10(0, 1, false), Some(vec![7; 512]));
+    assert_eq!(r.status, ScsiStatus::Good);
+    let r = cmd(
+        &mut d,
+        N1,
+        &[0x42, 0, 0, 0, 0, 0, 0, 0, 8, 0],
+        Some(vec![0; 8]),
+    );
+    assert_eq!(sense_of(&r), (5, 0x20, 0));
+    let mut c = vec![0x9E, 0x10];
+    c.resize(16, 0);
+    c[13] = 32;
+    assert_eq!(data(&cmd(&mut d, N1, &c, None))[14], 0);
+}
+
+#[test]
+fn request_sense_formats_and_mode_sense10() {
+    let (mut d, _) = device(true);
+    d.lun_reset(0, N1);
+    let r = cmd(&mut d, N1, &[0x03, 1, 0, 0, 252, 0], None);
+    assert_eq!(data(&r), &[0x72, 6, 0x29, 0x03, 0, 0, 0, 0]);
+    let r = cmd(&mut d, N1, &[0x03, 0, 0, 0, 4, 0], None);
+    assert_eq!(data(&r), &[0x70, 0, 0, 0]);
+    let r = cmd(
+        &mut d,
+        N1,
+        &[0x5A, 0x10, 0x3F, 0, 0, 0, 0, 0x01, 0, 0],
+        None,
+    );
+    let v = data(&r);
+    assert_eq!(usize::from(u16::from_be_bytes([v[0], v[1]])), v.len() - 2);
+    assert_eq!((v[3], v[4], v[7]), (0x10, 0x01, 16));
+    assert_eq!(&v[8..16], &BLOCKS.to_be_bytes());
+    let r = cmd(&mut d, N1, &[0x5A, 0x08, 0x08, 0, 0, 0, 0, 0, 12, 0], None);
+    assert_eq!(data(&r).len(), 12);
+    assert_eq!(&data(&r)[8..12], &[0x08, 18, 0x04, 0]);
+}
+
+#[test]
+fn read_defect_data_reports_empty_lists() {
+    let (mut d, _) = device(true);
+    let r = cmd(&mut d, N1, &[0x37, 0, 0x18 | 5, 0, 0, 0, 0, 0, 32, 0], None);
+    assert_eq!(data(&r), &[0, 0x1D, 0, 0]);
+    let r = cmd(
+        &mut d,
+        N1,
+        &[0xB7, 0x08, 0, 0, 0, 0, 0, 0, 0, 4, 0, 0],
+        None,
+    );
+    assert_eq!(data(&r), &[0, 0x08, 0, 0]);
 }

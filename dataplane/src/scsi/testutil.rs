@@ -16,6 +16,8 @@ pub struct MockBdev {
     mapped: Vec<bool>,
     thin: bool,
     queued: Vec<BdevCompletion>,
+    /// Requests accepted between polls before QueueFull is returned.
+    pub queue_limit: Option<usize>,
     pub log: Arc<Mutex<Log>>,
 }
 
@@ -28,6 +30,7 @@ impl MockBdev {
             mapped: vec![false; blocks as usize],
             thin,
             queued: Vec::new(),
+            queue_limit: None,
             log: log.clone(),
         };
         (m, log)
@@ -100,6 +103,9 @@ impl BlockDevice for MockBdev {
         self.thin
     }
     fn submit(&mut self, mut io: BdevIo) -> Result<(), (BdevError, BdevIo)> {
+        if self.queue_limit.is_some_and(|l| self.queued.len() >= l) {
+            return Err((BdevError::QueueFull, io));
+        }
         self.log.lock().unwrap().ops.push(io.op.clone());
         // Executed at submit but reported on the next poll, like a real asynchronous device.
         let result = self.exec(&mut io);
