@@ -132,7 +132,8 @@ fn deep_queue(queue_depth: u32) {
     let iops = iops_average(&perf.stdout).unwrap_or_else(|| panic!("no iops average:\n{perf}"));
     assert!(iops > 0, "{perf}");
     assert!(
-        perf.stdout.contains("performing RANDOM READ with 512 parallel requests"),
+        perf.stdout
+            .contains("performing RANDOM READ with 512 parallel requests"),
         "{perf}"
     );
     assert!(perf.stdout.contains("finished."), "{perf}");

@@ -231,7 +231,11 @@ fn sendtargets_answer_spans_many_text_pdus() {
         assert_eq!(get_u32(&rsp.bhs, 24), exp_statsn, "PDU {n}: StatSN");
         exp_statsn = exp_statsn.wrapping_add(1);
         let (fin, cont) = (rsp.bhs[1] & 0x80 != 0, rsp.bhs[1] & 0x40 != 0);
-        assert!(fin != cont, "PDU {n}: exactly one of F and C, flags {:#x}", rsp.bhs[1]);
+        assert!(
+            fin != cont,
+            "PDU {n}: exactly one of F and C, flags {:#x}",
+            rsp.bhs[1]
+        );
         assert!(rsp.data.len() <= MRDSL, "PDU {n}: {} bytes", rsp.data.len());
         sizes.push(rsp.data.len());
         answer.extend_from_slice(&rsp.data);
@@ -259,7 +263,9 @@ fn sendtargets_answer_spans_many_text_pdus() {
         match k.as_str() {
             "TargetName" => current = Some(v),
             "TargetAddress" => got.push((
-                current.clone().expect("TargetAddress before any TargetName"),
+                current
+                    .clone()
+                    .expect("TargetAddress before any TargetName"),
                 v,
             )),
             other => panic!("unexpected key {other}={v}"),

@@ -124,14 +124,16 @@ fn discovery_and_login_over_ipv6() {
     );
     out.assert_success();
     assert!(
-        out.stdout.lines().any(|l| l.trim_end() == "Total size:8388608"),
+        out.stdout
+            .lines()
+            .any(|l| l.trim_end() == "Total size:8388608"),
         "{out}"
     );
 
     // The target saw an IPv6 peer.
     let log = t.log_contents();
     assert!(
-        log.contains(&format!("logged in from [::1]:")),
+        log.contains("logged in from [::1]:"),
         "no login from [::1] in the log:\n{log}"
     );
     t.assert_running();

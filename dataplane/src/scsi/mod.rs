@@ -259,13 +259,12 @@ impl Device {
                 return;
             }
         };
-        // A data phase in the direction the CDB does not transfer is a malformed command
-        // (e.g. a READ sent with Data-Out); an empty one is harmless (residual only).
-        let wrong_direction = match task.direction {
-            DataDirection::Write => cmd.has_data_in() && task.expected_len > 0,
-            DataDirection::Read => cmd.has_data_out() && task.expected_len > 0,
-            _ => false,
-        };
+        // A command that needs Data-Out announced as a read cannot get its data: refuse it.
+        // The opposite (a READ flagged as a write, with Data-Out attached) is executed as
+        // the read it is; the iSCSI layer reports the residual. libiscsi 1.19's
+        // iSCSIResiduals.Read10Invalid expects GOOD for that case.
+        let wrong_direction =
+            task.direction == DataDirection::Read && cmd.has_data_out() && task.expected_len > 0;
         if wrong_direction {
             let r = lun.check(tag, Sense::illegal(asc::INVALID_FIELD_IN_COMMAND_IU), 0);
             self.done.push_back(r);
