@@ -449,24 +449,6 @@ impl Command {
         matches!(opcode, 0x12 | 0xA0 | 0x03)
     }
 
-    /// True when the command moves data to the initiator.
-    pub fn has_data_in(&self) -> bool {
-        matches!(
-            self,
-            Command::Read { .. }
-                | Command::Inquiry { .. }
-                | Command::ModeSense { .. }
-                | Command::RequestSense { .. }
-                | Command::ReadCapacity10 { .. }
-                | Command::ReadCapacity16 { .. }
-                | Command::GetLbaStatus { .. }
-                | Command::ReportLuns { .. }
-                | Command::ReportOpcodes { .. }
-                | Command::PrIn { .. }
-                | Command::ReadDefectData { .. }
-        )
-    }
-
     /// True when the command takes Data-Out from the initiator.
     pub fn has_data_out(&self) -> bool {
         match self {

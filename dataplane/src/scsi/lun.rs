@@ -448,6 +448,12 @@ impl Lun {
                 let mut v = vec![0u8; 32];
                 v[0..8].copy_from_slice(&self.capacity().saturating_sub(1).to_be_bytes());
                 v[8..12].copy_from_slice(&self.block_size().to_be_bytes());
+                // Logical blocks per physical block exponent: 512-byte LUNs advertise 4 KiB
+                // physical blocks so initiators align their I/O the way the hugepage,
+                // O_DIRECT and NVMe paths underneath prefer.
+                if self.block_size() < 4096 {
+                    v[13] = (4096 / self.block_size()).trailing_zeros() as u8;
+                }
                 if self.thin() {
                     v[14] = 0x80 | 0x40; // LBPME, LBPRZ
                 }
