@@ -238,6 +238,12 @@ pub static OPS: &[OpInfo] = &[
         [0x93, 0xF9, F, F, F, F, F, F, F, F, F, F, F, F, 0x3F, CTL]
     ),
     op!(
+        "WRITE ATOMIC(16)",
+        0x9C,
+        None,
+        [0x9C, 0xFA, F, F, F, F, F, F, F, F, F, F, F, F, 0x3F, CTL]
+    ),
+    op!(
         "READ CAPACITY(16)",
         0x9E,
         Some(0x10),
@@ -652,6 +658,20 @@ pub fn decode(cdb: &[u8]) -> Result<Command, Sense> {
             protect(c[1])?;
             let (lba, blocks) = lba_len(c, opcode);
             Command::Write { lba, blocks, fua }
+        }
+        0x9C => {
+            protect(c[1])?;
+            // We advertise a maximum atomic boundary size of 0: boundaries are refused.
+            if be32(&c[10..12]) != 0 {
+                return Err(Sense::invalid_cdb(10, None));
+            }
+            // Every write holds the LUN's range lock while it runs, so a write of up to the
+            // maximum transfer length is already atomic with respect to other commands.
+            Command::Write {
+                lba: be(&c[2..10]),
+                blocks: be32(&c[12..14]),
+                fua,
+            }
         }
         0x2E | 0xAE | 0x8E => {
             protect(c[1])?;

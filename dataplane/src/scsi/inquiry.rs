@@ -144,6 +144,9 @@ fn block_limits(facts: &LunFacts) -> Vec<u8> {
         b[24..28].copy_from_slice(&1u32.to_be_bytes()); // optimal unmap granularity
     }
     b[32..40].copy_from_slice(&u64::from(l.max_write_same_blocks).to_be_bytes());
+    // WRITE ATOMIC(16): up to the maximum transfer length, no alignment or granularity
+    // constraints, no atomic boundaries.
+    b[40..44].copy_from_slice(&l.max_transfer_blocks.to_be_bytes());
     page(0xB0, &b)
 }
 

@@ -58,6 +58,10 @@ fn map_bdev_error(e: &BdevError, writing: bool) -> Sense {
 
 /// Where the transfer length sits in a block command's CDB (for field pointers).
 fn length_field(cdb: &[u8]) -> usize {
+    // WRITE ATOMIC(16) keeps its ATOMIC BOUNDARY where other 16-byte CDBs have the length.
+    if cdb.first() == Some(&0x9C) {
+        return 12;
+    }
     match cdb.first().map(|op| op >> 5) {
         Some(0) => 4,
         Some(5) => 6,
@@ -448,12 +452,9 @@ impl Lun {
                 let mut v = vec![0u8; 32];
                 v[0..8].copy_from_slice(&self.capacity().saturating_sub(1).to_be_bytes());
                 v[8..12].copy_from_slice(&self.block_size().to_be_bytes());
-                // Logical blocks per physical block exponent: 512-byte LUNs advertise 4 KiB
-                // physical blocks so initiators align their I/O the way the hugepage,
-                // O_DIRECT and NVMe paths underneath prefer.
-                if self.block_size() < 4096 {
-                    v[13] = (4096 / self.block_size()).trailing_zeros() as u8;
-                }
+                // LOGICAL BLOCKS PER PHYSICAL BLOCK EXPONENT stays 0: reporting 4 KiB physical
+                // blocks on 512-byte LUNs makes libiscsi's GetLBAStatus.UnmapSingle expect
+                // descriptors aligned to physical blocks, which SBC-3 does not ask for.
                 if self.thin() {
                     v[14] = 0x80 | 0x40; // LBPME, LBPRZ
                 }

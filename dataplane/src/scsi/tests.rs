@@ -210,7 +210,7 @@ fn read_capacity() {
     let v = data(&r);
     assert_eq!(v.len(), 32);
     assert_eq!(&v[0..8], &1023u64.to_be_bytes());
-    assert_eq!(v[13], 3, "8 logical blocks per 4 KiB physical block");
+    assert_eq!(v[13], 0, "one logical block per physical block");
     assert_eq!(v[14], 0xC0);
     c[13] = 12;
     assert_eq!(data(&cmd(&mut d, N1, &c, None)).len(), 12);
@@ -818,4 +818,25 @@ fn random_cdbs_never_panic_and_always_answer() {
         }
     }
     assert_eq!(d.in_flight(), 0);
+}
+
+#[test]
+fn write_atomic16_writes_and_refuses_boundaries() {
+    let (mut d, _) = device(true);
+    let mut c = vec![0x9C, 0x08];
+    c.extend_from_slice(&5u64.to_be_bytes());
+    c.extend_from_slice(&[0, 0, 0, 2, 0, 0]);
+    let r = cmd(&mut d, N1, &c, Some(vec![0x5A; 1024]));
+    assert_eq!(r.status, ScsiStatus::Good);
+    assert_eq!(read(&mut d, 5, 2), vec![0x5A; 1024]);
+    // A non-zero ATOMIC BOUNDARY: we advertise a maximum boundary size of 0.
+    c[11] = 1;
+    let r = cmd(&mut d, N1, &c, Some(vec![0; 1024]));
+    assert_eq!(sense_of(&r), (5, 0x24, 0));
+    assert_eq!(&r.sense[15..18], &[0xC0, 0, 10], "field pointer at byte 10");
+    // Beyond the end of the medium.
+    c[11] = 0;
+    c[2..10].copy_from_slice(&(BLOCKS - 1).to_be_bytes());
+    let r = cmd(&mut d, N1, &c, Some(vec![0; 1024]));
+    assert_eq!(sense_of(&r), (5, 0x21, 0));
 }
