@@ -88,6 +88,13 @@ fn randwrite_4k_verify_crc32c_4_jobs() {
     run_fio("rw4k", 4, 64 * MIB, &["--rw=randwrite", "--bs=4k"]);
 }
 
+/// Queue depth 16 at the target: fio's libiscsi engine is synchronous, so 16 jobs (16
+/// sessions, one command each in flight at any time) keep 16 commands outstanding.
+#[test]
+fn randrw_4k_verify_crc32c_16_sessions() {
+    run_fio("qd16", 16, 16 * MIB, &["--rw=randwrite", "--bs=4k"]);
+}
+
 #[test]
 fn randwrite_mixed_bs_up_to_128k_verify() {
     run_fio(
