@@ -1,8 +1,10 @@
 //! Data integrity through a real initiator: fio's libiscsi engine writes with
 //! crc32c verify headers, then reads everything back and checks it.
 //!
-//! Note: fio's libiscsi engine is flagged FIO_SYNCIO, so fio caps iodepth at 1
-//! per job; concurrency comes from numjobs (one iSCSI session per job).
+//! fio prints "queue depth will be capped at 1" for its libiscsi engine (the engine is
+//! flagged FIO_SYNCIO), but the engine queues asynchronously and the depth is real: fio's
+//! own "IO depths" histogram reaches the configured depth, and 4k random reads at
+//! iodepth=32 run over ten times faster than at iodepth=1.
 
 use e2e::{artifacts_dir, fio_bin, parse_fio_terse, run_with_timeout, Target, DEFAULT_LUN_BYTES};
 use std::fs;
@@ -43,6 +45,7 @@ fn run_fio(name: &str, numjobs: u64, per_job_bytes: u64, extra: &[&str]) {
             "--verify_dump=0",
             "--randrepeat=0",
             "--runtime=240",
+            "--iodepth=16",
             "--output-format=terse",
             "--terse-version=3",
         ])
@@ -88,11 +91,10 @@ fn randwrite_4k_verify_crc32c_4_jobs() {
     run_fio("rw4k", 4, 64 * MIB, &["--rw=randwrite", "--bs=4k"]);
 }
 
-/// Queue depth 16 at the target: fio's libiscsi engine is synchronous, so 16 jobs (16
-/// sessions, one command each in flight at any time) keep 16 commands outstanding.
+/// Sixteen sessions at once, each with 16 commands in flight.
 #[test]
-fn randrw_4k_verify_crc32c_16_sessions() {
-    run_fio("qd16", 16, 16 * MIB, &["--rw=randwrite", "--bs=4k"]);
+fn randwrite_4k_verify_crc32c_16_sessions() {
+    run_fio("sessions16", 16, 16 * MIB, &["--rw=randwrite", "--bs=4k"]);
 }
 
 #[test]
