@@ -1,57 +1,161 @@
 //! I/O buffers shared by the network, SCSI and block-device layers.
 //!
-//! Today an [`IoBuf`] is a heap buffer; hugepage regions and per-reactor pools arrive with the
-//! per-core issue behind the same type, so callers never learn where the bytes live.
+//! An [`IoBuf`] is a block of memory aligned to [`IO_ALIGN`] (so O_DIRECT and NVMe can use it
+//! as is) that moves by value through the layers: a bdev read fills the buffer it was handed
+//! and gives it back in the completion, the connection sends Data-In straight from it, and a
+//! WRITE's Data-Out is read from the socket straight into it. Data is never copied between the
+//! storage and network layers.
+
+use std::alloc::{self, Layout};
+use std::fmt;
+use std::ptr::NonNull;
+
+/// Alignment of every I/O buffer: the largest logical block size we serve, which also
+/// satisfies O_DIRECT on 512e and 4Kn devices.
+pub const IO_ALIGN: usize = 4096;
 
 /// A buffer that carries one I/O's data between the network and the block device.
 ///
-/// Its length is the number of valid bytes. Buffers move by value through the layers (a bdev
-/// read fills the buffer it was handed and gives it back in the completion), so data is never
-/// copied between storage and network.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
+/// Its length is the number of valid bytes; its capacity never changes after allocation.
 pub struct IoBuf {
-    data: Vec<u8>,
+    ptr: NonNull<u8>,
+    cap: usize,
+    len: usize,
 }
 
+// SAFETY: an IoBuf owns its allocation exclusively (like a Box<[u8]>): moving it to another
+// thread moves that ownership, and shared references only allow reads.
+unsafe impl Send for IoBuf {}
+// SAFETY: &IoBuf only hands out &[u8]; there is no interior mutability.
+unsafe impl Sync for IoBuf {}
+
 impl IoBuf {
-    /// A zero-filled buffer of `len` bytes.
+    /// A zero-filled, [`IO_ALIGN`]-aligned buffer of `len` bytes.
     pub fn zeroed(len: usize) -> Self {
-        IoBuf { data: vec![0; len] }
+        if len == 0 {
+            return IoBuf {
+                ptr: NonNull::dangling(),
+                cap: 0,
+                len: 0,
+            };
+        }
+        let layout = Layout::from_size_align(len, IO_ALIGN).expect("I/O buffer size overflows");
+        // SAFETY: the layout has a non-zero size.
+        let raw = unsafe { alloc::alloc_zeroed(layout) };
+        let Some(ptr) = NonNull::new(raw) else {
+            alloc::handle_alloc_error(layout)
+        };
+        IoBuf { ptr, cap: len, len }
     }
 
-    /// Wraps bytes that already exist (emulated command responses, tests).
+    /// Copies bytes that already exist (emulated command responses, tests) into a buffer.
     pub fn from_vec(data: Vec<u8>) -> Self {
-        IoBuf { data }
+        Self::from_slice(&data)
+    }
+
+    /// Copies `data` into a new buffer.
+    pub fn from_slice(data: &[u8]) -> Self {
+        let mut b = Self::zeroed(data.len());
+        b.as_mut_slice().copy_from_slice(data);
+        b
     }
 
     pub fn len(&self) -> usize {
-        self.data.len()
+        self.len
     }
 
     pub fn is_empty(&self) -> bool {
-        self.data.is_empty()
+        self.len == 0
+    }
+
+    /// Bytes the buffer can hold.
+    pub fn capacity(&self) -> usize {
+        self.cap
     }
 
     pub fn as_slice(&self) -> &[u8] {
-        &self.data
+        if self.cap == 0 {
+            return &[];
+        }
+        // SAFETY: ptr is valid for cap >= len initialised (zeroed at allocation) bytes, and
+        // we own it; the returned borrow ties it to &self.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
     }
 
     pub fn as_mut_slice(&mut self) -> &mut [u8] {
-        &mut self.data
+        if self.cap == 0 {
+            return &mut [];
+        }
+        // SAFETY: as in as_slice, and &mut self guarantees exclusivity.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    }
+
+    /// The start of the buffer, for handing to the kernel (io_uring, O_DIRECT).
+    pub fn as_ptr(&self) -> *const u8 {
+        self.ptr.as_ptr()
     }
 
     /// Shortens the valid length; never grows it.
     pub fn truncate(&mut self, len: usize) {
-        self.data.truncate(len);
+        self.len = self.len.min(len);
     }
 
-    /// Grows or shrinks the buffer to `len` bytes, zero-filling new bytes.
+    /// Grows (up to the capacity, zero-filling) or shrinks the valid length; grows beyond
+    /// the capacity by reallocating.
     pub fn resize(&mut self, len: usize) {
-        self.data.resize(len, 0);
+        if len <= self.cap {
+            if len > self.len {
+                // SAFETY: [len..new len) lies within the allocation.
+                unsafe {
+                    std::ptr::write_bytes(self.ptr.as_ptr().add(self.len), 0, len - self.len)
+                };
+            }
+            self.len = len;
+        } else {
+            let mut bigger = IoBuf::zeroed(len);
+            bigger.as_mut_slice()[..self.len].copy_from_slice(self.as_slice());
+            *self = bigger;
+        }
     }
 
     pub fn into_vec(self) -> Vec<u8> {
-        self.data
+        self.as_slice().to_vec()
+    }
+}
+
+impl Drop for IoBuf {
+    fn drop(&mut self) {
+        if self.cap != 0 {
+            let layout = Layout::from_size_align(self.cap, IO_ALIGN).expect("valid at alloc");
+            // SAFETY: allocated in zeroed() with exactly this layout.
+            unsafe { alloc::dealloc(self.ptr.as_ptr(), layout) };
+        }
+    }
+}
+
+impl Default for IoBuf {
+    fn default() -> Self {
+        IoBuf::zeroed(0)
+    }
+}
+
+impl Clone for IoBuf {
+    fn clone(&self) -> Self {
+        IoBuf::from_slice(self.as_slice())
+    }
+}
+
+impl PartialEq for IoBuf {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_slice() == other.as_slice()
+    }
+}
+
+impl Eq for IoBuf {}
+
+impl fmt::Debug for IoBuf {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "IoBuf({} bytes)", self.len)
     }
 }
 
@@ -67,5 +171,30 @@ mod tests {
         assert_eq!(b.as_slice(), &[7, 0, 0]);
         b.truncate(10);
         assert_eq!(b.len(), 3);
+    }
+
+    #[test]
+    fn aligned_for_direct_io() {
+        for len in [1usize, 512, 4096, 100_000] {
+            let b = IoBuf::zeroed(len);
+            assert_eq!(b.as_ptr() as usize % IO_ALIGN, 0);
+            assert!(b.as_slice().iter().all(|&x| x == 0));
+        }
+        assert!(IoBuf::zeroed(0).is_empty());
+        assert_eq!(IoBuf::from_vec(vec![1, 2, 3]).as_slice(), &[1, 2, 3]);
+    }
+
+    #[test]
+    fn resize_within_and_beyond_capacity() {
+        let mut b = IoBuf::from_slice(&[9; 16]);
+        b.truncate(4);
+        b.resize(8);
+        assert_eq!(b.as_slice(), &[9, 9, 9, 9, 0, 0, 0, 0]);
+        b.resize(32);
+        assert_eq!(b.len(), 32);
+        assert_eq!(&b.as_slice()[..4], &[9; 4]);
+        assert!(b.as_slice()[4..].iter().all(|&x| x == 0));
+        let c = b.clone();
+        assert_eq!(c, b);
     }
 }
