@@ -69,7 +69,7 @@ print_summary() {
             echo "${failing}"
         fi
         # Compliance (iscsi-test-cu) one-liner, printed by tests/tests/compliance.rs.
-        grep -E '^iscsi-test-cu: [0-9]+ tests' "${LOG_DIR}/cargo-test.log" | sed 's/^/  /' || true
+        grep -E '^iscsi-test-cu \([a-z0-9-]+\): [0-9]+ tests' "${LOG_DIR}/cargo-test.log" | sed 's/^/  /' || true
     fi
     echo "  total time: $((SECONDS - suite_start))s"
     if [[ ${overall} -eq 0 ]]; then

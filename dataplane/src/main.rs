@@ -1,17 +1,19 @@
 //! `iscsi-tgt`: the iSCSI target dataplane.
 
-use dataplane::reactor::Reactor;
-use dataplane::tgt::{config, live::Targets};
+use dataplane::reactor::Dataplane;
+use dataplane::tgt::config;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 const USAGE: &str = "\
-usage: iscsi-tgt [--config FILE] [--listen ADDR:PORT] [--log-level LEVEL]
+usage: iscsi-tgt [--config FILE] [--listen ADDR:PORT] [--cpumask MASK] [--log-level LEVEL]
 
   --config FILE       TOML configuration (see README: Configuration). Without it the target
                       serves iqn.2026-11.io.iscsi-tgt:default, a 1 GiB RAM LUN, on 127.0.0.1:3260.
   --listen ADDR:PORT  replace the portals of the first portal group with this address
+  --cpumask MASK      CPUs to run reactors on, one pinned thread per bit (e.g. 0x3);
+                      overrides the configuration's [global] cpumask (default 0x1)
   --log-level LEVEL   error, warn, info (default), debug or trace
   --check             validate the configuration and exit
   --version           print the version and exit
@@ -20,6 +22,7 @@ usage: iscsi-tgt [--config FILE] [--listen ADDR:PORT] [--log-level LEVEL]
 struct Args {
     config: Option<PathBuf>,
     listen: Option<String>,
+    cpumask: Option<String>,
     log_level: Option<String>,
     check: bool,
 }
@@ -28,6 +31,7 @@ fn parse_args() -> Result<Args, String> {
     let mut args = Args {
         config: None,
         listen: None,
+        cpumask: None,
         log_level: None,
         check: false,
     };
@@ -38,6 +42,7 @@ fn parse_args() -> Result<Args, String> {
             "-c" | "--config" => args.config = Some(PathBuf::from(value("--config")?)),
             "-l" | "--listen" => args.listen = Some(value("--listen")?),
             "--log-level" => args.log_level = Some(value("--log-level")?),
+            "-m" | "--cpumask" => args.cpumask = Some(value("--cpumask")?),
             "--check" => args.check = true,
             "-h" | "--help" => {
                 print!("{USAGE}");
@@ -99,17 +104,23 @@ fn run() -> Result<(), String> {
     let level = dataplane::logger::parse_level(&level_name)
         .ok_or_else(|| format!("unknown log level {level_name:?}"))?;
     dataplane::logger::init(level);
+    if let Some(m) = &args.cpumask {
+        cfg.global.cpumask = config::parse_cpumask(m)
+            .filter(|&m| m != 0)
+            .ok_or_else(|| format!("--cpumask {m}: expected a non-zero mask such as 0x3"))?;
+    }
     if args.check {
+        dataplane::reactor::cpus_of_mask(cfg.global.cpumask).map_err(|e| e.to_string())?;
         println!("configuration is valid");
         return Ok(());
     }
-    let targets = Targets::build(cfg).map_err(|e| e.to_string())?;
-    for t in &targets.targets {
-        log::info!("target {} with LUNs {:?}", t.node.name, t.device.luns());
+    for t in &cfg.targets {
+        let luns: Vec<u64> = t.luns.iter().map(|l| l.lun).collect();
+        log::info!("target {} with LUNs {:?}", t.name, luns);
     }
-    let mut reactor = Reactor::new(targets).map_err(|e| e.to_string())?;
     install_signal_handlers();
-    reactor.run(&STOP).map_err(|e| e.to_string())?;
+    let dp = Dataplane::start(cfg, &STOP).map_err(|e| e.to_string())?;
+    dp.join().map_err(|e| e.to_string())?;
     log::info!("stopped");
     Ok(())
 }

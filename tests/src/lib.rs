@@ -267,13 +267,22 @@ impl Target {
         if let Some(t) = Self::external() {
             return t;
         }
-        Self::spawn_with_retries(name, None)
+        Self::spawn_with_retries(name, None, &[])
+    }
+
+    /// Start `iscsi-tgt` with its built-in default config plus extra command-line
+    /// arguments (e.g. `["--cpumask", "0x3"]`).
+    pub fn start_with_args(name: &str, args: &[&str]) -> Target {
+        if let Some(t) = Self::external() {
+            return t;
+        }
+        Self::spawn_with_retries(name, None, args)
     }
 
     /// Start `iscsi-tgt --config <dir>/config.toml` (plus `--listen` on a free
     /// port). `iqn`/`lun` say which LUN the test talks to.
     pub fn start_with_config(name: &str, toml: &str, iqn: &str, lun: u32) -> Target {
-        let mut t = Self::spawn_with_retries(name, Some(toml));
+        let mut t = Self::spawn_with_retries(name, Some(toml), &[]);
         t.iqn = iqn.to_string();
         t.lun = lun;
         t
@@ -301,12 +310,12 @@ impl Target {
         })
     }
 
-    fn spawn_with_retries(name: &str, toml: Option<&str>) -> Target {
+    fn spawn_with_retries(name: &str, toml: Option<&str>, args: &[&str]) -> Target {
         let mut last_err = String::new();
         // A port picked by free_port() can be grabbed by someone else before
         // the target binds it; retry a few times with fresh ports.
         for _ in 0..3 {
-            match Self::spawn_once(name, toml) {
+            match Self::spawn_once(name, toml, args) {
                 Ok(t) => return t,
                 Err(e) => last_err = e,
             }
@@ -314,7 +323,7 @@ impl Target {
         panic!("iscsi-tgt did not start:\n{last_err}");
     }
 
-    fn spawn_once(name: &str, toml: Option<&str>) -> Result<Target, String> {
+    fn spawn_once(name: &str, toml: Option<&str>, args: &[&str]) -> Result<Target, String> {
         let bin = target_bin();
         let port = free_port();
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
@@ -335,6 +344,7 @@ impl Target {
             .arg(addr.to_string())
             .arg("--log-level")
             .arg(std::env::var("E2E_LOG_LEVEL").unwrap_or_else(|_| "info".into()))
+            .args(args)
             .current_dir(&dir)
             .stdin(Stdio::null())
             .stdout(Stdio::from(log_file))

@@ -6,8 +6,10 @@
 //! * the run must be complete: the parsed results must cover exactly the tests
 //!   `iscsi-test-cu -l` lists for the ALL family.
 //!
-//! Full output: target/e2e/iscsi-test-cu.log; really passing tests (candidates
-//! for the claimed list): target/e2e/iscsi-test-cu-passing.txt.
+//! It runs twice: on one reactor (the default) and on two (`--cpumask 0x3`).
+//!
+//! Full output: target/e2e/<label>-iscsi-test-cu.log; really passing tests (candidates
+//! for the claimed list): target/e2e/<label>-iscsi-test-cu-passing.txt.
 
 use e2e::{
     artifacts_dir, parse_claimed, parse_iscsi_test_cu, run_with_timeout, workspace_root, Target,
@@ -51,6 +53,22 @@ fn listed_tests() -> BTreeSet<String> {
 
 #[test]
 fn iscsi_test_cu_all() {
+    run_suite("compliance", &[]);
+}
+
+/// The same suite with two reactors: the connections of the run spread over both, and the
+/// device lives on one of them, so commands cross between reactors.
+#[test]
+fn iscsi_test_cu_all_two_reactors() {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if cpus < 2 {
+        eprintln!("skipped: this machine has {cpus} CPU");
+        return;
+    }
+    run_suite("compliance-2r", &["--cpumask", "0x3"]);
+}
+
+fn run_suite(label: &str, args: &[&str]) {
     let claimed_path = workspace_root().join("tests/claimed-tests.txt");
     let claimed = parse_claimed(
         &fs::read_to_string(&claimed_path)
@@ -59,14 +77,14 @@ fn iscsi_test_cu_all() {
     .unwrap_or_else(|e| panic!("{e}"));
     let listed = listed_tests();
 
-    let mut t = Target::start("compliance");
+    let mut t = Target::start_with_args(label, args);
     let out = run_with_timeout(
         Command::new("iscsi-test-cu")
             .args(["-d", "-t", FAMILY])
             .arg(t.lun_url()),
         cu_timeout(),
     );
-    let log = artifacts_dir().join("iscsi-test-cu.log");
+    let log = artifacts_dir().join(format!("{label}-iscsi-test-cu.log"));
     fs::write(&log, format!("{out}\n")).expect("write iscsi-test-cu.log");
     eprintln!(
         "iscsi-test-cu took {:.1?}; full output in {}",
@@ -99,7 +117,7 @@ fn iscsi_test_cu_all() {
 
     let passing: Vec<&str> = report.really_passed().map(|t| t.name.as_str()).collect();
     fs::write(
-        artifacts_dir().join("iscsi-test-cu-passing.txt"),
+        artifacts_dir().join(format!("{label}-iscsi-test-cu-passing.txt")),
         passing.iter().map(|n| format!("{n}\n")).collect::<String>(),
     )
     .expect("write iscsi-test-cu-passing.txt");
@@ -143,7 +161,7 @@ fn iscsi_test_cu_all() {
         .collect();
 
     eprintln!(
-        "iscsi-test-cu: {} tests, {} passed ({} of them skipped), {} failed; {} claimed",
+        "iscsi-test-cu ({label}): {} tests, {} passed ({} of them skipped), {} failed; {} claimed",
         report.summary.ran,
         report.summary.passed.unwrap_or(0),
         skipped.len(),

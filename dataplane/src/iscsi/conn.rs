@@ -25,7 +25,7 @@ use crate::scsi::{DataDirection, NexusId, ScsiResponse, ScsiStatus, ScsiTask};
 use std::collections::{HashMap, VecDeque};
 use std::io::IoSlice;
 use std::net::SocketAddr;
-use std::rc::Rc;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Largest write we gather into one buffer (Expected Data Transfer Length).
@@ -64,7 +64,7 @@ enum OutData {
     None,
     Owned(Vec<u8>),
     /// A slice of a shared buffer (Data-In straight from the device's read buffer).
-    Shared(Rc<IoBuf>, usize, usize),
+    Shared(Arc<IoBuf>, usize, usize),
 }
 
 impl OutData {
@@ -328,6 +328,24 @@ impl Connection {
     /// Tasks this connection holds (received and not yet answered).
     pub fn active_tasks(&self) -> usize {
         self.tasks.len()
+    }
+
+    /// True when nothing is in progress: logged in, no command, no PDU half received, nothing
+    /// to send, no TMF or text exchange pending. Only such a connection may be parked.
+    pub fn is_idle(&self) -> bool {
+        matches!(self.phase, Phase::FullFeature)
+            && self.close.is_none()
+            && self.tasks.is_empty()
+            && self.deferred.is_empty()
+            && self.pending_tmfs.is_empty()
+            && self.text_cont.is_none()
+            && self.out.is_empty()
+            && matches!(self.rx_stage, RxStage::Header { got: 0 })
+    }
+
+    /// When the connection last received bytes.
+    pub fn last_rx(&self) -> Instant {
+        self.last_rx
     }
 
     /// Set when the socket should be closed now (after a final flush attempt).
@@ -1144,7 +1162,7 @@ impl Connection {
         let send_len = data_len.min(edtl);
         let has_sense = !resp.sense.is_empty();
         if send_len > 0 && task.cmd.read {
-            let buf = Rc::new(resp.data_in.expect("data_in present when data_len > 0"));
+            let buf = Arc::new(resp.data_in.expect("data_in present when data_len > 0"));
             let seg = self.cp.initiator_mrdsl.max(512);
             let burst = self.sp.max_burst_length.max(512);
             let mut offset = 0u32;

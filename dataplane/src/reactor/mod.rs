@@ -1,30 +1,282 @@
-//! The reactor: one thread that owns listeners, connections and targets and drives them to
-//! completion. It polls while there is work (commands in a device, bytes left unread) and
-//! sleeps in epoll when everything is idle, so an idle target burns no CPU.
+//! Reactors: one pinned thread per CPU of the core mask, each driving to completion the
+//! connections it owns and the SCSI devices homed on it.
 //!
-//! One reactor today; per-core reactors with connection placement arrive with the per-core
-//! issue, each owning its connections exactly like this one.
+//! - Placement: reactor 0 accepts on every portal and gives each new connection to the
+//!   least-loaded reactor (connections owned plus commands in flight).
+//! - Devices: each target's device lives on one reactor (its home); a command from a
+//!   connection on another reactor travels there and back over bounded crossbeam channels.
+//!   No lock is taken on the I/O path.
+//! - Sleep: a reactor polls while it has work (commands in a device, unread bytes, queued
+//!   messages) and otherwise sleeps in epoll, so an idle target burns no CPU.
+//! - Parking: a connection idle for `idle_park_ms` leaves its reactor for the parking lot
+//!   ([`park`]) and comes back, when it speaks again, to whichever reactor is least loaded.
+//!
+//! Sessions have one connection each (MaxConnections settles at 1), so CmdSN ordering is a
+//! per-connection matter and never spans reactors.
+
+mod env;
+pub mod park;
+pub mod shared;
 
 use crate::iscsi::conn::{CloseReason, Connection, Keepalive};
 use crate::net::tcp;
-use crate::scsi::ScsiResponse;
-use crate::tgt::live::Targets;
+use crate::scsi::Device;
+use crate::tgt::live::{build_devices, BuildError, Model};
+use crate::tgt::Config;
+use env::ReactorEnv;
 use mio::net::{TcpListener, TcpStream};
-use mio::{Events, Interest, Poll, Token};
+use mio::{Events, Interest, Poll, Token, Waker};
+use shared::{Mailbox, Moving, Msg, ParkMsg, Shared, INBOX_CAPACITY};
 use std::collections::HashMap;
+use std::fmt;
 use std::io::{self, IoSlice};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 /// Bytes read from one connection before the reactor turns to others (fairness).
 const READ_BUDGET: usize = 4 * 1024 * 1024;
 /// Most iovecs handed to one writev.
 const MAX_IOV: usize = 64;
-/// How often keepalive timers are checked.
-const TICK: Duration = Duration::from_millis(500);
+/// How often keepalive timers and parking are checked.
+const TICK: Duration = Duration::from_millis(100);
 /// Longest sleep in epoll when idle (also bounds how late a shutdown request is seen).
 const IDLE_WAIT: Duration = Duration::from_millis(100);
+/// Listener tokens are below this; the waker has its own; connections start above.
+const WAKER_TOKEN: Token = Token(1 << 20);
+const FIRST_CONN_TOKEN: usize = (1 << 20) + 1;
+
+/// Errors starting the dataplane.
+#[derive(Debug)]
+pub enum StartError {
+    Build(BuildError),
+    Io(String),
+    Cpu(String),
+}
+
+impl fmt::Display for StartError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StartError::Build(e) => write!(f, "{e}"),
+            StartError::Io(e) => write!(f, "{e}"),
+            StartError::Cpu(e) => write!(f, "cpumask: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for StartError {}
+
+/// The CPUs a mask names, checked against the CPUs this process may run on.
+pub fn cpus_of_mask(mask: u64) -> Result<Vec<usize>, StartError> {
+    let allowed = allowed_cpus();
+    let mut cpus = Vec::new();
+    for cpu in 0..64 {
+        if mask & (1u64 << cpu) != 0 {
+            if !allowed.contains(&cpu) {
+                return Err(StartError::Cpu(format!(
+                    "CPU {cpu} is not available (this process may use CPUs {allowed:?})"
+                )));
+            }
+            cpus.push(cpu);
+        }
+    }
+    if cpus.is_empty() {
+        return Err(StartError::Cpu("the mask selects no CPU".into()));
+    }
+    Ok(cpus)
+}
+
+fn allowed_cpus() -> Vec<usize> {
+    // SAFETY: cpu_set_t is plain data; sched_getaffinity writes at most its size.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
+            return (0..64).collect();
+        }
+        (0..64).filter(|&c| libc::CPU_ISSET(c, &set)).collect()
+    }
+}
+
+fn pin_to(cpu: usize) {
+    // SAFETY: as above; sched_setaffinity(0, ..) affects only the calling thread.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+            log::warn!(
+                "cannot pin reactor to CPU {cpu}: {}",
+                io::Error::last_os_error()
+            );
+        }
+    }
+}
+
+/// The running dataplane: its reactor threads and the parking lot.
+pub struct Dataplane {
+    threads: Vec<JoinHandle<io::Result<()>>>,
+    addrs: Vec<SocketAddr>,
+    shared: Arc<Shared>,
+}
+
+impl Dataplane {
+    /// Builds the devices, binds the portals and starts one reactor per CPU of the mask.
+    pub fn start(config: Config, stop: &'static AtomicBool) -> Result<Dataplane, StartError> {
+        let cpus = cpus_of_mask(config.global.cpumask)?;
+        let devices = build_devices(&config).map_err(StartError::Build)?;
+        let n = cpus.len();
+
+        let mut polls = Vec::new();
+        let mut mailboxes = Vec::new();
+        let mut inboxes = Vec::new();
+        for _ in 0..n {
+            let poll = Poll::new().map_err(|e| StartError::Io(e.to_string()))?;
+            let waker = Arc::new(
+                Waker::new(poll.registry(), WAKER_TOKEN)
+                    .map_err(|e| StartError::Io(e.to_string()))?,
+            );
+            let (tx, rx) = crossbeam_channel::bounded(INBOX_CAPACITY);
+            mailboxes.push(Mailbox {
+                tx,
+                waker,
+                load: AtomicUsize::new(0),
+                sleeping: AtomicBool::new(false),
+            });
+            inboxes.push(rx);
+            polls.push(poll);
+        }
+        let park_poll = Poll::new().map_err(|e| StartError::Io(e.to_string()))?;
+        let park_waker = Arc::new(
+            Waker::new(park_poll.registry(), park::WAKER_TOKEN)
+                .map_err(|e| StartError::Io(e.to_string()))?,
+        );
+        let (park_tx, park_rx) = crossbeam_channel::bounded(INBOX_CAPACITY);
+
+        // Listeners belong to reactor 0.
+        let mut portals = Vec::new();
+        for pg in &config.portal_groups {
+            for addr in &pg.portals {
+                let mut listener = tcp::listen(*addr)
+                    .map_err(|e| StartError::Io(format!("cannot listen on {addr}: {e}")))?;
+                let token = Token(portals.len());
+                polls[0]
+                    .registry()
+                    .register(&mut listener, token, Interest::READABLE)
+                    .map_err(|e| StartError::Io(e.to_string()))?;
+                let bound = listener
+                    .local_addr()
+                    .map_err(|e| StartError::Io(e.to_string()))?;
+                log::info!("listening on {} (portal group {})", bound, pg.tag);
+                portals.push(Portal {
+                    listener,
+                    pg_tag: pg.tag,
+                    addr: bound,
+                });
+            }
+        }
+        let addrs = portals.iter().map(|p| p.addr).collect();
+
+        let g = &config.global;
+        let keepalive = Keepalive {
+            interval: (g.nop_in_interval_s > 0)
+                .then(|| Duration::from_secs(u64::from(g.nop_in_interval_s))),
+            timeout: Duration::from_secs(u64::from(g.nop_in_timeout_s.max(1))),
+        };
+        let park_after =
+            (g.idle_park_ms > 0).then(|| Duration::from_millis(u64::from(g.idle_park_ms)));
+        let shared = Arc::new(Shared::new(
+            Model::new(config),
+            mailboxes,
+            park_tx,
+            park_waker,
+            stop,
+        ));
+
+        // Hand each device to its home reactor.
+        let mut homed: Vec<HashMap<usize, Device>> = (0..n).map(|_| HashMap::new()).collect();
+        for (t, d) in devices.into_iter().enumerate() {
+            homed[shared.home_of(t)].insert(t, d);
+        }
+
+        let mut threads = Vec::new();
+        let lot = park::ParkingLot::new(park_poll, park_rx, shared.clone());
+        threads.push(
+            std::thread::Builder::new()
+                .name("parking-lot".into())
+                .spawn(move || lot.run())
+                .map_err(|e| StartError::Io(e.to_string()))?,
+        );
+        let mut portals = Some(portals);
+        for (i, ((poll, rx), devs)) in polls.into_iter().zip(inboxes).zip(homed).enumerate() {
+            let cpu = cpus[i];
+            let shared = shared.clone();
+            let my_portals = if i == 0 {
+                portals.take().unwrap_or_default()
+            } else {
+                Vec::new()
+            };
+            let handle = std::thread::Builder::new()
+                .name(format!("reactor-{i}"))
+                .spawn(move || {
+                    pin_to(cpu);
+                    log::info!("reactor {i} on CPU {cpu} with {} device(s)", devs.len());
+                    let env = ReactorEnv::new(i, shared, devs);
+                    let mut r = Reactor {
+                        poll,
+                        rx,
+                        portals: my_portals,
+                        conns: HashMap::new(),
+                        uid_to_token: HashMap::new(),
+                        env,
+                        next_token: FIRST_CONN_TOKEN,
+                        keepalive,
+                        park_after,
+                    };
+                    r.run()
+                })
+                .map_err(|e| StartError::Io(e.to_string()))?;
+            threads.push(handle);
+        }
+        Ok(Dataplane {
+            threads,
+            addrs,
+            shared,
+        })
+    }
+
+    /// Addresses actually bound (useful with port 0).
+    pub fn local_addrs(&self) -> &[SocketAddr] {
+        &self.addrs
+    }
+
+    /// Connections parked so far, and woken from the parking lot so far.
+    pub fn park_stats(&self) -> (u64, u64) {
+        (
+            self.shared.parked_total.load(Ordering::Relaxed),
+            self.shared.woken_total.load(Ordering::Relaxed),
+        )
+    }
+
+    /// Waits for every thread to finish (after the stop flag is set).
+    pub fn join(self) -> io::Result<()> {
+        let shared = self.shared.clone();
+        let mut result = Ok(());
+        for t in self.threads {
+            match t.join() {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => result = Err(e),
+                Err(_) => result = Err(io::Error::other("a reactor thread panicked")),
+            }
+        }
+        log::info!(
+            "idle connections: {} parked, {} woken",
+            shared.parked_total.load(Ordering::Relaxed),
+            shared.woken_total.load(Ordering::Relaxed)
+        );
+        result
+    }
+}
 
 struct Portal {
     listener: TcpListener,
@@ -40,76 +292,48 @@ struct Entry {
     writable_interest: bool,
 }
 
-/// A single-threaded event loop serving a set of targets.
-pub struct Reactor {
+struct Reactor {
     poll: Poll,
+    rx: crossbeam_channel::Receiver<Msg>,
     portals: Vec<Portal>,
     conns: HashMap<Token, Entry>,
     uid_to_token: HashMap<u64, Token>,
-    targets: Targets,
+    env: ReactorEnv,
     next_token: usize,
-    next_uid: u64,
     keepalive: Keepalive,
-    responses: Vec<ScsiResponse>,
+    park_after: Option<Duration>,
 }
 
-/// Listener tokens come first; connection tokens start here.
-const FIRST_CONN_TOKEN: usize = 1 << 20;
-
 impl Reactor {
-    /// Binds every portal of the configuration.
-    pub fn new(targets: Targets) -> io::Result<Self> {
-        let poll = Poll::new()?;
-        let mut portals = Vec::new();
-        for pg in &targets.config().portal_groups {
-            for addr in &pg.portals {
-                let mut listener = tcp::listen(*addr).map_err(|e| {
-                    io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}"))
-                })?;
-                let token = Token(portals.len());
-                poll.registry()
-                    .register(&mut listener, token, Interest::READABLE)?;
-                let bound = listener.local_addr()?;
-                log::info!("listening on {} (portal group {})", bound, pg.tag);
-                portals.push(Portal {
-                    listener,
-                    pg_tag: pg.tag,
-                    addr: bound,
-                });
-            }
-        }
-        let g = &targets.config().global;
-        let keepalive = Keepalive {
-            interval: (g.nop_in_interval_s > 0)
-                .then(|| Duration::from_secs(u64::from(g.nop_in_interval_s))),
-            timeout: Duration::from_secs(u64::from(g.nop_in_timeout_s.max(1))),
-        };
-        Ok(Reactor {
-            poll,
-            portals,
-            conns: HashMap::new(),
-            uid_to_token: HashMap::new(),
-            targets,
-            next_token: FIRST_CONN_TOKEN,
-            next_uid: 1,
-            keepalive,
-            responses: Vec::new(),
-        })
+    fn mailbox(&self) -> &Mailbox {
+        &self.env.shared.mailboxes[self.env.me]
     }
 
-    /// Addresses actually bound (useful with port 0).
-    pub fn local_addrs(&self) -> Vec<SocketAddr> {
-        self.portals.iter().map(|p| p.addr).collect()
-    }
-
-    /// Runs until `stop` is set, then closes every session and flushes the devices.
-    pub fn run(&mut self, stop: &AtomicBool) -> io::Result<()> {
+    fn run(&mut self) -> io::Result<()> {
         let mut events = Events::with_capacity(1024);
         let mut last_tick = Instant::now();
+        let stop = self.env.shared.stop;
+        let mut outbox_left = false;
         while !stop.load(Ordering::Relaxed) {
-            let busy = self.targets.in_flight() > 0 || self.conns.values().any(|e| e.read_pending);
-            let timeout = if busy { Duration::ZERO } else { IDLE_WAIT };
-            match self.poll.poll(&mut events, Some(timeout)) {
+            let busy = outbox_left
+                || self.env.local_in_flight() > 0
+                || !self.env.responses.is_empty()
+                || self.conns.values().any(|e| e.read_pending);
+            let timeout = if busy {
+                Duration::ZERO
+            } else {
+                // Announce the sleep, then look at the inbox once more: a sender that saw
+                // `sleeping` false has already queued its message where we now find it.
+                self.mailbox().sleeping.store(true, Ordering::SeqCst);
+                if self.rx.is_empty() {
+                    IDLE_WAIT
+                } else {
+                    Duration::ZERO
+                }
+            };
+            let polled = self.poll.poll(&mut events, Some(timeout));
+            self.mailbox().sleeping.store(false, Ordering::SeqCst);
+            match polled {
                 Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(e),
@@ -117,6 +341,9 @@ impl Reactor {
             let now = Instant::now();
             for ev in events.iter() {
                 let token = ev.token();
+                if token == WAKER_TOKEN {
+                    continue;
+                }
                 if token.0 < FIRST_CONN_TOKEN {
                     self.accept(token.0, now);
                 } else {
@@ -130,7 +357,7 @@ impl Reactor {
                     }
                 }
             }
-            // Connections whose read budget ran out continue without a new event.
+            self.drain_inbox(now);
             let pending: Vec<Token> = self
                 .conns
                 .iter()
@@ -146,16 +373,71 @@ impl Reactor {
                 for e in self.conns.values_mut() {
                     e.conn.on_tick(now);
                 }
+                self.park_idle(now);
             }
             self.flush_and_reap();
+            outbox_left = self.env.flush_outbox();
+            let load = self.conns.len() + self.env.local_in_flight();
+            self.mailbox().load.store(load, Ordering::Relaxed);
         }
         self.shutdown();
         Ok(())
     }
 
+    fn drain_inbox(&mut self, now: Instant) {
+        while let Ok(msg) = self.rx.try_recv() {
+            match msg {
+                Msg::Accepted {
+                    stream,
+                    peer,
+                    local,
+                    pg_tag,
+                } => {
+                    let uid = self.env.shared.new_uid();
+                    let conn = Connection::new(uid, peer, local, pg_tag, self.keepalive, now);
+                    self.adopt(stream, conn);
+                }
+                Msg::Adopt(m) => {
+                    let m = *m;
+                    self.adopt(m.stream, m.conn);
+                }
+                other => self.env.device_msg(other),
+            }
+        }
+    }
+
+    fn adopt(&mut self, mut stream: TcpStream, conn: Connection) {
+        let token = Token(self.next_token);
+        self.next_token += 1;
+        if let Err(e) = self
+            .poll
+            .registry()
+            .register(&mut stream, token, Interest::READABLE)
+        {
+            log::warn!("conn {}: cannot register: {e}", conn.uid());
+            return;
+        }
+        log::debug!(
+            "conn {}: on reactor {} ({} connections)",
+            conn.uid(),
+            self.env.me,
+            self.conns.len() + 1
+        );
+        self.uid_to_token.insert(conn.uid(), token);
+        self.conns.insert(
+            token,
+            Entry {
+                stream,
+                conn,
+                read_pending: true,
+                writable_interest: false,
+            },
+        );
+    }
+
     fn accept(&mut self, portal: usize, now: Instant) {
         loop {
-            let (mut stream, peer) = match self.portals[portal].listener.accept() {
+            let (stream, peer) = match self.portals[portal].listener.accept() {
                 Ok(x) => x,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -169,37 +451,28 @@ impl Reactor {
                 log::warn!("cannot configure connection from {peer}: {e}");
             }
             let local = stream.local_addr().unwrap_or(self.portals[portal].addr);
-            let token = Token(self.next_token);
-            self.next_token += 1;
-            if let Err(e) = self
-                .poll
-                .registry()
-                .register(&mut stream, token, Interest::READABLE)
-            {
-                log::warn!("cannot register connection from {peer}: {e}");
-                continue;
+            let pg_tag = self.portals[portal].pg_tag;
+            let to = self.env.shared.least_loaded();
+            // Count it now so a burst of accepts spreads over the reactors.
+            self.env.shared.mailboxes[to]
+                .load
+                .fetch_add(1, Ordering::Relaxed);
+            log::debug!("accepted {peer} on {local} for reactor {to}");
+            if to == self.env.me {
+                let uid = self.env.shared.new_uid();
+                let conn = Connection::new(uid, peer, local, pg_tag, self.keepalive, now);
+                self.adopt(stream, conn);
+            } else {
+                self.env.send(
+                    to,
+                    Msg::Accepted {
+                        stream,
+                        peer,
+                        local,
+                        pg_tag,
+                    },
+                );
             }
-            let uid = self.next_uid;
-            self.next_uid += 1;
-            let conn = Connection::new(
-                uid,
-                peer,
-                local,
-                self.portals[portal].pg_tag,
-                self.keepalive,
-                now,
-            );
-            log::debug!("conn {uid}: accepted from {peer} on {local}");
-            self.uid_to_token.insert(uid, token);
-            self.conns.insert(
-                token,
-                Entry {
-                    stream,
-                    conn,
-                    read_pending: true,
-                    writable_interest: false,
-                },
-            );
         }
     }
 
@@ -226,7 +499,7 @@ impl Reactor {
                 }
                 Ok(Some(n)) => {
                     budget -= n;
-                    e.conn.rx_filled(n, &mut self.targets, now);
+                    e.conn.rx_filled(n, &mut self.env, now);
                 }
                 Ok(None) => break,
                 Err(err) => {
@@ -239,9 +512,8 @@ impl Reactor {
     }
 
     fn complete_scsi(&mut self) {
-        self.responses.clear();
-        self.targets.poll_devices(&mut self.responses);
-        for r in self.responses.drain(..) {
+        self.env.poll_devices();
+        for r in std::mem::take(&mut self.env.responses) {
             let uid = r.tag >> 32;
             if let Some(token) = self.uid_to_token.get(&uid) {
                 if let Some(e) = self.conns.get_mut(token) {
@@ -251,8 +523,49 @@ impl Reactor {
         }
     }
 
+    /// Sends connections that have been idle long enough to the parking lot.
+    fn park_idle(&mut self, now: Instant) {
+        let Some(after) = self.park_after else {
+            return;
+        };
+        let idle: Vec<Token> = self
+            .conns
+            .iter()
+            .filter(|(_, e)| {
+                e.conn.is_idle() && !e.read_pending && now.duration_since(e.conn.last_rx()) >= after
+            })
+            .map(|(t, _)| *t)
+            .collect();
+        for t in idle {
+            let Some(mut e) = self.conns.remove(&t) else {
+                continue;
+            };
+            self.uid_to_token.remove(&e.conn.uid());
+            let _ = self.poll.registry().deregister(&mut e.stream);
+            log::debug!("conn {}: parked by reactor {}", e.conn.uid(), self.env.me);
+            self.env.shared.parked_total.fetch_add(1, Ordering::Relaxed);
+            let moving = Box::new(Moving {
+                stream: e.stream,
+                conn: e.conn,
+            });
+            match self.env.shared.park_tx.try_send(ParkMsg::Park(moving)) {
+                Ok(()) => {
+                    let _ = self.env.shared.park_waker.wake();
+                }
+                Err(err) => {
+                    // The parking lot is full: keep serving the connection here.
+                    let ParkMsg::Park(m) = err.into_inner() else {
+                        continue;
+                    };
+                    let m = *m;
+                    self.adopt(m.stream, m.conn);
+                }
+            }
+        }
+    }
+
     fn flush_and_reap(&mut self) {
-        for uid in std::mem::take(&mut self.targets.to_close) {
+        for uid in std::mem::take(&mut self.env.close_local) {
             if let Some(token) = self.uid_to_token.get(&uid) {
                 if let Some(e) = self.conns.get_mut(token) {
                     log::info!("conn {uid}: session reinstated by a new login");
@@ -296,26 +609,31 @@ impl Reactor {
                         .unwrap_or(CloseReason::PeerClosed)
                 );
                 let _ = self.poll.registry().deregister(&mut e.stream);
-                e.conn.teardown(&mut self.targets);
+                e.conn.teardown(&mut self.env);
                 self.uid_to_token.remove(&e.conn.uid());
             }
         }
     }
 
     fn shutdown(&mut self) {
-        log::info!("shutting down: closing {} connections", self.conns.len());
-        // Let commands already in the devices finish so acknowledged writes are durable.
+        log::info!(
+            "reactor {}: shutting down: closing {} connections",
+            self.env.me,
+            self.conns.len()
+        );
+        // Let commands already in the local devices finish so acknowledged writes are
+        // durable.
         let deadline = Instant::now() + Duration::from_secs(5);
-        while self.targets.in_flight() > 0 && Instant::now() < deadline {
+        while self.env.local_in_flight() > 0 && Instant::now() < deadline {
             self.complete_scsi();
             std::thread::sleep(Duration::from_millis(1));
         }
         self.complete_scsi();
         for (_, mut e) in self.conns.drain() {
             let _ = flush(&mut e);
-            e.conn.teardown(&mut self.targets);
+            e.conn.teardown(&mut self.env);
         }
-        self.targets.flush_all();
+        self.env.flush_devices();
     }
 }
 
@@ -339,59 +657,4 @@ fn flush(e: &mut Entry) -> io::Result<()> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::tgt::config;
-    use std::io::{Read, Write};
-    use std::sync::Arc;
-
-    fn login_pdu(keys: &str) -> Vec<u8> {
-        let mut h = [0u8; 48];
-        h[0] = 0x43;
-        h[1] = 0x87; // T, CSG=1, NSG=3
-        h[8..14].copy_from_slice(&[0x80, 0, 0, 0, 0, 9]);
-        let data = keys.replace(';', "\0");
-        let len = (data.len() as u32).to_be_bytes();
-        h[5..8].copy_from_slice(&len[1..]);
-        let mut v = h.to_vec();
-        v.extend_from_slice(data.as_bytes());
-        v.resize(v.len().div_ceil(4) * 4, 0);
-        v
-    }
-
-    #[test]
-    fn serves_a_login_over_real_sockets_and_stops_on_request() {
-        let stop = Arc::new(AtomicBool::new(false));
-        let (tx, rx) = std::sync::mpsc::channel();
-        let stop2 = stop.clone();
-        let handle = std::thread::spawn(move || {
-            let cfg = config::default_config(Some("127.0.0.1:0"));
-            let targets = Targets::build(cfg).unwrap();
-            let mut r = Reactor::new(targets).unwrap();
-            tx.send(r.local_addrs()[0]).unwrap();
-            r.run(&stop2).unwrap();
-        });
-        let addr = rx.recv().unwrap();
-        let mut s = std::net::TcpStream::connect(addr).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        let pdu = login_pdu(
-            "InitiatorName=iqn.2026-11.test:i;TargetName=iqn.2026-11.io.iscsi-tgt:default;",
-        );
-        // Byte by byte: the framing must cope with any split.
-        for b in &pdu {
-            s.write_all(std::slice::from_ref(b)).unwrap();
-        }
-        let mut hdr = [0u8; 48];
-        s.read_exact(&mut hdr).unwrap();
-        assert_eq!(hdr[0], 0x23, "login response");
-        assert_eq!((hdr[36], hdr[37]), (0, 0), "success");
-        assert_eq!(hdr[1], 0x87);
-        assert_ne!(u16::from_be_bytes([hdr[14], hdr[15]]), 0, "TSIH assigned");
-        stop.store(true, Ordering::Relaxed);
-        handle.join().unwrap();
-        // The reactor closed the session on its way out.
-        let mut rest = Vec::new();
-        let n = s.read_to_end(&mut rest).unwrap_or(0);
-        assert!(n < 1 << 20);
-    }
-}
+mod tests;

@@ -16,6 +16,8 @@
 //! nop_in_interval = 30              # seconds between NOP-In pings, 0 disables (0..=3600)
 //! nop_in_timeout = 30               # seconds to wait for the answer (1..=3600)
 //! max_sessions = 1024               # 1..=65535
+//! cpumask = "0x1"                   # CPUs for the reactors, one pinned thread per bit
+//! idle_park_ms = 1000               # park a connection idle this long (0: never)
 //! # negotiation defaults the target offers (RFC 7143 ranges):
 //! max_recv_data_segment_length = 262144   # 512..=16777215
 //! max_burst_length = 1048576        # 512..=16777215
@@ -364,6 +366,8 @@ struct RawGlobal {
     default_time2retain: Option<S<i64>>,
     error_recovery_level: Option<S<i64>>,
     max_connections: Option<S<i64>>,
+    cpumask: Option<S<toml::Value>>,
+    idle_park_ms: Option<S<i64>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -780,6 +784,33 @@ impl Cx<'_> {
                 65535,
                 d.max_sessions,
             )?,
+            cpumask: match &g.cpumask {
+                None => d.cpumask,
+                Some(v) => {
+                    let mask = match v.get_ref() {
+                        toml::Value::String(s) => parse_cpumask(s),
+                        toml::Value::Integer(n) => u64::try_from(*n).ok(),
+                        _ => None,
+                    };
+                    match mask {
+                        Some(m) if m != 0 => m,
+                        _ => {
+                            return Err(self.at(
+                                v,
+                                "global.cpumask",
+                                "expected a non-zero CPU mask such as \"0x3\" or 3",
+                            ))
+                        }
+                    }
+                }
+            },
+            idle_park_ms: self.u32_or(
+                &g.idle_park_ms,
+                "global.idle_park_ms",
+                0,
+                3_600_000,
+                d.idle_park_ms,
+            )?,
         })
     }
 
@@ -1092,6 +1123,15 @@ impl Cx<'_> {
     }
 }
 
+/// Parses a CPU mask: hexadecimal with `0x` (`"0x3"`) or decimal (`"3"`).
+pub fn parse_cpumask(s: &str) -> Option<u64> {
+    let t = s.trim();
+    match t.strip_prefix("0x").or_else(|| t.strip_prefix("0X")) {
+        Some(hex) => u64::from_str_radix(hex, 16).ok(),
+        None => t.parse().ok(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1200,6 +1240,8 @@ mappings = [ { portal_group = 1, initiator_group = 1 } ]
                 error_recovery_level: 0,
                 max_connections: 1,
                 max_sessions: 1024,
+                cpumask: 0x1,
+                idle_park_ms: 1000,
             },
             portal_groups: vec![PortalGroup {
                 tag: 1,

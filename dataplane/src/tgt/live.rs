@@ -1,13 +1,12 @@
-//! The live object model a reactor serves: target nodes with their SCSI devices, portal and
-//! initiator groups, and the session registry. It is the [`TargetEnv`] the protocol core
-//! talks to.
+//! The live object model: what every reactor shares about targets, portal groups and
+//! initiator groups ([`Model`], immutable once built), the session registry ([`Registry`]),
+//! and the SCSI devices built from the configuration ([`build_devices`]), each of which is
+//! then owned by one reactor.
 
 use super::{BdevConfig, BdevKind, Config, InitiatorGroup, Netmask, TargetNode};
 use crate::bdev::{file::FileBdev, malloc::MallocBdev, null::NullBdev, BlockDevice};
-use crate::iscsi::{
-    DiscoveryEntry, LoginStatus, Registered, SessionKey, TargetEnv, TargetId, TargetInfo,
-};
-use crate::scsi::{Device, LunIdentity, NexusId, ScsiResponse, ScsiTask};
+use crate::iscsi::{DiscoveryEntry, LoginStatus, Registered, SessionKey, TargetId, TargetInfo};
+use crate::scsi::{Device, LunIdentity};
 use std::collections::HashMap;
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
@@ -38,27 +37,6 @@ impl fmt::Display for BuildError {
 }
 
 impl std::error::Error for BuildError {}
-
-/// A target node being served.
-pub struct LiveTarget {
-    pub node: TargetNode,
-    pub device: Device,
-}
-
-struct SessionEntry {
-    key: SessionKey,
-    conn_uid: u64,
-}
-
-/// Targets, groups and sessions of one dataplane.
-pub struct Targets {
-    config: Config,
-    pub targets: Vec<LiveTarget>,
-    sessions: HashMap<u16, SessionEntry>,
-    next_tsih: u16,
-    /// Connections to close because their session was reinstated.
-    pub to_close: Vec<u64>,
-}
 
 /// Opens the block device a configuration entry describes.
 pub fn open_bdev(cfg: &BdevConfig) -> Result<Box<dyn BlockDevice>, BuildError> {
@@ -160,73 +138,58 @@ pub fn group_allows(group: &InitiatorGroup, initiator: &str, peer: IpAddr) -> bo
     named && group.netmasks.iter().any(|m| in_netmask(m, peer))
 }
 
-impl Targets {
-    /// Opens every bdev and builds every target's device.
-    pub fn build(config: Config) -> Result<Self, BuildError> {
-        let mut bdevs: HashMap<String, Box<dyn BlockDevice>> = HashMap::new();
-        for b in &config.bdevs {
-            bdevs.insert(b.name.clone(), open_bdev(b)?);
-        }
-        let mut targets = Vec::new();
-        for node in &config.targets {
-            let mut device = Device::new();
-            let pg_tag = node.mappings.first().map_or(1, |m| m.portal_group);
-            for l in &node.luns {
-                let bdev = bdevs.remove(&l.bdev).ok_or_else(|| BuildError::Lun {
+/// Builds one SCSI device per target node (index = [`TargetId`]), opening every bdev.
+pub fn build_devices(config: &Config) -> Result<Vec<Device>, BuildError> {
+    let mut bdevs: HashMap<String, Box<dyn BlockDevice>> = HashMap::new();
+    for b in &config.bdevs {
+        bdevs.insert(b.name.clone(), open_bdev(b)?);
+    }
+    let mut devices = Vec::new();
+    for node in &config.targets {
+        let mut device = Device::new();
+        let pg_tag = node.mappings.first().map_or(1, |m| m.portal_group);
+        for l in &node.luns {
+            let bdev = bdevs.remove(&l.bdev).ok_or_else(|| BuildError::Lun {
+                target: node.name.clone(),
+                lun: l.lun,
+                error: format!("bdev {} is missing or already used", l.bdev),
+            })?;
+            let ident = lun_identity(node, l.lun, &l.bdev, pg_tag);
+            device
+                .add_lun(l.lun, bdev, ident)
+                .map_err(|error| BuildError::Lun {
                     target: node.name.clone(),
                     lun: l.lun,
-                    error: format!("bdev {} is missing or already used", l.bdev),
+                    error,
                 })?;
-                let ident = lun_identity(node, l.lun, &l.bdev, pg_tag);
-                device
-                    .add_lun(l.lun, bdev, ident)
-                    .map_err(|error| BuildError::Lun {
-                        target: node.name.clone(),
-                        lun: l.lun,
-                        error,
-                    })?;
-            }
-            targets.push(LiveTarget {
-                node: node.clone(),
-                device,
-            });
         }
-        Ok(Targets {
-            config,
-            targets,
-            sessions: HashMap::new(),
-            next_tsih: 1,
-            to_close: Vec::new(),
-        })
+        devices.push(device);
+    }
+    Ok(devices)
+}
+
+/// What every reactor needs to know about targets and access rules. Immutable once built,
+/// so reactors share it without locks.
+#[derive(Debug, Clone)]
+pub struct Model {
+    config: Config,
+}
+
+impl Model {
+    pub fn new(config: Config) -> Self {
+        Model { config }
     }
 
     pub fn config(&self) -> &Config {
         &self.config
     }
 
-    /// Polls every device; returns responses in `out`.
-    pub fn poll_devices(&mut self, out: &mut Vec<ScsiResponse>) -> usize {
-        let mut n = 0;
-        for t in &mut self.targets {
-            n += t.device.poll(out);
-        }
-        n
+    pub fn global(&self) -> &super::Global {
+        &self.config.global
     }
 
-    /// Commands in flight in any device.
-    pub fn in_flight(&self) -> usize {
-        self.targets.iter().map(|t| t.device.in_flight()).sum()
-    }
-
-    /// Flushes every device (shutdown).
-    pub fn flush_all(&mut self) {
-        for t in &mut self.targets {
-            t.device.flush_all();
-        }
-    }
-
-    pub fn session_count(&self) -> usize {
-        self.sessions.len()
+    pub fn target_count(&self) -> usize {
+        self.config.targets.len()
     }
 
     fn may_access(
@@ -272,74 +235,100 @@ impl Targets {
         }
         out
     }
-}
 
-impl TargetEnv for Targets {
-    fn global(&self) -> &super::Global {
-        &self.config.global
-    }
-
-    fn login_target(
+    /// Finds the target an initiator asks for through portal group `pg_tag`.
+    pub fn login_target(
         &self,
         name: &str,
         initiator: &str,
         peer: SocketAddr,
         pg_tag: u16,
     ) -> Result<TargetInfo, LoginStatus> {
-        let (id, t) = self
+        let (id, node) = self
+            .config
             .targets
             .iter()
             .enumerate()
-            .find(|(_, t)| t.node.name.eq_ignore_ascii_case(name))
+            .find(|(_, t)| t.name.eq_ignore_ascii_case(name))
             .ok_or(LoginStatus::NOT_FOUND)?;
-        if !t.node.mappings.iter().any(|m| m.portal_group == pg_tag) {
+        if !node.mappings.iter().any(|m| m.portal_group == pg_tag) {
             // Not exposed on this portal: indistinguishable from not existing.
             return Err(LoginStatus::NOT_FOUND);
         }
-        if !self.may_access(&t.node, initiator, peer.ip(), Some(pg_tag)) {
+        if !self.may_access(node, initiator, peer.ip(), Some(pg_tag)) {
             return Err(LoginStatus::AUTHORIZATION_FAILED);
         }
         Ok(TargetInfo {
             id,
-            name: t.node.name.clone(),
-            alias: t.node.alias.clone(),
-            queue_depth: t.node.queue_depth,
+            name: node.name.clone(),
+            alias: node.alias.clone(),
+            queue_depth: node.queue_depth,
         })
     }
 
-    fn discover(
+    /// SendTargets: the targets this initiator may see, with every portal of each.
+    pub fn discover(
         &self,
         initiator: &str,
         peer: SocketAddr,
         local: SocketAddr,
         only: Option<&str>,
     ) -> Vec<DiscoveryEntry> {
-        self.targets
+        self.config
+            .targets
             .iter()
-            .filter(|t| only.is_none_or(|n| t.node.name.eq_ignore_ascii_case(n)))
-            .filter(|t| self.may_access(&t.node, initiator, peer.ip(), None))
+            .filter(|t| only.is_none_or(|n| t.name.eq_ignore_ascii_case(n)))
+            .filter(|t| self.may_access(t, initiator, peer.ip(), None))
             .map(|t| DiscoveryEntry {
-                name: t.node.name.clone(),
-                addresses: self.addresses_of(&t.node, local),
+                name: t.name.clone(),
+                addresses: self.addresses_of(t, local),
             })
             .collect()
     }
 
-    fn register_session(
+    pub fn lun_exists(&self, target: TargetId, lun: u64) -> bool {
+        self.config
+            .targets
+            .get(target)
+            .is_some_and(|t| t.luns.iter().any(|l| l.lun == lun))
+    }
+}
+
+struct SessionEntry {
+    key: SessionKey,
+    conn_uid: u64,
+}
+
+/// The sessions of the whole dataplane: TSIH allocation and reinstatement by ISID.
+#[derive(Default)]
+pub struct Registry {
+    sessions: HashMap<u16, SessionEntry>,
+    next_tsih: u16,
+}
+
+impl Registry {
+    pub fn new() -> Self {
+        Registry {
+            sessions: HashMap::new(),
+            next_tsih: 1,
+        }
+    }
+
+    /// Registers a new session; an existing session with the same key is reinstated (its
+    /// connection is named in the result so the caller can close it).
+    pub fn register(
         &mut self,
         key: SessionKey,
         conn_uid: u64,
+        max_sessions: u32,
     ) -> Result<Registered, LoginStatus> {
-        if self.sessions.len() >= self.config.global.max_sessions as usize {
-            return Err(LoginStatus::OUT_OF_RESOURCES);
-        }
         let mut reinstated = None;
         if let Some((&old_tsih, old)) = self.sessions.iter().find(|(_, s)| s.key == key) {
             reinstated = Some(old.conn_uid);
             self.sessions.remove(&old_tsih);
         }
-        if let Some(uid) = reinstated {
-            self.to_close.push(uid);
+        if reinstated.is_none() && self.sessions.len() >= max_sessions as usize {
+            return Err(LoginStatus::OUT_OF_RESOURCES);
         }
         let mut tsih = self.next_tsih;
         while tsih == 0 || self.sessions.contains_key(&tsih) {
@@ -350,11 +339,12 @@ impl TargetEnv for Targets {
         Ok(Registered { tsih, reinstated })
     }
 
-    fn session_exists(&self, tsih: u16) -> bool {
+    pub fn exists(&self, tsih: u16) -> bool {
         self.sessions.contains_key(&tsih)
     }
 
-    fn unregister_session(&mut self, tsih: u16, conn_uid: u64) {
+    /// Removes a session, unless a newer connection has reinstated it meanwhile.
+    pub fn unregister(&mut self, tsih: u16, conn_uid: u64) {
         if self
             .sessions
             .get(&tsih)
@@ -364,40 +354,12 @@ impl TargetEnv for Targets {
         }
     }
 
-    fn lun_exists(&self, target: TargetId, lun: u64) -> bool {
-        self.targets
-            .get(target)
-            .is_some_and(|t| t.device.luns().contains(&lun))
+    pub fn len(&self) -> usize {
+        self.sessions.len()
     }
 
-    fn scsi_submit(&mut self, target: TargetId, task: ScsiTask) {
-        if let Some(t) = self.targets.get_mut(target) {
-            t.device.submit(task);
-        }
-    }
-
-    fn nexus_added(&mut self, target: TargetId, nexus: NexusId) {
-        if let Some(t) = self.targets.get_mut(target) {
-            t.device.nexus_added(nexus);
-        }
-    }
-
-    fn nexus_removed(&mut self, target: TargetId, nexus: NexusId) {
-        if let Some(t) = self.targets.get_mut(target) {
-            t.device.nexus_removed(nexus);
-        }
-    }
-
-    fn lun_reset(&mut self, target: TargetId, lun: u64, by: NexusId) {
-        if let Some(t) = self.targets.get_mut(target) {
-            t.device.lun_reset(lun, by);
-        }
-    }
-
-    fn target_reset(&mut self, target: TargetId, by: NexusId, cold: bool) {
-        if let Some(t) = self.targets.get_mut(target) {
-            t.device.target_reset(by, cold);
-        }
+    pub fn is_empty(&self) -> bool {
+        self.sessions.is_empty()
     }
 }
 
@@ -447,7 +409,7 @@ mod tests {
         assert!(!group_allows(&g6, "x", "fe80::5".parse().unwrap()));
     }
 
-    fn model() -> Targets {
+    fn model() -> Model {
         let cfg = crate::tgt::config::parse(
             r#"
 [[portal_group]]
@@ -484,7 +446,8 @@ mappings = [ { portal_group = 2, initiator_group = 2 } ]
             "test.toml",
         )
         .unwrap();
-        Targets::build(cfg).unwrap()
+        build_devices(&cfg).unwrap();
+        Model::new(cfg)
     }
 
     #[test]
@@ -546,29 +509,28 @@ mappings = [ { portal_group = 2, initiator_group = 2 } ]
 
     #[test]
     fn same_isid_reinstates_the_old_session() {
-        let mut t = model();
+        let mut t = Registry::new();
         let key = SessionKey {
             initiator: "iqn.i".into(),
             isid: [0x80, 0, 0, 0, 0, 1],
             target: Some(0),
         };
-        let a = t.register_session(key.clone(), 10).unwrap();
+        let a = t.register(key.clone(), 10, 16).unwrap();
         assert_eq!(a.reinstated, None);
         let other = SessionKey {
             isid: [0x80, 0, 0, 0, 0, 2],
             ..key.clone()
         };
-        let b = t.register_session(other, 11).unwrap();
+        let b = t.register(other, 11, 16).unwrap();
         assert_ne!(a.tsih, b.tsih);
-        let c = t.register_session(key, 12).unwrap();
+        let c = t.register(key, 12, 16).unwrap();
         assert_eq!(c.reinstated, Some(10));
-        assert_eq!(t.to_close, vec![10]);
-        assert!(!t.session_exists(a.tsih));
-        assert!(t.session_exists(c.tsih));
+        assert!(!t.exists(a.tsih));
+        assert!(t.exists(c.tsih));
         // The old connection's late teardown must not remove the new session.
-        t.unregister_session(c.tsih, 10);
-        assert!(t.session_exists(c.tsih));
-        assert_eq!(t.session_count(), 2);
+        t.unregister(c.tsih, 10);
+        assert!(t.exists(c.tsih));
+        assert_eq!(t.len(), 2);
     }
 
     #[test]

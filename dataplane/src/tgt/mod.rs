@@ -46,6 +46,11 @@ pub struct Global {
     pub max_connections: u32,
     /// Sessions in total the target accepts.
     pub max_sessions: u32,
+    /// CPUs to run reactors on: one pinned reactor thread per set bit.
+    pub cpumask: u64,
+    /// A connection with no command for this long is parked (0: never), and handed to the
+    /// least-loaded reactor when it speaks again.
+    pub idle_park_ms: u32,
 }
 
 impl Default for Global {
@@ -65,6 +70,8 @@ impl Default for Global {
             error_recovery_level: 0,
             max_connections: 1,
             max_sessions: 1024,
+            cpumask: 0x1,
+            idle_park_ms: 1000,
         }
     }
 }

@@ -1,0 +1,157 @@
+//! What the reactors share, and the messages they exchange.
+//!
+//! Reactors never share mutable state on the I/O path: a SCSI device belongs to one reactor
+//! (its home) and other reactors reach it with messages over bounded crossbeam channels. The
+//! only lock, around the session registry, is taken at login and logout, never per command.
+
+use crate::iscsi::conn::Connection;
+use crate::iscsi::TargetId;
+use crate::scsi::{NexusId, ScsiResponse, ScsiTask};
+use crate::tgt::live::{Model, Registry};
+use crossbeam_channel::{Receiver, Sender};
+use mio::net::TcpStream;
+use mio::Waker;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+/// Capacity of each reactor's inbox. A full inbox makes senders keep messages in their own
+/// outbox and retry, so no reactor ever blocks on another.
+pub const INBOX_CAPACITY: usize = 8192;
+
+/// A connection moving between threads (placement, parking, waking).
+pub struct Moving {
+    pub stream: TcpStream,
+    pub conn: Connection,
+}
+
+/// Messages to a reactor.
+pub enum Msg {
+    /// A freshly accepted socket to serve.
+    Accepted {
+        stream: TcpStream,
+        peer: SocketAddr,
+        local: SocketAddr,
+        pg_tag: u16,
+    },
+    /// An existing connection to take over (woken from the parking lot).
+    Adopt(Box<Moving>),
+    /// A command for a device homed on the receiving reactor; answer to `reply_to`.
+    Scsi {
+        target: TargetId,
+        task: ScsiTask,
+        reply_to: usize,
+    },
+    /// The answer to a forwarded command.
+    ScsiDone(ScsiResponse),
+    NexusAdded {
+        target: TargetId,
+        nexus: NexusId,
+    },
+    NexusRemoved {
+        target: TargetId,
+        nexus: NexusId,
+    },
+    LunReset {
+        target: TargetId,
+        lun: u64,
+        by: NexusId,
+    },
+    TargetReset {
+        target: TargetId,
+        by: NexusId,
+        cold: bool,
+    },
+    /// Close this connection (its session was reinstated by a newer login).
+    Close(u64),
+}
+
+/// Messages to the parking lot.
+pub enum ParkMsg {
+    Park(Box<Moving>),
+    Close(u64),
+}
+
+/// One reactor's mailbox as others see it.
+pub struct Mailbox {
+    pub tx: Sender<Msg>,
+    pub waker: Arc<Waker>,
+    /// Connections owned plus commands in flight: the placement metric.
+    pub load: AtomicUsize,
+    /// Set while the reactor sleeps in epoll: only then does a sender need to wake it.
+    pub sleeping: AtomicBool,
+}
+
+/// State shared by every reactor and the parking lot.
+pub struct Shared {
+    pub model: Model,
+    /// Login and logout only: the lock is never taken on the I/O path.
+    pub registry: Mutex<Registry>,
+    pub mailboxes: Vec<Mailbox>,
+    pub park_tx: Sender<ParkMsg>,
+    pub park_waker: Arc<Waker>,
+    next_uid: AtomicU64,
+    pub stop: &'static AtomicBool,
+    /// Connections parked, and connections woken from the parking lot (statistics).
+    pub parked_total: AtomicU64,
+    pub woken_total: AtomicU64,
+}
+
+impl Shared {
+    pub fn new(
+        model: Model,
+        mailboxes: Vec<Mailbox>,
+        park_tx: Sender<ParkMsg>,
+        park_waker: Arc<Waker>,
+        stop: &'static AtomicBool,
+    ) -> Self {
+        Shared {
+            model,
+            registry: Mutex::new(Registry::new()),
+            mailboxes,
+            park_tx,
+            park_waker,
+            next_uid: AtomicU64::new(1),
+            stop,
+            parked_total: AtomicU64::new(0),
+            woken_total: AtomicU64::new(0),
+        }
+    }
+
+    /// A connection id unique across reactors (also the I_T nexus id).
+    pub fn new_uid(&self) -> u64 {
+        self.next_uid.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// The reactor that owns target `t`'s device.
+    pub fn home_of(&self, t: TargetId) -> usize {
+        t % self.mailboxes.len()
+    }
+
+    /// The reactor with the least load (ties go to the lowest index).
+    pub fn least_loaded(&self) -> usize {
+        let mut best = 0;
+        let mut best_load = usize::MAX;
+        for (i, m) in self.mailboxes.iter().enumerate() {
+            let l = m.load.load(Ordering::Relaxed);
+            if l < best_load {
+                best = i;
+                best_load = l;
+            }
+        }
+        best
+    }
+
+    /// Wakes reactor `i` if it sleeps in epoll.
+    pub fn wake(&self, i: usize) {
+        let m = &self.mailboxes[i];
+        if m.sleeping.load(Ordering::SeqCst) {
+            let _ = m.waker.wake();
+        }
+    }
+}
+
+/// A reactor's own end of its mailbox.
+pub struct Inbox {
+    pub rx: Receiver<Msg>,
+}
