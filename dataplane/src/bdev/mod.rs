@@ -9,6 +9,7 @@
 pub mod file;
 pub mod malloc;
 pub mod null;
+pub mod uring;
 
 use crate::mem::IoBuf;
 use std::fmt;
