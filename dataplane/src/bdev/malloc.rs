@@ -13,6 +13,7 @@ use super::{
     byte_len, check_buffer, check_geometry, check_op_range, BdevCompletion, BdevError, BdevIo,
     BdevOp, BlockDevice, LbaState,
 };
+use crate::mem::region::{HugePages, Region};
 use std::collections::VecDeque;
 
 /// A RAM-backed, thin-provisioned block device.
@@ -21,7 +22,8 @@ pub struct MallocBdev {
     name: String,
     block_size: u32,
     num_blocks: u64,
-    data: Box<[u8]>,
+    /// The medium, in hugepages when the machine has them reserved.
+    data: Region,
     /// One bit per block: set when mapped (written), clear when deallocated.
     mapped: Bitmap,
     done: VecDeque<BdevCompletion>,
@@ -33,8 +35,10 @@ impl MallocBdev {
         let num_blocks = check_geometry(block_size, size_bytes)?;
         let len = byte_len(num_blocks, block_size)
             .ok_or_else(|| BdevError::Config(format!("size {size_bytes} too large")))?;
-        let data = zeroed_bytes(len).ok_or_else(|| {
-            BdevError::Config(format!("cannot allocate {size_bytes} bytes for {name}"))
+        let data = zeroed_region(len).map_err(|e| {
+            BdevError::Config(format!(
+                "cannot allocate {size_bytes} bytes for {name}: {e}"
+            ))
         })?;
         Ok(MallocBdev {
             name: name.to_string(),
@@ -55,7 +59,9 @@ impl MallocBdev {
         let start = byte_len(lba, self.block_size).ok_or_else(bad)?;
         let len = byte_len(blocks, self.block_size).ok_or_else(bad)?;
         let end = start.checked_add(len).ok_or_else(bad)?;
-        if end > self.data.len() {
+        // The region may be rounded up to whole hugepages: the capacity is the bound.
+        let capacity = byte_len(self.num_blocks, self.block_size).ok_or_else(bad)?;
+        if end > capacity || end > self.data.len() {
             return Err(bad());
         }
         Ok(start..end)
@@ -148,9 +154,10 @@ impl BlockDevice for MallocBdev {
         }
         let len = byte_len(num_blocks, self.block_size)
             .ok_or_else(|| BdevError::Config(format!("{num_blocks} blocks too large")))?;
-        let mut data = zeroed_bytes(len)
-            .ok_or_else(|| BdevError::Config(format!("cannot allocate {len} bytes")))?;
-        let keep = len.min(self.data.len());
+        let mut data = zeroed_region(len)
+            .map_err(|e| BdevError::Config(format!("cannot allocate {len} bytes: {e}")))?;
+        let old = byte_len(self.num_blocks, self.block_size).unwrap_or(0);
+        let keep = len.min(old).min(self.data.len());
         data[..keep].copy_from_slice(&self.data[..keep]);
         self.data = data;
         self.mapped.resize(num_blocks);
@@ -163,22 +170,10 @@ impl BlockDevice for MallocBdev {
     }
 }
 
-/// `len` zero bytes from the allocator's zeroed path (lazily backed pages for large sizes);
-/// `None` when the allocation fails.
-fn zeroed_bytes(len: usize) -> Option<Box<[u8]>> {
-    if len == 0 {
-        return Some(Box::default());
-    }
-    let layout = std::alloc::Layout::array::<u8>(len).ok()?;
-    // SAFETY: the layout has a non-zero size (len > 0), as `alloc_zeroed` requires.
-    let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
-    if ptr.is_null() {
-        return None;
-    }
-    // SAFETY: `ptr` comes from the global allocator with the layout of `[u8; len]`, all `len`
-    // bytes are initialised (zero), and ownership passes to the box, which frees it with the
-    // same layout.
-    Some(unsafe { Box::from_raw(std::ptr::slice_from_raw_parts_mut(ptr, len)) })
+/// `len` zero bytes of medium: hugepages when reserved (faulted in now, so I/O never waits
+/// for a fault), otherwise ordinary pages backed lazily on first write.
+fn zeroed_region(len: usize) -> std::io::Result<Region> {
+    Region::new(len, HugePages::Prefer, true).or_else(|_| Region::new(len, HugePages::Never, false))
 }
 
 /// A fixed-size bit set, one bit per block.

@@ -839,7 +839,7 @@ impl Connection {
     fn create_task(&mut self, cmd: ScsiCommand) {
         let lun = pdu::decode_lun(cmd.lun);
         let buf = if cmd.write && cmd.edtl > 0 {
-            Some(IoBuf::zeroed(cmd.edtl as usize))
+            Some(IoBuf::for_io(cmd.edtl as usize))
         } else {
             None
         };

@@ -5,10 +5,17 @@
 //! and gives it back in the completion, the connection sends Data-In straight from it, and a
 //! WRITE's Data-Out is read from the socket straight into it. Data is never copied between the
 //! storage and network layers.
+//!
+//! Buffers come from the reactor's hugepage [`pool`] when it has a slot that fits, from the
+//! heap otherwise; [`region`] maps the memory (also the malloc bdev's).
+
+pub mod pool;
+pub mod region;
 
 use std::alloc::{self, Layout};
 use std::fmt;
 use std::ptr::NonNull;
+use std::sync::Arc;
 
 /// Alignment of every I/O buffer: the largest logical block size we serve, which also
 /// satisfies O_DIRECT on 512e and 4Kn devices.
@@ -21,6 +28,12 @@ pub struct IoBuf {
     ptr: NonNull<u8>,
     cap: usize,
     len: usize,
+    origin: Origin,
+}
+
+enum Origin {
+    Heap,
+    Pool(Arc<pool::BufferPool>, u8),
 }
 
 // SAFETY: an IoBuf owns its allocation exclusively (like a Box<[u8]>): moving it to another
@@ -30,13 +43,49 @@ unsafe impl Send for IoBuf {}
 unsafe impl Sync for IoBuf {}
 
 impl IoBuf {
+    /// A buffer for `len` bytes that the caller will overwrite entirely (a read's
+    /// destination, a write's Data-Out): from the thread's pool when possible, so the I/O
+    /// path allocates nothing. Its contents are unspecified until written.
+    pub fn for_io(len: usize) -> Self {
+        if len > 0 {
+            if let Some(b) = pool::take_from_thread_pool(len) {
+                return b;
+            }
+        }
+        Self::heap_zeroed(len)
+    }
+
     /// A zero-filled, [`IO_ALIGN`]-aligned buffer of `len` bytes.
     pub fn zeroed(len: usize) -> Self {
+        let mut b = Self::for_io(len);
+        if matches!(b.origin, Origin::Pool(..)) {
+            b.as_mut_slice().fill(0);
+        }
+        b
+    }
+
+    pub(crate) fn from_pool(
+        ptr: *mut u8,
+        cap: usize,
+        len: usize,
+        pool: Arc<pool::BufferPool>,
+        class: u8,
+    ) -> Self {
+        IoBuf {
+            ptr: NonNull::new(ptr).expect("pool slots are never null"),
+            cap,
+            len,
+            origin: Origin::Pool(pool, class),
+        }
+    }
+
+    fn heap_zeroed(len: usize) -> Self {
         if len == 0 {
             return IoBuf {
                 ptr: NonNull::dangling(),
                 cap: 0,
                 len: 0,
+                origin: Origin::Heap,
             };
         }
         let layout = Layout::from_size_align(len, IO_ALIGN).expect("I/O buffer size overflows");
@@ -45,7 +94,12 @@ impl IoBuf {
         let Some(ptr) = NonNull::new(raw) else {
             alloc::handle_alloc_error(layout)
         };
-        IoBuf { ptr, cap: len, len }
+        IoBuf {
+            ptr,
+            cap: len,
+            len,
+            origin: Origin::Heap,
+        }
     }
 
     /// Copies bytes that already exist (emulated command responses, tests) into a buffer.
@@ -55,7 +109,7 @@ impl IoBuf {
 
     /// Copies `data` into a new buffer.
     pub fn from_slice(data: &[u8]) -> Self {
-        let mut b = Self::zeroed(data.len());
+        let mut b = Self::for_io(data.len());
         b.as_mut_slice().copy_from_slice(data);
         b
     }
@@ -112,7 +166,7 @@ impl IoBuf {
             }
             self.len = len;
         } else {
-            let mut bigger = IoBuf::zeroed(len);
+            let mut bigger = IoBuf::heap_zeroed(len);
             bigger.as_mut_slice()[..self.len].copy_from_slice(self.as_slice());
             *self = bigger;
         }
@@ -125,17 +179,21 @@ impl IoBuf {
 
 impl Drop for IoBuf {
     fn drop(&mut self) {
-        if self.cap != 0 {
-            let layout = Layout::from_size_align(self.cap, IO_ALIGN).expect("valid at alloc");
-            // SAFETY: allocated in zeroed() with exactly this layout.
-            unsafe { alloc::dealloc(self.ptr.as_ptr(), layout) };
+        match &self.origin {
+            Origin::Pool(pool, class) => pool.release(*class, self.ptr.as_ptr()),
+            Origin::Heap if self.cap != 0 => {
+                let layout = Layout::from_size_align(self.cap, IO_ALIGN).expect("valid at alloc");
+                // SAFETY: allocated in heap_zeroed() with exactly this layout.
+                unsafe { alloc::dealloc(self.ptr.as_ptr(), layout) };
+            }
+            Origin::Heap => {}
         }
     }
 }
 
 impl Default for IoBuf {
     fn default() -> Self {
-        IoBuf::zeroed(0)
+        IoBuf::heap_zeroed(0)
     }
 }
 

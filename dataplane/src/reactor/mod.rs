@@ -19,6 +19,8 @@ pub mod park;
 pub mod shared;
 
 use crate::iscsi::conn::{CloseReason, Connection, Keepalive};
+use crate::mem::pool::{set_thread_pool, BufferPool};
+use crate::mem::region::HugePages;
 use crate::net::tcp;
 use crate::scsi::Device;
 use crate::tgt::live::{build_devices, BuildError, Model};
@@ -124,6 +126,10 @@ impl Dataplane {
     /// Builds the devices, binds the portals and starts one reactor per CPU of the mask.
     pub fn start(config: Config, stop: &'static AtomicBool) -> Result<Dataplane, StartError> {
         let cpus = cpus_of_mask(config.global.cpumask)?;
+        crate::mem::region::allow_hugepages(config.global.hugepages);
+        if let Some((total, free)) = crate::mem::region::hugepages_available() {
+            log::info!("hugepages (2 MiB): {total} reserved, {free} free");
+        }
         let devices = build_devices(&config).map_err(StartError::Build)?;
         let n = cpus.len();
 
@@ -185,6 +191,7 @@ impl Dataplane {
         };
         let park_after =
             (g.idle_park_ms > 0).then(|| Duration::from_millis(u64::from(g.idle_park_ms)));
+        let pool_bytes = g.buffer_pool_mib as usize * (1 << 20);
         let shared = Arc::new(Shared::new(
             Model::new(config),
             mailboxes,
@@ -221,6 +228,25 @@ impl Dataplane {
                 .spawn(move || {
                     pin_to(cpu);
                     log::info!("reactor {i} on CPU {cpu} with {} device(s)", devs.len());
+                    if pool_bytes > 0 {
+                        match BufferPool::new(pool_bytes, HugePages::Prefer) {
+                            Ok(pool) => {
+                                log::info!(
+                                    "reactor {i}: {} MiB of I/O buffers in {}",
+                                    pool.bytes() >> 20,
+                                    if pool.is_huge() {
+                                        "hugepages"
+                                    } else {
+                                        "4 KiB pages"
+                                    }
+                                );
+                                set_thread_pool(Some(pool));
+                            }
+                            Err(e) => log::warn!(
+                                "reactor {i}: no buffer pool ({e}); buffers come from the heap"
+                            ),
+                        }
+                    }
                     let env = ReactorEnv::new(i, shared, devs);
                     let mut r = Reactor {
                         poll,

@@ -894,7 +894,7 @@ impl Lun {
                     lba: *lba,
                     blocks: *blocks,
                 },
-                Some(IoBuf::zeroed(*blocks as usize * bs)),
+                Some(IoBuf::for_io(*blocks as usize * bs)),
             )),
             Kind::Verify { lba, blocks, .. } | Kind::ReadModifyWrite { lba, blocks, .. } => ios
                 .push((
@@ -902,7 +902,7 @@ impl Lun {
                         lba: *lba,
                         blocks: *blocks,
                     },
-                    Some(IoBuf::zeroed(*blocks as usize * bs)),
+                    Some(IoBuf::for_io(*blocks as usize * bs)),
                 )),
             Kind::Write {
                 lba,

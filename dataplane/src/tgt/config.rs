@@ -17,6 +17,8 @@
 //! nop_in_timeout = 30               # seconds to wait for the answer (1..=3600)
 //! max_sessions = 1024               # 1..=65535
 //! cpumask = "0x1"                   # CPUs for the reactors, one pinned thread per bit
+//! buffer_pool_mib = 128             # I/O buffers per reactor, in hugepages when reserved
+//! hugepages = true                  # buffers and malloc bdevs in hugepages when available
 //! idle_park_ms = 1000               # park a connection idle this long (0: never)
 //! # negotiation defaults the target offers (RFC 7143 ranges):
 //! max_recv_data_segment_length = 262144   # 512..=16777215
@@ -50,6 +52,8 @@
 //! type = "file"
 //! path = "/var/lib/iscsi-tgt/disk1.img"   # regular file (created if missing) or block device
 //! size = "10GiB"                    # optional for existing files and block devices
+//! engine = "uring"                  # uring (default) | threads
+//! direct = true                     # O_DIRECT; default true with uring
 //!
 //! [[target]]                        # none at all: discovery only
 //! name = "iqn.2026-11.io.example:disk1"   # iqn./eui./naa. name, unique
@@ -77,8 +81,8 @@
 //!   LUNs or targets is not supported yet.
 
 use super::{
-    BdevConfig, BdevKind, Config, Global, InitiatorGroup, LunMapping, Netmask, PortGroupMapping,
-    PortalGroup, TargetNode, DEFAULT_PORTAL, DEFAULT_TARGET_NAME,
+    BdevConfig, BdevKind, Config, FileEngine, Global, InitiatorGroup, LunMapping, Netmask,
+    PortGroupMapping, PortalGroup, TargetNode, DEFAULT_PORTAL, DEFAULT_TARGET_NAME,
 };
 use serde::Deserialize;
 use std::collections::HashMap;
@@ -368,6 +372,8 @@ struct RawGlobal {
     max_connections: Option<S<i64>>,
     cpumask: Option<S<toml::Value>>,
     idle_park_ms: Option<S<i64>>,
+    buffer_pool_mib: Option<S<i64>>,
+    hugepages: Option<S<bool>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -394,6 +400,8 @@ struct RawBdev {
     size: Option<S<toml::Value>>,
     block_size: Option<S<i64>>,
     path: Option<S<String>>,
+    engine: Option<S<String>>,
+    direct: Option<S<bool>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -804,6 +812,14 @@ impl Cx<'_> {
                     }
                 }
             },
+            buffer_pool_mib: self.u32_or(
+                &g.buffer_pool_mib,
+                "global.buffer_pool_mib",
+                0,
+                65536,
+                d.buffer_pool_mib,
+            )?,
+            hugepages: flag(&g.hugepages, d.hugepages),
             idle_park_ms: self.u32_or(
                 &g.idle_park_ms,
                 "global.idle_park_ms",
@@ -975,9 +991,38 @@ impl Cx<'_> {
                 if path.get_ref().is_empty() {
                     return Err(self.at(path, &path_key, "must not be empty"));
                 }
+                let engine = match &raw.engine {
+                    None => FileEngine::Uring,
+                    Some(e) => match e.get_ref().as_str() {
+                        "uring" => FileEngine::Uring,
+                        "threads" => FileEngine::Threads,
+                        other => {
+                            return Err(self.at(
+                                e,
+                                &format!("{base}.engine"),
+                                format!("{other:?} is not one of uring, threads"),
+                            ))
+                        }
+                    },
+                };
+                let direct = match &raw.direct {
+                    None => engine == FileEngine::Uring,
+                    Some(d) => {
+                        if *d.get_ref() && engine == FileEngine::Threads {
+                            return Err(self.at(
+                                d,
+                                &format!("{base}.direct"),
+                                "O_DIRECT needs engine = \"uring\"",
+                            ));
+                        }
+                        *d.get_ref()
+                    }
+                };
                 BdevKind::File {
                     path: PathBuf::from(path.get_ref()),
                     size,
+                    engine,
+                    direct,
                 }
             }
             other => {
@@ -1240,6 +1285,8 @@ mappings = [ { portal_group = 1, initiator_group = 1 } ]
                 error_recovery_level: 0,
                 max_connections: 1,
                 max_sessions: 1024,
+                buffer_pool_mib: 128,
+                hugepages: true,
                 cpumask: 0x1,
                 idle_park_ms: 1000,
             },
@@ -1276,6 +1323,8 @@ mappings = [ { portal_group = 1, initiator_group = 1 } ]
                     kind: BdevKind::File {
                         path: "/var/lib/iscsi-tgt/disk1.img".into(),
                         size: Some(10 << 30),
+                        engine: FileEngine::Uring,
+                        direct: true,
                     },
                 },
             ],
@@ -1545,8 +1594,33 @@ mappings = [ { portal_group = 1, initiator_group = 1 } ]
             c.bdevs[0].kind,
             BdevKind::File {
                 path: "/dev/sdz".into(),
-                size: None
+                size: None,
+                engine: FileEngine::Uring,
+                direct: true,
             }
+        );
+        let c = parse(
+            &edited(
+                "type = \"malloc\"\nsize = \"1MiB\"",
+                "type = \"file\"\npath = \"/x.img\"\nengine = \"threads\"",
+            ),
+            "t.toml",
+        )
+        .unwrap();
+        assert!(matches!(
+            c.bdevs[0].kind,
+            BdevKind::File {
+                engine: FileEngine::Threads,
+                direct: false,
+                ..
+            }
+        ));
+        expect(
+            &edited(
+                "type = \"malloc\"\nsize = \"1MiB\"",
+                "type = \"file\"\npath = \"/x.img\"\nengine = \"aio\"",
+            ),
+            "t.toml:14: bdev[0].engine: \"aio\" is not one of uring, threads",
         );
     }
 

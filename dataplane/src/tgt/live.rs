@@ -3,7 +3,8 @@
 //! and the SCSI devices built from the configuration ([`build_devices`]), each of which is
 //! then owned by one reactor.
 
-use super::{BdevConfig, BdevKind, Config, InitiatorGroup, Netmask, TargetNode};
+use super::{BdevConfig, BdevKind, Config, FileEngine, InitiatorGroup, Netmask, TargetNode};
+use crate::bdev::uring::{UringBdev, UringOptions};
 use crate::bdev::{file::FileBdev, malloc::MallocBdev, null::NullBdev, BlockDevice};
 use crate::iscsi::{DiscoveryEntry, LoginStatus, Registered, SessionKey, TargetId, TargetInfo};
 use crate::scsi::{Device, LunIdentity};
@@ -51,8 +52,23 @@ pub fn open_bdev(cfg: &BdevConfig) -> Result<Box<dyn BlockDevice>, BuildError> {
         BdevKind::Null { size } => {
             Box::new(NullBdev::new(&cfg.name, cfg.block_size, *size).map_err(err)?)
         }
-        BdevKind::File { path, size } => {
-            Box::new(FileBdev::open(&cfg.name, path, cfg.block_size, *size).map_err(err)?)
+        BdevKind::File {
+            path,
+            size,
+            engine: FileEngine::Threads,
+            ..
+        } => Box::new(FileBdev::open(&cfg.name, path, cfg.block_size, *size).map_err(err)?),
+        BdevKind::File {
+            path,
+            size,
+            engine: FileEngine::Uring,
+            direct,
+        } => {
+            let opts = UringOptions {
+                direct: *direct,
+                ..UringOptions::default()
+            };
+            Box::new(UringBdev::open(&cfg.name, path, cfg.block_size, *size, opts).map_err(err)?)
         }
     })
 }

@@ -46,6 +46,10 @@ pub struct Global {
     pub max_connections: u32,
     /// Sessions in total the target accepts.
     pub max_sessions: u32,
+    /// MiB of I/O buffers each reactor carves from hugepages (0: allocate per I/O).
+    pub buffer_pool_mib: u32,
+    /// Put buffers and RAM disks in hugepages when the machine has them reserved.
+    pub hugepages: bool,
     /// CPUs to run reactors on: one pinned reactor thread per set bit.
     pub cpumask: u64,
     /// A connection with no command for this long is parked (0: never), and handed to the
@@ -70,6 +74,8 @@ impl Default for Global {
             error_recovery_level: 0,
             max_connections: 1,
             max_sessions: 1024,
+            buffer_pool_mib: 128,
+            hugepages: true,
             cpumask: 0x1,
             idle_park_ms: 1000,
         }
@@ -109,9 +115,21 @@ pub enum BdevKind {
     File {
         path: std::path::PathBuf,
         size: Option<u64>,
+        engine: FileEngine,
+        /// O_DIRECT (bypass the page cache): only with the io_uring engine.
+        direct: bool,
     },
     /// Discards writes, reads zeroes, `size` bytes.
     Null { size: u64 },
+}
+
+/// How a `file` bdev does its I/O.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FileEngine {
+    /// io_uring, completions polled by the owning reactor (the default).
+    Uring,
+    /// pread/pwrite on worker threads (for kernels without io_uring).
+    Threads,
 }
 
 /// A block device: a name LUNs refer to, a block size and what backs it.
