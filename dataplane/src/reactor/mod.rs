@@ -192,6 +192,7 @@ impl Dataplane {
         let park_after =
             (g.idle_park_ms > 0).then(|| Duration::from_millis(u64::from(g.idle_park_ms)));
         let pool_bytes = g.buffer_pool_mib as usize * (1 << 20);
+        let spin = Duration::from_micros(u64::from(g.poll_spin_us));
         let shared = Arc::new(Shared::new(
             Model::new(config),
             mailboxes,
@@ -258,6 +259,7 @@ impl Dataplane {
                         next_token: FIRST_CONN_TOKEN,
                         keepalive,
                         park_after,
+                        spin,
                     };
                     r.run()
                 })
@@ -328,6 +330,8 @@ struct Reactor {
     next_token: usize,
     keepalive: Keepalive,
     park_after: Option<Duration>,
+    /// How long to keep polling after the last work before sleeping in epoll.
+    spin: Duration,
 }
 
 impl Reactor {
@@ -340,12 +344,18 @@ impl Reactor {
         let mut last_tick = Instant::now();
         let stop = self.env.shared.stop;
         let mut outbox_left = false;
+        let mut last_work = Instant::now();
         while !stop.load(Ordering::Relaxed) {
             let busy = outbox_left
                 || self.env.local_in_flight() > 0
                 || !self.env.responses.is_empty()
                 || self.conns.values().any(|e| e.read_pending);
-            let timeout = if busy {
+            // Right after work, keep polling for a short while: at low queue depth the next
+            // command arrives within microseconds, and catching it without a sleep and a
+            // wakeup is most of the latency a target can save. Past the spin the reactor
+            // sleeps, so an idle target costs nothing.
+            let spinning = last_work.elapsed() < self.spin;
+            let timeout = if busy || spinning {
                 Duration::ZERO
             } else {
                 // Announce the sleep, then look at the inbox once more: a sender that saw
@@ -365,6 +375,9 @@ impl Reactor {
                 Err(e) => return Err(e),
             }
             let now = Instant::now();
+            if !events.is_empty() || busy {
+                last_work = now;
+            }
             for ev in events.iter() {
                 let token = ev.token();
                 if token == WAKER_TOKEN {

@@ -19,6 +19,7 @@
 //! cpumask = "0x1"                   # CPUs for the reactors, one pinned thread per bit
 //! buffer_pool_mib = 128             # I/O buffers per reactor, in hugepages when reserved
 //! hugepages = true                  # buffers and malloc bdevs in hugepages when available
+//! poll_spin_us = 50                 # keep polling this long after work before sleeping
 //! idle_park_ms = 1000               # park a connection idle this long (0: never)
 //! # negotiation defaults the target offers (RFC 7143 ranges):
 //! max_recv_data_segment_length = 262144   # 512..=16777215
@@ -374,6 +375,7 @@ struct RawGlobal {
     idle_park_ms: Option<S<i64>>,
     buffer_pool_mib: Option<S<i64>>,
     hugepages: Option<S<bool>>,
+    poll_spin_us: Option<S<i64>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -820,6 +822,13 @@ impl Cx<'_> {
                 d.buffer_pool_mib,
             )?,
             hugepages: flag(&g.hugepages, d.hugepages),
+            poll_spin_us: self.u32_or(
+                &g.poll_spin_us,
+                "global.poll_spin_us",
+                0,
+                1_000_000,
+                d.poll_spin_us,
+            )?,
             idle_park_ms: self.u32_or(
                 &g.idle_park_ms,
                 "global.idle_park_ms",
@@ -1287,6 +1296,7 @@ mappings = [ { portal_group = 1, initiator_group = 1 } ]
                 max_sessions: 1024,
                 buffer_pool_mib: 128,
                 hugepages: true,
+                poll_spin_us: 50,
                 cpumask: 0x1,
                 idle_park_ms: 1000,
             },

@@ -50,6 +50,8 @@ pub struct Global {
     pub buffer_pool_mib: u32,
     /// Put buffers and RAM disks in hugepages when the machine has them reserved.
     pub hugepages: bool,
+    /// Microseconds a reactor keeps polling after its last work before it sleeps.
+    pub poll_spin_us: u32,
     /// CPUs to run reactors on: one pinned reactor thread per set bit.
     pub cpumask: u64,
     /// A connection with no command for this long is parked (0: never), and handed to the
@@ -76,6 +78,7 @@ impl Default for Global {
             max_sessions: 1024,
             buffer_pool_mib: 128,
             hugepages: true,
+            poll_spin_us: 50,
             cpumask: 0x1,
             idle_park_ms: 1000,
         }
