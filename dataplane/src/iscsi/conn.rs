@@ -34,6 +34,10 @@ pub const MAX_WRITE_LEN: u32 = 64 * 1024 * 1024;
 const DATA_PHASE_ERROR_SENSE: [u8; 18] = [
     0x70, 0, 0x0b, 0, 0, 0, 0, 10, 0, 0, 0, 0, 0x4b, 0x00, 0, 0, 0, 0,
 ];
+/// A data segment with at least this much still to come is read straight into place.
+pub const DIRECT_RX_MIN: usize = 4096;
+/// Size of the receive staging buffer.
+const RX_STASH: usize = 16 * 1024;
 /// Largest data segment accepted during login (RFC 7143 default MRDSL).
 const LOGIN_MRDSL: u32 = 8192;
 
@@ -220,6 +224,10 @@ pub struct Connection {
     rx_scratch: Vec<u8>,
     rx_pad: [u8; 4],
     rx_req: Option<Result<Request, PduError>>,
+    /// Staging for headers and small segments (see `rx_buf`).
+    rx_stash: Vec<u8>,
+    /// Whether the last `rx_buf` handed out a final destination rather than the stash.
+    rx_direct: bool,
     // Session state (full feature phase).
     session_type: SessionType,
     target: Option<TargetId>,
@@ -272,6 +280,8 @@ impl Connection {
             rx_scratch: Vec::new(),
             rx_pad: [0; 4],
             rx_req: None,
+            rx_stash: Vec::new(),
+            rx_direct: false,
             session_type: SessionType::Normal,
             target: None,
             target_name: None,
@@ -444,10 +454,53 @@ impl Connection {
     // ----- receive -----
 
     /// Where the next received bytes belong. Empty when nothing is wanted (closing).
+    ///
+    /// A data segment with at least [`DIRECT_RX_MIN`] bytes still to come is read straight
+    /// into its final place (a WRITE's buffer); everything else (headers, small segments)
+    /// goes through a staging buffer, so one read takes in many small PDUs and the bytes of
+    /// a data segment that came along are copied once into place.
     pub fn rx_buf(&mut self) -> &mut [u8] {
         if self.close.is_some() {
             return &mut [];
         }
+        self.rx_direct =
+            matches!(self.rx_stage, RxStage::Data { len, got, .. } if len - got >= DIRECT_RX_MIN);
+        if self.rx_direct {
+            return self.stage_buf();
+        }
+        if self.rx_stash.len() < RX_STASH {
+            self.rx_stash.resize(RX_STASH, 0);
+        }
+        &mut self.rx_stash[..]
+    }
+
+    /// `n` bytes were written into the slice [`rx_buf`](Self::rx_buf) returned.
+    pub fn rx_filled(&mut self, n: usize, env: &mut dyn TargetEnv, now: Instant) {
+        if n == 0 {
+            return;
+        }
+        self.last_rx = now;
+        if self.rx_direct {
+            self.stage_filled(n, env, now);
+            return;
+        }
+        let stash = std::mem::take(&mut self.rx_stash);
+        let mut at = 0;
+        while at < n && self.close.is_none() {
+            let dst = self.stage_buf();
+            let k = dst.len().min(n - at);
+            if k == 0 {
+                break;
+            }
+            dst[..k].copy_from_slice(&stash[at..at + k]);
+            at += k;
+            self.stage_filled(k, env, now);
+        }
+        self.rx_stash = stash;
+    }
+
+    /// The destination of the current receive stage.
+    fn stage_buf(&mut self) -> &mut [u8] {
         match &mut self.rx_stage {
             RxStage::Header { got } => &mut self.rx_hdr[*got..],
             RxStage::Ahs { got } => &mut self.rx_ahs[*got..],
@@ -474,12 +527,8 @@ impl Connection {
         }
     }
 
-    /// `n` bytes were written into the slice [`rx_buf`](Self::rx_buf) returned.
-    pub fn rx_filled(&mut self, n: usize, env: &mut dyn TargetEnv, now: Instant) {
-        if n == 0 {
-            return;
-        }
-        self.last_rx = now;
+    /// `n` bytes were written into the slice [`stage_buf`](Self::stage_buf) returned.
+    fn stage_filled(&mut self, n: usize, env: &mut dyn TargetEnv, now: Instant) {
         match &mut self.rx_stage {
             RxStage::Header { got } => {
                 *got += n;

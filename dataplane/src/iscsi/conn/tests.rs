@@ -788,3 +788,57 @@ fn serial_arithmetic() {
     assert!(!sn_lt(5, 0xffff_fff0));
     assert!(sn_le(7, 7));
 }
+
+#[test]
+fn large_segments_are_read_straight_into_the_task_buffer() {
+    let mut h = Harness::new();
+    h.login(&[("ImmediateData", "Yes"), ("FirstBurstLength", "65536")]);
+    // 16 KiB of immediate data: after the header (staged), the rest of the segment is
+    // handed out as the task buffer itself.
+    let data: Vec<u8> = (0..16384u32).map(|i| (i % 251) as u8).collect();
+    let mut b = Bhs::new();
+    b.0[0] = 0x01;
+    b.0[1] = 0x80 | 0x20 | 1;
+    b.0[16..20].copy_from_slice(&3u32.to_be_bytes());
+    b.0[20..24].copy_from_slice(&16384u32.to_be_bytes());
+    b.0[24..28].copy_from_slice(&10u32.to_be_bytes());
+    b.0[32..42].copy_from_slice(&write10(32));
+    let len = 16384u32.to_be_bytes();
+    b.0[5..8].copy_from_slice(&len[1..]);
+    // Header alone first, as a socket might deliver it.
+    let buf = h.conn.rx_buf();
+    buf[..48].copy_from_slice(&b.0);
+    h.conn.rx_filled(48, &mut h.env, h.now);
+    let direct = h.conn.rx_buf();
+    assert_eq!(direct.len(), 16384, "the whole segment's final place");
+    direct.copy_from_slice(&data);
+    h.conn.rx_filled(16384, &mut h.env, h.now);
+    assert_eq!(h.env.submitted.len(), 1);
+    assert_eq!(
+        h.env.submitted[0].data_out.as_ref().unwrap().as_slice(),
+        &data[..]
+    );
+}
+
+#[test]
+fn many_small_pdus_in_one_read() {
+    let mut h = Harness::new();
+    h.login(&[]);
+    // Four READ commands arrive in one read of the staging buffer.
+    let mut wire = Vec::new();
+    for i in 0..4u32 {
+        let mut b = Bhs::new();
+        b.0[0] = 0x01;
+        b.0[1] = 0xc1;
+        b.0[16..20].copy_from_slice(&(100 + i).to_be_bytes());
+        b.0[20..24].copy_from_slice(&512u32.to_be_bytes());
+        b.0[24..28].copy_from_slice(&(10 + i).to_be_bytes());
+        b.0[32..42].copy_from_slice(&read10(1));
+        wire.extend_from_slice(&b.0);
+    }
+    let buf = h.conn.rx_buf();
+    assert!(buf.len() >= wire.len());
+    buf[..wire.len()].copy_from_slice(&wire);
+    h.conn.rx_filled(wire.len(), &mut h.env, h.now);
+    assert_eq!(h.env.submitted.len(), 4);
+}
