@@ -328,7 +328,7 @@ mod tests {
         let mut n = neg();
         assert_eq!(reply(&mut n, "MaxBurstLength", "16776192"), "1048576");
         assert_eq!(reply(&mut n, "MaxBurstLength", "4096"), "4096");
-        assert_eq!(reply(&mut n, "FirstBurstLength", "262144"), "65536");
+        assert_eq!(reply(&mut n, "FirstBurstLength", "1048576"), "262144");
         assert_eq!(reply(&mut n, "DefaultTime2Wait", "0"), "2");
         assert_eq!(reply(&mut n, "DefaultTime2Retain", "0"), "0");
         assert_eq!(reply(&mut n, "MaxOutstandingR2T", "0x10"), "1");
@@ -352,7 +352,13 @@ mod tests {
     #[test]
     fn boolean_functions() {
         let mut n = neg();
-        assert_eq!(reply(&mut n, "InitialR2T", "No"), "Yes", "OR with our Yes");
+        assert_eq!(reply(&mut n, "InitialR2T", "No"), "No", "OR with our default No");
+        let strict = Global {
+            initial_r2t: true,
+            ..Global::default()
+        };
+        let mut n2 = Negotiator::new(&strict, SessionType::Normal);
+        assert_eq!(reply(&mut n2, "InitialR2T", "No"), "Yes", "OR with a configured Yes");
         assert_eq!(reply(&mut n, "ImmediateData", "Yes"), "Yes");
         assert_eq!(reply(&mut n, "ImmediateData", "No"), "No", "AND");
         let mut g = Global {

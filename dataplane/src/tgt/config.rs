@@ -24,10 +24,10 @@
 //! # negotiation defaults the target offers (RFC 7143 ranges):
 //! max_recv_data_segment_length = 262144   # 512..=16777215
 //! max_burst_length = 1048576        # 512..=16777215
-//! first_burst_length = 65536        # 512..=max_burst_length
+//! first_burst_length = 262144       # 512..=max_burst_length
 //! max_outstanding_r2t = 1           # 1..=65535
 //! immediate_data = true
-//! initial_r2t = true
+//! initial_r2t = false              # allow unsolicited Data-Out up to first_burst_length
 //! default_time2wait = 2             # 0..=3600
 //! default_time2retain = 20          # 0..=3600
 //! error_recovery_level = 0          # 0..=2
@@ -1198,10 +1198,10 @@ max_sessions = 1024
 # negotiation defaults the target offers:
 max_recv_data_segment_length = 262144
 max_burst_length = 1048576
-first_burst_length = 65536
+first_burst_length = 262144
 max_outstanding_r2t = 1
 immediate_data = true
-initial_r2t = true
+initial_r2t = false
 default_time2wait = 2
 default_time2retain = 20
 error_recovery_level = 0
@@ -1285,10 +1285,10 @@ mappings = [ { portal_group = 1, initiator_group = 1 } ]
                 nop_in_timeout_s: 30,
                 max_recv_data_segment_length: 262_144,
                 max_burst_length: 1_048_576,
-                first_burst_length: 65_536,
+                first_burst_length: 262_144,
                 max_outstanding_r2t: 1,
                 immediate_data: true,
-                initial_r2t: true,
+                initial_r2t: false,
                 default_time2wait: 2,
                 default_time2retain: 20,
                 error_recovery_level: 0,
