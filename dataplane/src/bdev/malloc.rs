@@ -13,8 +13,10 @@ use super::{
     byte_len, check_buffer, check_geometry, check_op_range, BdevCompletion, BdevError, BdevIo,
     BdevOp, BlockDevice, LbaState,
 };
-use crate::mem::region::{HugePages, Region};
+use crate::mem::region::{HugePages, Medium, Region};
+use crate::mem::IoBuf;
 use std::collections::VecDeque;
+use std::sync::Arc;
 
 /// A RAM-backed, thin-provisioned block device.
 #[derive(Debug)]
@@ -22,8 +24,9 @@ pub struct MallocBdev {
     name: String,
     block_size: u32,
     num_blocks: u64,
-    /// The medium, in hugepages when the machine has them reserved.
-    data: Region,
+    /// The medium, in hugepages when the machine has them reserved. Reads hand out views of
+    /// it, so Data-In leaves straight from the RAM disk.
+    data: Arc<Medium>,
     /// One bit per block: set when mapped (written), clear when deallocated.
     mapped: Bitmap,
     done: VecDeque<BdevCompletion>,
@@ -44,7 +47,7 @@ impl MallocBdev {
             name: name.to_string(),
             block_size,
             num_blocks,
-            data,
+            data: Arc::new(Medium::new(data)),
             mapped: Bitmap::new(num_blocks),
             done: VecDeque::new(),
         })
@@ -72,21 +75,22 @@ impl MallocBdev {
         match io.op {
             BdevOp::Read { lba, blocks } => {
                 let range = self.byte_range(lba, u64::from(blocks))?;
-                if let Some(buf) = io.buf.as_mut() {
-                    buf.as_mut_slice().copy_from_slice(&self.data[range]);
+                if io.buf.is_some() {
+                    // The caller's buffer is replaced by a view of the medium: no copy.
+                    io.buf = Some(IoBuf::view(self.data.clone(), range.start, range.len()));
                 }
             }
             BdevOp::Write { lba, blocks, .. } => {
                 let range = self.byte_range(lba, u64::from(blocks))?;
                 if let Some(buf) = io.buf.as_ref() {
-                    self.data[range].copy_from_slice(buf.as_slice());
+                    self.data.write_at(range.start, buf.as_slice());
                 }
                 self.mapped.set_range(lba, u64::from(blocks), true);
             }
             BdevOp::Flush => {}
             BdevOp::Unmap { lba, blocks } | BdevOp::WriteZeroes { lba, blocks } => {
                 let range = self.byte_range(lba, blocks)?;
-                self.data[range].fill(0);
+                self.data.zero(range.start, range.len());
                 self.mapped.set_range(lba, blocks, false);
             }
         }
@@ -158,8 +162,9 @@ impl BlockDevice for MallocBdev {
             .map_err(|e| BdevError::Config(format!("cannot allocate {len} bytes: {e}")))?;
         let old = byte_len(self.num_blocks, self.block_size).unwrap_or(0);
         let keep = len.min(old).min(self.data.len());
-        data[..keep].copy_from_slice(&self.data[..keep]);
-        self.data = data;
+        self.data.read_into(0, &mut data[..keep]);
+        // Views of the old medium keep it alive until their Data-In is sent.
+        self.data = Arc::new(Medium::new(data));
         self.mapped.resize(num_blocks);
         self.num_blocks = num_blocks;
         Ok(())

@@ -352,13 +352,21 @@ mod tests {
     #[test]
     fn boolean_functions() {
         let mut n = neg();
-        assert_eq!(reply(&mut n, "InitialR2T", "No"), "No", "OR with our default No");
+        assert_eq!(
+            reply(&mut n, "InitialR2T", "No"),
+            "No",
+            "OR with our default No"
+        );
         let strict = Global {
             initial_r2t: true,
             ..Global::default()
         };
         let mut n2 = Negotiator::new(&strict, SessionType::Normal);
-        assert_eq!(reply(&mut n2, "InitialR2T", "No"), "Yes", "OR with a configured Yes");
+        assert_eq!(
+            reply(&mut n2, "InitialR2T", "No"),
+            "Yes",
+            "OR with a configured Yes"
+        );
         assert_eq!(reply(&mut n, "ImmediateData", "Yes"), "Yes");
         assert_eq!(reply(&mut n, "ImmediateData", "No"), "No", "AND");
         let mut g = Global {

@@ -34,6 +34,10 @@ pub struct IoBuf {
 enum Origin {
     Heap,
     Pool(Arc<pool::BufferPool>, u8),
+    /// A read-only window onto a device's medium; the Arc keeps the medium mapped.
+    View {
+        _medium: Arc<region::Medium>,
+    },
 }
 
 // SAFETY: an IoBuf owns its allocation exclusively (like a Box<[u8]>): moving it to another
@@ -76,6 +80,34 @@ impl IoBuf {
             cap,
             len,
             origin: Origin::Pool(pool, class),
+        }
+    }
+
+    /// A read-only view of `len` bytes of `medium` at `offset`: a READ's data without a
+    /// copy. Writing to it (`as_mut_slice`) first copies it into a buffer of its own, so the
+    /// medium can never be changed through a view.
+    pub fn view(medium: Arc<region::Medium>, offset: usize, len: usize) -> Self {
+        assert!(offset + len <= medium.len(), "view within the medium");
+        let ptr = NonNull::new(medium.ptr_at(offset)).expect("mapping is never null");
+        IoBuf {
+            ptr,
+            cap: len,
+            len,
+            origin: Origin::View { _medium: medium },
+        }
+    }
+
+    /// Whether this buffer is a view of a device's medium.
+    pub fn is_view(&self) -> bool {
+        matches!(self.origin, Origin::View { .. })
+    }
+
+    /// Turns a view into a buffer of its own (before it leaves the device's thread).
+    pub fn into_owned_if_view(self) -> Self {
+        if self.is_view() {
+            IoBuf::from_slice(self.as_slice())
+        } else {
+            self
         }
     }
 
@@ -137,6 +169,10 @@ impl IoBuf {
     }
 
     pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        if self.is_view() {
+            // Copy on write: a view must never change the medium.
+            *self = IoBuf::from_slice(self.as_slice());
+        }
         if self.cap == 0 {
             return &mut [];
         }
@@ -157,6 +193,9 @@ impl IoBuf {
     /// Grows (up to the capacity, zero-filling) or shrinks the valid length; grows beyond
     /// the capacity by reallocating.
     pub fn resize(&mut self, len: usize) {
+        if self.is_view() {
+            *self = IoBuf::from_slice(self.as_slice());
+        }
         if len <= self.cap {
             if len > self.len {
                 // SAFETY: [len..new len) lies within the allocation.
@@ -186,7 +225,7 @@ impl Drop for IoBuf {
                 // SAFETY: allocated in heap_zeroed() with exactly this layout.
                 unsafe { alloc::dealloc(self.ptr.as_ptr(), layout) };
             }
-            Origin::Heap => {}
+            Origin::Heap | Origin::View { .. } => {}
         }
     }
 }
@@ -240,6 +279,25 @@ mod tests {
         }
         assert!(IoBuf::zeroed(0).is_empty());
         assert_eq!(IoBuf::from_vec(vec![1, 2, 3]).as_slice(), &[1, 2, 3]);
+    }
+
+    #[test]
+    fn views_are_read_only_windows_onto_a_medium() {
+        let medium = Arc::new(region::Medium::new(
+            region::Region::new(8192, region::HugePages::Never, false).unwrap(),
+        ));
+        medium.write_at(4096, &[5; 16]);
+        let mut v = IoBuf::view(medium.clone(), 4096, 16);
+        assert!(v.is_view());
+        assert_eq!(v.as_slice(), &[5; 16]);
+        // Writing through the view copies first: the medium is untouched.
+        v.as_mut_slice()[0] = 9;
+        assert!(!v.is_view());
+        let mut back = [0u8; 16];
+        medium.read_into(4096, &mut back);
+        assert_eq!(back, [5; 16]);
+        let w = IoBuf::view(medium, 0, 4).into_owned_if_view();
+        assert!(!w.is_view());
     }
 
     #[test]

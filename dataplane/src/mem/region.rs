@@ -167,6 +167,89 @@ impl fmt::Debug for Region {
     }
 }
 
+/// A region that a block device keeps its medium in and lends out read-only views of
+/// ([`IoBuf::view`](super::IoBuf)), so a READ's Data-In leaves straight from the medium.
+///
+/// All access goes through raw pointers at the moment of the copy; no reference to the
+/// bytes outlives one call, so writes to the medium and views of it never hold overlapping
+/// borrows. Views only live on the thread that owns the device (see
+/// `IoBuf::into_owned_if_view` for crossing threads).
+pub struct Medium {
+    region: Region,
+}
+
+impl fmt::Debug for Medium {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Medium({:?})", self.region)
+    }
+}
+
+impl Medium {
+    pub fn new(region: Region) -> Self {
+        Medium { region }
+    }
+
+    pub fn len(&self) -> usize {
+        self.region.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.region.is_empty()
+    }
+
+    pub fn is_huge(&self) -> bool {
+        self.region.is_huge()
+    }
+
+    /// Copies `data` into the medium at `offset`. The caller checked the range.
+    pub fn write_at(&self, offset: usize, data: &[u8]) {
+        assert!(
+            offset + data.len() <= self.region.len(),
+            "medium write in range"
+        );
+        // SAFETY: the range lies inside the mapping (asserted); the source is a separate
+        // buffer, so the ranges do not overlap; no reference into the medium is live while
+        // the owning thread runs this copy.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                data.as_ptr(),
+                self.region.as_ptr().add(offset),
+                data.len(),
+            )
+        };
+    }
+
+    /// Zeroes `len` bytes at `offset`. The caller checked the range.
+    pub fn zero(&self, offset: usize, len: usize) {
+        assert!(offset + len <= self.region.len(), "medium zeroing in range");
+        // SAFETY: as in write_at.
+        unsafe { std::ptr::write_bytes(self.region.as_ptr().add(offset), 0, len) };
+    }
+
+    /// Copies `out.len()` bytes at `offset` into `out`.
+    pub fn read_into(&self, offset: usize, out: &mut [u8]) {
+        assert!(
+            offset + out.len() <= self.region.len(),
+            "medium read in range"
+        );
+        // SAFETY: as in write_at, in the other direction.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                self.region.as_ptr().add(offset),
+                out.as_mut_ptr(),
+                out.len(),
+            )
+        };
+    }
+
+    /// The address of byte `offset` (for views).
+    pub(crate) fn ptr_at(&self, offset: usize) -> *mut u8 {
+        assert!(offset <= self.region.len());
+        // SAFETY: within the mapping (asserted).
+        unsafe { self.region.as_ptr().add(offset) }
+    }
+}
+
 /// Hugepages of the default size: (total, free) as /proc/meminfo reports them.
 pub fn hugepages_available() -> Option<(u64, u64)> {
     let text = std::fs::read_to_string("/proc/meminfo").ok()?;

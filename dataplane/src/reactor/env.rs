@@ -5,6 +5,7 @@ use super::shared::{Msg, ParkMsg, Shared};
 use crate::iscsi::{
     DiscoveryEntry, LoginStatus, Registered, SessionKey, TargetEnv, TargetId, TargetInfo,
 };
+use crate::mem::IoBuf;
 use crate::scsi::{Device, NexusId, ScsiResponse, ScsiTask};
 use crossbeam_channel::TrySendError;
 use std::collections::{HashMap, VecDeque};
@@ -89,9 +90,13 @@ impl ReactorEnv {
         for d in self.devices.values_mut() {
             d.poll(&mut out);
         }
-        for r in out.drain(..) {
+        for mut r in out.drain(..) {
             match self.remote_origin.remove(&r.tag) {
-                Some(origin) => self.send(origin, Msg::ScsiDone(r)),
+                Some(origin) => {
+                    // A view of a RAM disk may not leave the thread that writes the disk.
+                    r.data_in = r.data_in.map(IoBuf::into_owned_if_view);
+                    self.send(origin, Msg::ScsiDone(r))
+                }
                 None => self.responses.push(r),
             }
         }
