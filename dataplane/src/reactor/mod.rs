@@ -354,7 +354,7 @@ impl Reactor {
             // command arrives within microseconds, and catching it without a sleep and a
             // wakeup is most of the latency a target can save. Past the spin the reactor
             // sleeps, so an idle target costs nothing.
-            let spinning = last_work.elapsed() < self.spin;
+            let spinning = !busy && last_work.elapsed() < self.spin;
             let timeout = if busy || spinning {
                 Duration::ZERO
             } else {
