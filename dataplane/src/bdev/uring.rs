@@ -51,9 +51,11 @@
 //! Dropping the device waits for every request the kernel still holds, so the kernel never
 //! reads from or writes into a freed buffer.
 //!
-//! Registered buffers (`IORING_REGISTER_BUFFERS` + `ReadFixed`/`WriteFixed`) are a later
-//! step: they need the buffers to come from the hugepage pool; see the `REGISTERED BUFFERS`
-//! note in `UringBdev::sqe`.
+//! Registered buffers: on its first request the device registers the buffer pool of the
+//! thread that drives it (the reactor's hugepage pool) with the ring as one fixed buffer;
+//! requests whose buffer lies in that pool then use `ReadFixed`/`WriteFixed`, so the kernel
+//! neither pins nor maps their pages per I/O. Buffers from elsewhere (the heap, another
+//! reactor's pool) use plain reads and writes.
 
 use super::{
     byte_len, check_buffer, check_geometry, check_op_range, BdevCompletion, BdevError, BdevIo,
@@ -169,6 +171,29 @@ pub struct UringBdev {
     eventfd: Option<OwnedFd>,
     /// Scratch for reaped (user_data, result) pairs, kept to avoid allocating per poll.
     reaped: Vec<(u64, i32)>,
+    /// The pool registered as fixed buffer 0, kept alive while registered.
+    fixed: Option<FixedPool>,
+    /// Whether registration was attempted (once per device).
+    fixed_tried: bool,
+    /// Reads and writes that went through the registered buffer.
+    fixed_ops: u64,
+}
+
+/// The registered pool and the address range it covers.
+struct FixedPool {
+    _pool: std::sync::Arc<crate::mem::pool::BufferPool>,
+    base: usize,
+    len: usize,
+}
+
+impl FixedPool {
+    /// Whether `len` bytes at `ptr` lie inside the registered range.
+    fn covers(&self, ptr: *const u8, len: usize) -> bool {
+        let p = ptr as usize;
+        p >= self.base
+            && p.checked_add(len)
+                .is_some_and(|end| end <= self.base + self.len)
+    }
 }
 
 impl std::fmt::Debug for UringBdev {
@@ -467,6 +492,9 @@ impl UringBdev {
             zero_buf: None,
             eventfd,
             reaped: Vec::with_capacity(depth),
+            fixed: None,
+            fixed_tried: false,
+            fixed_ops: 0,
         })
     }
 
@@ -553,6 +581,48 @@ impl UringBdev {
     }
 
     /// The SQE for a slot's current stage (`user_data` = slot index).
+    /// Registers the driving thread's buffer pool with the ring, once. A failure (no pool,
+    /// RLIMIT_MEMLOCK, an old kernel) only means plain reads and writes.
+    fn register_thread_pool(&mut self) {
+        if self.fixed_tried {
+            return;
+        }
+        self.fixed_tried = true;
+        let Some(pool) = crate::mem::pool::thread_pool() else {
+            return;
+        };
+        let (base, len) = pool.span();
+        let iov = libc::iovec {
+            iov_base: base.cast(),
+            iov_len: len,
+        };
+        // SAFETY: the iovec describes the pool's mapping, which stays mapped while this
+        // device holds the Arc (kept in `fixed`); the registration is dropped with the ring.
+        match unsafe { self.ring.submitter().register_buffers(&[iov]) } {
+            Ok(()) => {
+                log::info!(
+                    "bdev {}: {} MiB of pool buffers registered with io_uring",
+                    self.name,
+                    len >> 20
+                );
+                self.fixed = Some(FixedPool {
+                    _pool: pool,
+                    base: base as usize,
+                    len,
+                });
+            }
+            Err(e) => log::warn!(
+                "bdev {}: cannot register buffers with io_uring ({e}); using plain I/O",
+                self.name
+            ),
+        }
+    }
+
+    /// Reads and writes that used the registered pool.
+    pub fn fixed_ops(&self) -> u64 {
+        self.fixed_ops
+    }
+
     fn sqe(&mut self, idx: u32) -> Option<squeue::Entry> {
         let fd = types::Fd(self.file.as_raw_fd());
         if self
@@ -565,6 +635,9 @@ impl UringBdev {
             self.zero_buf = Some(IoBuf::zeroed(ZERO_CHUNK));
         }
         let zero_ptr = self.zero_buf.as_ref().map(IoBuf::as_ptr);
+        self.register_thread_pool();
+        let fixed = &self.fixed;
+        let fixed_ops = &mut self.fixed_ops;
         let slot = self.slots.get_mut(idx as usize)?.as_mut()?;
         let remaining = slot.len.saturating_sub(slot.done);
         let at = slot.offset.checked_add(slot.done)?;
@@ -572,22 +645,42 @@ impl UringBdev {
             Stage::Rw => {
                 let chunk = remaining.min(MAX_CHUNK);
                 let skip = usize::try_from(slot.done).ok()?;
-                // REGISTERED BUFFERS: once IoBufs come from the hugepage pool registered with
-                // IORING_REGISTER_BUFFERS, use ReadFixed/WriteFixed with the buffer's index
-                // here; everything else (slab, resubmission, drop) stays as it is.
+                // Buffers inside the registered pool go through fixed buffer 0.
                 match slot.op {
                     BdevOp::Read { .. } => {
                         let buf = slot.buf.as_mut()?.as_mut_slice().get_mut(skip..)?;
-                        opcode::Read::new(fd, buf.as_mut_ptr(), chunk as u32)
-                            .offset(at)
-                            .build()
+                        if fixed
+                            .as_ref()
+                            .is_some_and(|f| f.covers(buf.as_ptr(), chunk as usize))
+                        {
+                            *fixed_ops += 1;
+                            opcode::ReadFixed::new(fd, buf.as_mut_ptr(), chunk as u32, 0)
+                                .offset(at)
+                                .build()
+                        } else {
+                            opcode::Read::new(fd, buf.as_mut_ptr(), chunk as u32)
+                                .offset(at)
+                                .build()
+                        }
                     }
                     BdevOp::Write { fua, .. } => {
                         let buf = slot.buf.as_ref()?.as_slice().get(skip..)?;
-                        opcode::Write::new(fd, buf.as_ptr(), chunk as u32)
-                            .offset(at)
-                            .rw_flags(if fua { libc::RWF_DSYNC } else { 0 })
-                            .build()
+                        let flags = if fua { libc::RWF_DSYNC } else { 0 };
+                        if fixed
+                            .as_ref()
+                            .is_some_and(|f| f.covers(buf.as_ptr(), chunk as usize))
+                        {
+                            *fixed_ops += 1;
+                            opcode::WriteFixed::new(fd, buf.as_ptr(), chunk as u32, 0)
+                                .offset(at)
+                                .rw_flags(flags)
+                                .build()
+                        } else {
+                            opcode::Write::new(fd, buf.as_ptr(), chunk as u32)
+                                .offset(at)
+                                .rw_flags(flags)
+                                .build()
+                        }
                     }
                     _ => return None,
                 }
@@ -1208,6 +1301,48 @@ mod tests {
             let on_disk = std::fs::read(&p.0).unwrap();
             assert_eq!(&on_disk[2048..4096], &data[..]);
             assert_eq!(&on_disk[63 * 512..], &pattern(512, 9)[..]);
+        }
+    }
+
+    #[test]
+    fn pool_buffers_use_the_registered_fixed_buffer() {
+        use crate::mem::pool::{set_thread_pool, BufferPool};
+        use crate::mem::region::HugePages;
+        let pool = BufferPool::new(9 * 64 * 1024, HugePages::Never).unwrap();
+        for direct in modes() {
+            set_thread_pool(Some(pool.clone()));
+            let (_p, mut d) = open("fixed", direct, 512, 64 * 512);
+            let data = pattern(4096, 3);
+            let mut w = IoBuf::for_io(4096);
+            w.as_mut_slice().copy_from_slice(&data);
+            let c = run(
+                &mut d,
+                BdevOp::Write {
+                    lba: 8,
+                    blocks: 8,
+                    fua: false,
+                },
+                Some(w),
+            );
+            assert_eq!(c.result, Ok(()));
+            let c = run(
+                &mut d,
+                BdevOp::Read { lba: 8, blocks: 8 },
+                Some(IoBuf::for_io(4096)),
+            );
+            assert_eq!(c.result, Ok(()));
+            assert_eq!(c.buf.unwrap().as_slice(), &data[..]);
+            assert_eq!(d.fixed_ops(), 2, "both pool requests used fixed buffer 0");
+            // A buffer from outside the pool still works, through a plain read.
+            set_thread_pool(None);
+            let c = run(
+                &mut d,
+                BdevOp::Read { lba: 8, blocks: 8 },
+                Some(IoBuf::zeroed(4096)),
+            );
+            assert_eq!(c.result, Ok(()));
+            assert_eq!(c.buf.unwrap().as_slice(), &data[..]);
+            assert_eq!(d.fixed_ops(), 2);
         }
     }
 

@@ -78,6 +78,11 @@ impl BufferPool {
         self.classes.iter().map(|c| c.free.len()).sum()
     }
 
+    /// The address range of the region (for registering it with io_uring).
+    pub fn span(&self) -> (*mut u8, usize) {
+        (self.region.as_ptr(), self.region.len())
+    }
+
     /// Requests that fell back to the heap.
     pub fn misses(&self) -> u64 {
         self.misses.load(Ordering::Relaxed)
@@ -123,6 +128,11 @@ thread_local! {
 /// Installs the pool this thread's I/O buffers come from (a reactor, at start).
 pub fn set_thread_pool(pool: Option<Arc<BufferPool>>) {
     CURRENT.with(|c| *c.borrow_mut() = pool);
+}
+
+/// The pool this thread's buffers come from, if any.
+pub fn thread_pool() -> Option<Arc<BufferPool>> {
+    CURRENT.with(|c| c.borrow().clone())
 }
 
 /// A buffer from this thread's pool, if it has one that fits.
