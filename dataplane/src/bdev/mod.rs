@@ -127,6 +127,14 @@ pub trait BlockDevice: Send {
     fn resize(&mut self, num_blocks: u64) -> Result<(), BdevError>;
     /// Make everything written so far durable, synchronously. Used at shutdown only.
     fn flush_blocking(&mut self) -> Result<(), BdevError>;
+    /// A file descriptor that becomes readable when completions are ready, for devices
+    /// whose I/O finishes elsewhere (the kernel): the owner may then sleep in epoll while
+    /// requests are in flight. None: the owner must keep polling while `in_flight() > 0`.
+    fn completion_fd(&self) -> Option<std::os::fd::RawFd> {
+        None
+    }
+    /// Clears the completion fd's readiness after it fired.
+    fn ack_completion(&mut self) {}
 }
 
 /// Checks a block range against a capacity without overflow.

@@ -1011,6 +1011,14 @@ impl BlockDevice for UringBdev {
             .sync_all()
             .map_err(|e| BdevError::Io(io_errno(&e)))
     }
+
+    fn completion_fd(&self) -> Option<RawFd> {
+        UringBdev::completion_fd(self)
+    }
+
+    fn ack_completion(&mut self) {
+        self.ack_completion_fd();
+    }
 }
 
 impl Drop for UringBdev {

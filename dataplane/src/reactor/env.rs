@@ -80,6 +80,26 @@ impl ReactorEnv {
         self.devices.values().map(Device::in_flight).sum()
     }
 
+    /// Whether the local devices let the reactor sleep (see [`Device::can_sleep`]).
+    pub fn devices_can_sleep(&self) -> bool {
+        self.devices.values().all(Device::can_sleep)
+    }
+
+    /// The completion fds of the local devices, for the reactor's epoll.
+    pub fn completion_fds(&self) -> Vec<std::os::fd::RawFd> {
+        self.devices
+            .values()
+            .flat_map(Device::completion_fds)
+            .collect()
+    }
+
+    /// Clears the local devices' completion fds after one fired.
+    pub fn ack_completions(&mut self) {
+        for d in self.devices.values_mut() {
+            d.ack_completions();
+        }
+    }
+
     /// Polls the local devices: answers to other reactors go to the outbox, answers for
     /// this reactor's connections land in `self.responses`.
     pub fn poll_devices(&mut self) {

@@ -48,7 +48,9 @@ const TICK: Duration = Duration::from_millis(100);
 const IDLE_WAIT: Duration = Duration::from_millis(100);
 /// Listener tokens are below this; the waker has its own; connections start above.
 const WAKER_TOKEN: Token = Token(1 << 20);
-const FIRST_CONN_TOKEN: usize = (1 << 20) + 1;
+/// Block devices' completion fds (io_uring eventfds) share one token.
+const COMPLETION_TOKEN: Token = Token((1 << 20) + 1);
+const FIRST_CONN_TOKEN: usize = (1 << 20) + 2;
 
 /// Errors starting the dataplane.
 #[derive(Debug)]
@@ -341,13 +343,22 @@ impl Reactor {
 
     fn run(&mut self) -> io::Result<()> {
         let mut events = Events::with_capacity(1024);
+        // Devices that finish I/O in the kernel wake the reactor through their completion
+        // fd, so it can sleep while their requests are in flight.
+        for fd in self.env.completion_fds() {
+            self.poll.registry().register(
+                &mut mio::unix::SourceFd(&fd),
+                COMPLETION_TOKEN,
+                Interest::READABLE,
+            )?;
+        }
         let mut last_tick = Instant::now();
         let stop = self.env.shared.stop;
         let mut outbox_left = false;
         let mut last_work = Instant::now();
         while !stop.load(Ordering::Relaxed) {
             let busy = outbox_left
-                || self.env.local_in_flight() > 0
+                || !self.env.devices_can_sleep()
                 || !self.env.responses.is_empty()
                 || self.conns.values().any(|e| e.read_pending);
             // Right after work, keep polling for a short while: at low queue depth the next
@@ -381,6 +392,10 @@ impl Reactor {
             for ev in events.iter() {
                 let token = ev.token();
                 if token == WAKER_TOKEN {
+                    continue;
+                }
+                if token == COMPLETION_TOKEN {
+                    self.env.ack_completions();
                     continue;
                 }
                 if token.0 < FIRST_CONN_TOKEN {

@@ -979,6 +979,24 @@ impl Lun {
         self.done.push(r);
     }
 
+    /// Whether the owner may sleep: nothing ready or to retry, and any requests in the
+    /// block device will announce their completion on its completion fd.
+    pub fn can_sleep(&self) -> bool {
+        self.retry.is_empty()
+            && self.done.is_empty()
+            && (self.bdev.in_flight() == 0 || self.bdev.completion_fd().is_some())
+    }
+
+    /// The block device's completion fd, if it has one.
+    pub fn completion_fd(&self) -> Option<std::os::fd::RawFd> {
+        self.bdev.completion_fd()
+    }
+
+    /// Clears the block device's completion fd after it fired.
+    pub fn ack_completion(&mut self) {
+        self.bdev.ack_completion();
+    }
+
     /// Drives the block device; finished responses accumulate in `self.done`.
     pub fn poll(&mut self) {
         while let Some(io) = self.retry.pop_front() {

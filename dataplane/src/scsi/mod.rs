@@ -328,6 +328,27 @@ impl Device {
         self.in_flight
     }
 
+    /// Whether the owner may sleep until a completion fd fires: no response is ready and
+    /// every block device with requests in flight signals its completions.
+    pub fn can_sleep(&self) -> bool {
+        self.done.is_empty() && self.luns.values().all(|l| l.can_sleep())
+    }
+
+    /// The completion fds of the block devices that have one.
+    pub fn completion_fds(&self) -> Vec<std::os::fd::RawFd> {
+        self.luns
+            .values()
+            .filter_map(|l| l.completion_fd())
+            .collect()
+    }
+
+    /// Clears every completion fd after one fired.
+    pub fn ack_completions(&mut self) {
+        for l in self.luns.values_mut() {
+            l.ack_completion();
+        }
+    }
+
     /// A new I_T nexus (session) starts using this device.
     pub fn nexus_added(&mut self, nexus: NexusId) {
         self.nexuses.insert(nexus);
