@@ -13,13 +13,14 @@
 //! reports holes found with `SEEK_HOLE`/`SEEK_DATA`. Block devices use `BLKDISCARD` and
 //! `BLKZEROOUT`, and report every block as mapped.
 
+use super::backing::{self, io_errno, last_errno};
 use super::{
-    byte_len, check_buffer, check_geometry, check_op_range, BdevCompletion, BdevError, BdevIo,
-    BdevOp, BlockDevice, LbaState,
+    check_buffer, check_geometry, check_op_range, BdevCompletion, BdevError, BdevIo, BdevOp,
+    BlockDevice, LbaState,
 };
 use std::collections::VecDeque;
-use std::fs::{File, OpenOptions};
-use std::os::unix::fs::{FileExt, FileTypeExt};
+use std::fs::File;
+use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{self, Receiver, Sender};
@@ -29,8 +30,6 @@ use std::thread::JoinHandle;
 /// Worker threads per device unless told otherwise.
 pub const DEFAULT_WORKERS: usize = 2;
 
-/// `_IOR(0x12, 114, size_t)`: the size of a block device in bytes.
-const BLKGETSIZE64: u64 = 0x8008_1272;
 /// `_IO(0x12, 119)`: discard a byte range `[start, len]` of a block device.
 const BLKDISCARD: u64 = 0x1277;
 /// `_IO(0x12, 127)`: zero a byte range `[start, len]` of a block device.
@@ -42,16 +41,6 @@ pub struct Backing {
     file: File,
     block_size: u32,
     is_block_device: bool,
-}
-
-fn last_errno() -> i32 {
-    std::io::Error::last_os_error()
-        .raw_os_error()
-        .unwrap_or(libc::EIO)
-}
-
-fn io_errno(e: &std::io::Error) -> i32 {
-    e.raw_os_error().unwrap_or(libc::EIO)
 }
 
 impl Backing {
@@ -152,16 +141,6 @@ impl Backing {
             Err(BdevError::Unsupported(_)) => self.write_zeroes_slow(start, len),
             other => other,
         }
-    }
-
-    /// Byte offset of the next data (`SEEK_DATA`) or hole (`SEEK_HOLE`) at or after `off`,
-    /// or the errno (`ENXIO`: none before the end of the file).
-    fn seek(&self, off: u64, whence: libc::c_int) -> Result<u64, i32> {
-        let off = libc::off_t::try_from(off).map_err(|_| libc::EOVERFLOW)?;
-        // SAFETY: lseek takes integers only. The file position it moves is never used: all
-        // I/O goes through pread/pwrite with explicit offsets.
-        let r = unsafe { libc::lseek(self.file.as_raw_fd(), off, whence) };
-        u64::try_from(r).map_err(|_| last_errno())
     }
 }
 
@@ -328,80 +307,15 @@ impl FileBdev {
         size: Option<u64>,
         workers: usize,
     ) -> Result<Self, BdevError> {
-        let err = |what: &str, e: std::io::Error| {
-            BdevError::Config(format!("{name}: {what} {}: {e}", path.display()))
-        };
         check_geometry(block_size, u64::from(block_size))?;
-        let is_block_device = match std::fs::metadata(path) {
-            Ok(m) if m.file_type().is_block_device() => true,
-            Ok(m) if m.is_file() => false,
-            Ok(_) => {
-                return Err(BdevError::Config(format!(
-                    "{name}: {} is neither a regular file nor a block device",
-                    path.display()
-                )))
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                if size.is_none() {
-                    return Err(BdevError::Config(format!(
-                        "{name}: {} does not exist and no size was given to create it",
-                        path.display()
-                    )));
-                }
-                false
-            }
-            Err(e) => return Err(err("cannot inspect", e)),
-        };
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(!is_block_device)
-            .truncate(false)
-            .open(path)
-            .map_err(|e| err("cannot open", e))?;
-        let size = if is_block_device {
-            let mut dev_size: u64 = 0;
-            // SAFETY: BLKGETSIZE64 writes one u64 through the pointer, which points at
-            // `dev_size`, alive for the call; the descriptor belongs to `file`.
-            let rc = unsafe {
-                libc::ioctl(
-                    file.as_raw_fd(),
-                    BLKGETSIZE64 as _,
-                    &mut dev_size as *mut u64,
-                )
-            };
-            if rc != 0 {
-                return Err(err(
-                    "cannot get the size of",
-                    std::io::Error::last_os_error(),
-                ));
-            }
-            match size {
-                Some(s) if s > dev_size => {
-                    return Err(BdevError::Config(format!(
-                        "{name}: size {s} larger than the device's {dev_size} bytes"
-                    )))
-                }
-                Some(s) => s,
-                // A device whose size is not a multiple of the block size: ignore the tail.
-                None => dev_size - dev_size % u64::from(block_size),
-            }
-        } else {
-            match size {
-                Some(s) => {
-                    check_geometry(block_size, s)?;
-                    let current = file.metadata().map_err(|e| err("cannot inspect", e))?.len();
-                    // Grow a shorter file; never truncate a longer one (its tail is data).
-                    if current < s {
-                        file.set_len(s).map_err(|e| err("cannot size", e))?;
-                    }
-                    s
-                }
-                None => file.metadata().map_err(|e| err("cannot inspect", e))?.len(),
-            }
-        };
-        let num_blocks = check_geometry(block_size, size)
-            .map_err(|e| BdevError::Config(format!("{name} ({}): {e}", path.display())))?;
+        // A file this open creates is left behind if a later step fails.
+        let opened = backing::open(name, path, size)?;
+        let num_blocks = backing::size_blocks(name, path, &opened, block_size, size)?;
+        let backing::Opened {
+            file,
+            is_block_device,
+            ..
+        } = opened;
         let backing = Arc::new(Backing {
             file,
             block_size,
@@ -485,99 +399,57 @@ impl BlockDevice for FileBdev {
     }
 
     fn lba_status(&self, lba: u64) -> (LbaState, u64) {
-        let left = self.num_blocks.saturating_sub(lba).max(1);
-        if self.backing.is_block_device {
-            return (LbaState::Mapped, left);
-        }
-        let bs = u64::from(self.backing.block_size);
-        let Some(off) = byte_len(lba, self.backing.block_size).map(|o| o as u64) else {
-            return (LbaState::Mapped, left);
-        };
-        match self.backing.seek(off, libc::SEEK_DATA) {
-            // Data starts at `off`: mapped until the next hole. A block that holds any data
-            // counts as mapped, so round the hole's start up.
-            Ok(d) if d < off.saturating_add(bs) => {
-                let hole = self.backing.seek(off, libc::SEEK_HOLE).unwrap_or(u64::MAX);
-                let blocks = (hole.saturating_sub(off)).div_ceil(bs);
-                (LbaState::Mapped, blocks.clamp(1, left))
-            }
-            // A hole up to `d`: every block wholly before the block holding `d` is deallocated.
-            Ok(d) => (LbaState::Deallocated, ((d - off) / bs).clamp(1, left)),
-            // No data after `off`: a hole to the end.
-            Err(libc::ENXIO) => (LbaState::Deallocated, left),
-            // The file system cannot tell: report mapped.
-            Err(_) => (LbaState::Mapped, left),
-        }
+        backing::lba_status(
+            &self.backing.file,
+            self.backing.is_block_device,
+            self.backing.block_size,
+            self.num_blocks,
+            lba,
+        )
     }
 
     fn resize(&mut self, num_blocks: u64) -> Result<(), BdevError> {
-        if self.backing.is_block_device {
-            return Err(BdevError::Unsupported("resizing a block device"));
-        }
-        let size = num_blocks
-            .checked_mul(u64::from(self.backing.block_size))
-            .ok_or_else(|| BdevError::Config(format!("{num_blocks} blocks too large")))?;
-        check_geometry(self.backing.block_size, size)?;
-        self.backing
-            .file
-            .set_len(size)
-            .map_err(|e| BdevError::Io(io_errno(&e)))?;
+        backing::resize(
+            &self.backing.file,
+            self.backing.is_block_device,
+            self.backing.block_size,
+            num_blocks,
+        )?;
         self.num_blocks = num_blocks;
         Ok(())
     }
 
     fn flush_blocking(&mut self) -> Result<(), BdevError> {
-        self.backing
-            .file
-            .sync_all()
-            .map_err(|e| BdevError::Io(io_errno(&e)))
+        backing::sync_all(&self.backing.file)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::bdev::backing::test_util::{self, TempPath};
     use crate::mem::IoBuf;
-    use std::sync::atomic::{AtomicU32, Ordering};
-    use std::time::{Duration, Instant};
+    use std::time::Duration;
 
-    /// A temporary file path removed on drop.
-    struct TempPath(PathBuf);
+    /// Temporary files of these tests.
+    trait NewTempPath {
+        fn new(tag: &str) -> Self;
+    }
 
-    impl TempPath {
+    impl NewTempPath for TempPath {
         fn new(tag: &str) -> Self {
-            static N: AtomicU32 = AtomicU32::new(0);
-            let n = N.fetch_add(1, Ordering::Relaxed);
-            TempPath(std::env::temp_dir().join(format!(
-                "iscsi-tgt-filebdev-{}-{tag}-{n}.img",
-                std::process::id()
-            )))
+            TempPath::new_in(&std::env::temp_dir(), "filebdev", tag)
         }
     }
 
-    impl Drop for TempPath {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_file(&self.0);
-        }
-    }
+    const NAP: Duration = Duration::from_millis(1);
 
     fn wait_for(dev: &mut FileBdev, n: usize) -> Vec<BdevCompletion> {
-        let mut out = Vec::new();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while out.len() < n {
-            assert!(Instant::now() < deadline, "completions did not arrive");
-            if dev.poll(&mut out) == 0 {
-                std::thread::sleep(Duration::from_millis(1));
-            }
-        }
-        out
+        test_util::wait_for(dev, n, NAP)
     }
 
     fn run(dev: &mut FileBdev, op: BdevOp, buf: Option<IoBuf>) -> BdevCompletion {
-        dev.submit(BdevIo { tag: 77, op, buf }).expect("queued");
-        let mut out = wait_for(dev, 1);
-        assert_eq!(dev.in_flight(), 0);
-        out.pop().expect("one completion")
+        test_util::run(dev, op, buf, NAP)
     }
 
     #[test]

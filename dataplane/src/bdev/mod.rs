@@ -6,6 +6,7 @@
 //!
 //! Backends: [`malloc`] (RAM), [`file`](mod@file) (regular file or block device), [`null`] (benchmarks).
 
+mod backing;
 pub mod file;
 pub mod malloc;
 pub mod null;

@@ -57,16 +57,16 @@
 //! neither pins nor maps their pages per I/O. Buffers from elsewhere (the heap, another
 //! reactor's pool) use plain reads and writes.
 
+use super::backing::{self, config_err};
 use super::{
-    byte_len, check_buffer, check_geometry, check_op_range, BdevCompletion, BdevError, BdevIo,
-    BdevOp, BlockDevice, LbaState,
+    check_buffer, check_geometry, check_op_range, BdevCompletion, BdevError, BdevIo, BdevOp,
+    BlockDevice, LbaState,
 };
 use crate::mem::{IoBuf, IO_ALIGN};
 use io_uring::{opcode, squeue, types, IoUring};
 use std::collections::VecDeque;
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 
 /// Default number of requests in flight per device (and submission queue entries).
@@ -81,8 +81,6 @@ const ZERO_CHUNK: usize = 1 << 20;
 /// Resubmissions of a request that got `EAGAIN`/`EINTR` before it is reported failed.
 const MAX_RETRIES: u8 = 8;
 
-/// `_IOR(0x12, 114, size_t)`: the size of a block device in bytes.
-const BLKGETSIZE64: u64 = 0x8008_1272;
 /// `_IO(0x12, 104)`: the logical block size of a block device (an `int`).
 const BLKSSZGET: u64 = 0x1268;
 
@@ -211,16 +209,6 @@ impl std::fmt::Debug for UringBdev {
     }
 }
 
-fn last_errno() -> i32 {
-    std::io::Error::last_os_error()
-        .raw_os_error()
-        .unwrap_or(libc::EIO)
-}
-
-fn io_errno(e: &std::io::Error) -> i32 {
-    e.raw_os_error().unwrap_or(libc::EIO)
-}
-
 /// The logical block size of a block device (`BLKSSZGET`).
 fn blk_logical_block_size(file: &File) -> std::io::Result<u32> {
     let mut lbs: libc::c_int = 0;
@@ -237,18 +225,6 @@ fn blk_logical_block_size(file: &File) -> std::io::Result<u32> {
         return Err(std::io::Error::last_os_error());
     }
     u32::try_from(lbs).map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))
-}
-
-/// The size of a block device in bytes (`BLKGETSIZE64`).
-fn blk_size(file: &File) -> std::io::Result<u64> {
-    let mut size: u64 = 0;
-    // SAFETY: BLKGETSIZE64 writes one u64 through the pointer, which points at `size`, alive
-    // for the call; the descriptor belongs to `file`.
-    let rc = unsafe { libc::ioctl(file.as_raw_fd(), BLKGETSIZE64 as _, &mut size as *mut u64) };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(size)
 }
 
 /// O_DIRECT alignment of an open file from `statx(STATX_DIOALIGN)`: `Some((memory, offset))`,
@@ -334,9 +310,7 @@ impl UringBdev {
         opts: UringOptions,
         created: &mut bool,
     ) -> Result<Self, BdevError> {
-        let err = |what: &str, e: std::io::Error| {
-            BdevError::Config(format!("{name}: {what} {}: {e}", path.display()))
-        };
+        let err = |what: &str, e: std::io::Error| config_err(name, path, what, e);
         check_geometry(block_size, u64::from(block_size))?;
         if opts.queue_depth == 0 || opts.queue_depth > MAX_QUEUE_DEPTH {
             return Err(BdevError::Config(format!(
@@ -344,40 +318,12 @@ impl UringBdev {
                 opts.queue_depth
             )));
         }
-        let is_block_device = match std::fs::metadata(path) {
-            Ok(m) if m.file_type().is_block_device() => true,
-            Ok(m) if m.is_file() => false,
-            Ok(_) => {
-                return Err(BdevError::Config(format!(
-                    "{name}: {} is neither a regular file nor a block device",
-                    path.display()
-                )))
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                if size.is_none() {
-                    return Err(BdevError::Config(format!(
-                        "{name}: {} does not exist and no size was given to create it",
-                        path.display()
-                    )));
-                }
-                *created = true;
-                false
-            }
-            Err(e) => return Err(err("cannot inspect", e)),
-        };
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(!is_block_device)
-            .truncate(false)
-            .open(path)
-            .map_err(|e| {
-                *created = false; // nothing was created
-                err("cannot open", e)
-            })?;
+        let opened = backing::open(name, path, size)?;
+        *created = opened.created;
+        let (file, is_block_device) = (&opened.file, opened.is_block_device);
 
         if opts.direct {
-            match set_direct(&file) {
+            match set_direct(file) {
                 Ok(()) => {}
                 Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
                     return Err(BdevError::Config(format!(
@@ -389,11 +335,11 @@ impl UringBdev {
                 Err(e) => return Err(err("cannot enable O_DIRECT on", e)),
             }
             let (mem_align, lbs) = if is_block_device {
-                let lbs = blk_logical_block_size(&file)
+                let lbs = blk_logical_block_size(file)
                     .map_err(|e| err("cannot get the logical block size of", e))?;
                 (lbs, lbs)
             } else {
-                match dio_align(&file) {
+                match dio_align(file) {
                     Some((0, _)) | Some((_, 0)) => {
                         return Err(BdevError::Config(format!(
                             "{name}: the file system of {} does not support O_DIRECT on it: \
@@ -422,34 +368,8 @@ impl UringBdev {
             }
         }
 
-        let size = if is_block_device {
-            let dev_size = blk_size(&file).map_err(|e| err("cannot get the size of", e))?;
-            match size {
-                Some(s) if s > dev_size => {
-                    return Err(BdevError::Config(format!(
-                        "{name}: size {s} larger than the device's {dev_size} bytes"
-                    )))
-                }
-                Some(s) => s,
-                // A device whose size is not a multiple of the block size: ignore the tail.
-                None => dev_size - dev_size % u64::from(block_size),
-            }
-        } else {
-            match size {
-                Some(s) => {
-                    check_geometry(block_size, s)?;
-                    let current = file.metadata().map_err(|e| err("cannot inspect", e))?.len();
-                    // Grow a shorter file; never truncate a longer one (its tail is data).
-                    if current < s {
-                        file.set_len(s).map_err(|e| err("cannot size", e))?;
-                    }
-                    s
-                }
-                None => file.metadata().map_err(|e| err("cannot inspect", e))?.len(),
-            }
-        };
-        let num_blocks = check_geometry(block_size, size)
-            .map_err(|e| BdevError::Config(format!("{name} ({}): {e}", path.display())))?;
+        let num_blocks = backing::size_blocks(name, path, &opened, block_size, size)?;
+        let backing::Opened { file, .. } = opened;
 
         // Default setup (no SQPOLL, no COOP_TASKRUN, no SINGLE_ISSUER): completions are
         // posted without the owner entering the kernel, and the device may be created on one
@@ -844,16 +764,6 @@ impl UringBdev {
         let bs = u64::from(self.block_size);
         Some((lba.checked_mul(bs)?, blocks.checked_mul(bs)?))
     }
-
-    /// Byte offset of the next data (`SEEK_DATA`) or hole (`SEEK_HOLE`) at or after `off`,
-    /// or the errno (`ENXIO`: none before the end of the file).
-    fn seek(&self, off: u64, whence: libc::c_int) -> Result<u64, i32> {
-        let off = libc::off_t::try_from(off).map_err(|_| libc::EOVERFLOW)?;
-        // SAFETY: lseek takes integers only. The file position it moves is never used: all
-        // I/O carries explicit offsets.
-        let r = unsafe { libc::lseek(self.file.as_raw_fd(), off, whence) };
-        u64::try_from(r).map_err(|_| last_errno())
-    }
 }
 
 impl BlockDevice for UringBdev {
@@ -966,50 +876,28 @@ impl BlockDevice for UringBdev {
     }
 
     fn lba_status(&self, lba: u64) -> (LbaState, u64) {
-        let left = self.num_blocks.saturating_sub(lba).max(1);
-        if self.is_block_device {
-            return (LbaState::Mapped, left);
-        }
-        let bs = u64::from(self.block_size);
-        let Some(off) = byte_len(lba, self.block_size).map(|o| o as u64) else {
-            return (LbaState::Mapped, left);
-        };
-        match self.seek(off, libc::SEEK_DATA) {
-            // Data starts at `off`: mapped until the next hole. A block that holds any data
-            // counts as mapped, so round the hole's start up.
-            Ok(d) if d < off.saturating_add(bs) => {
-                let hole = self.seek(off, libc::SEEK_HOLE).unwrap_or(u64::MAX);
-                let blocks = (hole.saturating_sub(off)).div_ceil(bs);
-                (LbaState::Mapped, blocks.clamp(1, left))
-            }
-            // A hole up to `d`: every block wholly before the block holding `d` is deallocated.
-            Ok(d) => (LbaState::Deallocated, ((d - off) / bs).clamp(1, left)),
-            // No data after `off`: a hole to the end.
-            Err(libc::ENXIO) => (LbaState::Deallocated, left),
-            // The file system cannot tell: report mapped.
-            Err(_) => (LbaState::Mapped, left),
-        }
+        backing::lba_status(
+            &self.file,
+            self.is_block_device,
+            self.block_size,
+            self.num_blocks,
+            lba,
+        )
     }
 
     fn resize(&mut self, num_blocks: u64) -> Result<(), BdevError> {
-        if self.is_block_device {
-            return Err(BdevError::Unsupported("resizing a block device"));
-        }
-        let size = num_blocks
-            .checked_mul(u64::from(self.block_size))
-            .ok_or_else(|| BdevError::Config(format!("{num_blocks} blocks too large")))?;
-        check_geometry(self.block_size, size)?;
-        self.file
-            .set_len(size)
-            .map_err(|e| BdevError::Io(io_errno(&e)))?;
+        backing::resize(
+            &self.file,
+            self.is_block_device,
+            self.block_size,
+            num_blocks,
+        )?;
         self.num_blocks = num_blocks;
         Ok(())
     }
 
     fn flush_blocking(&mut self) -> Result<(), BdevError> {
-        self.file
-            .sync_all()
-            .map_err(|e| BdevError::Io(io_errno(&e)))
+        backing::sync_all(&self.file)
     }
 
     fn completion_fd(&self) -> Option<RawFd> {
@@ -1061,7 +949,9 @@ impl Drop for UringBdev {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::{AtomicU32, Ordering};
+    use crate::bdev::backing::blk_size;
+    use crate::bdev::backing::test_util::{self, TempPath};
+    use std::fs::OpenOptions;
     use std::sync::OnceLock;
     use std::time::{Duration, Instant};
 
@@ -1090,29 +980,20 @@ mod tests {
         .as_deref()
     }
 
-    /// A temporary file path removed on drop.
-    struct TempPath(PathBuf);
-
-    impl TempPath {
+    /// Temporary files of these tests.
+    trait NewTempPath {
         /// In temp_dir, or in a directory where O_DIRECT works when `direct`.
+        fn new(tag: &str, direct: bool) -> Self;
+    }
+
+    impl NewTempPath for TempPath {
         fn new(tag: &str, direct: bool) -> Self {
-            static N: AtomicU32 = AtomicU32::new(0);
-            let n = N.fetch_add(1, Ordering::Relaxed);
             let dir = if direct {
                 direct_dir().map_or_else(std::env::temp_dir, Path::to_path_buf)
             } else {
                 std::env::temp_dir()
             };
-            TempPath(dir.join(format!(
-                "iscsi-tgt-uringbdev-{}-{tag}-{n}.img",
-                std::process::id()
-            )))
-        }
-    }
-
-    impl Drop for TempPath {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_file(&self.0);
+            TempPath::new_in(&dir, "uringbdev", tag)
         }
     }
 
@@ -1139,23 +1020,14 @@ mod tests {
         (p, d)
     }
 
+    const NAP: Duration = Duration::from_micros(200);
+
     fn wait_for(dev: &mut UringBdev, n: usize) -> Vec<BdevCompletion> {
-        let mut out = Vec::new();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while out.len() < n {
-            assert!(Instant::now() < deadline, "completions did not arrive");
-            if dev.poll(&mut out) == 0 {
-                std::thread::sleep(Duration::from_micros(200));
-            }
-        }
-        out
+        test_util::wait_for(dev, n, NAP)
     }
 
     fn run(dev: &mut UringBdev, op: BdevOp, buf: Option<IoBuf>) -> BdevCompletion {
-        dev.submit(BdevIo { tag: 77, op, buf }).expect("queued");
-        let mut out = wait_for(dev, 1);
-        assert_eq!(dev.in_flight(), 0);
-        out.pop().expect("one completion")
+        test_util::run(dev, op, buf, NAP)
     }
 
     fn pattern(len: usize, seed: u8) -> Vec<u8> {
