@@ -1,7 +1,20 @@
 //! The control plane's shared-memory ABI, used by both the dataplane and `iscsictl`.
 //!
-//! Thin until the control-plane issue: only the ABI identity lives here so both sides agree on
-//! it from the start.
+//! The dataplane creates one segment per instance (`/dev/shm/iscsi-tgt.<instance>`): a
+//! [`Header`] (magic, ABI version, sizes, dataplane pid, start time, heartbeat) followed by
+//! one statistics block per reactor. Each block is a seqlock: the reactor that owns it bumps
+//! the sequence to odd, stores its counters and bumps it to even; a reader retries until it
+//! sees the same even sequence before and after its loads, so it never reads a torn block and
+//! never makes the dataplane wait. Everything a reader maps is validated before use: a
+//! foreign, truncated, stale or half-written segment is an error, never a crash.
+//!
+//! Commands (target add/del, ...) travel through a command ring in a later ABI version.
+
+pub mod segment;
+
+pub use segment::{
+    segment_path, AbiError, Header, ReactorStats, Segment, StatsWriter, LATENCY_BUCKETS,
+};
 
 /// Magic at the start of the control segment ("ISCSICTL" little-endian).
 pub const ABI_MAGIC: u64 = u64::from_le_bytes(*b"ISCSICTL");

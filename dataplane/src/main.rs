@@ -14,6 +14,8 @@ usage: iscsi-tgt [--config FILE] [--listen ADDR:PORT] [--cpumask MASK] [--log-le
   --listen ADDR:PORT  replace the portals of the first portal group with this address
   --cpumask MASK      CPUs to run reactors on, one pinned thread per bit (e.g. 0x3);
                       overrides the configuration's [global] cpumask (default 0x1)
+  --instance NAME     name of this dataplane for iscsictl (default: default); its control
+                      segment is /dev/shm/iscsi-tgt.NAME
   --log-level LEVEL   error, warn, info (default), debug or trace
   --check             validate the configuration and exit
   --version           print the version and exit
@@ -23,6 +25,7 @@ struct Args {
     config: Option<PathBuf>,
     listen: Option<String>,
     cpumask: Option<String>,
+    instance: Option<String>,
     log_level: Option<String>,
     check: bool,
 }
@@ -32,6 +35,7 @@ fn parse_args() -> Result<Args, String> {
         config: None,
         listen: None,
         cpumask: None,
+        instance: None,
         log_level: None,
         check: false,
     };
@@ -43,6 +47,7 @@ fn parse_args() -> Result<Args, String> {
             "-l" | "--listen" => args.listen = Some(value("--listen")?),
             "--log-level" => args.log_level = Some(value("--log-level")?),
             "-m" | "--cpumask" => args.cpumask = Some(value("--cpumask")?),
+            "--instance" => args.instance = Some(value("--instance")?),
             "--check" => args.check = true,
             "-h" | "--help" => {
                 print!("{USAGE}");
@@ -108,6 +113,14 @@ fn run() -> Result<(), String> {
         cfg.global.cpumask = config::parse_cpumask(m)
             .filter(|&m| m != 0)
             .ok_or_else(|| format!("--cpumask {m}: expected a non-zero mask such as 0x3"))?;
+    }
+    if let Some(name) = &args.instance {
+        if !config::valid_instance(name) {
+            return Err(format!(
+                "--instance {name:?}: 1 to 64 of the characters A-Z a-z 0-9 . _ -"
+            ));
+        }
+        cfg.global.instance = name.clone();
     }
     if args.check {
         dataplane::reactor::cpus_of_mask(cfg.global.cpumask).map_err(|e| e.to_string())?;

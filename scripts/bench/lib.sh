@@ -102,6 +102,9 @@ TOML
     if "${TGT_BIN}" --help 2>&1 | grep -q -- '--cpumask'; then
         extra=(--cpumask "0x$(printf '%x' $((1 << TARGET_CPU)))")
     fi
+    if "${TGT_BIN}" --help 2>&1 | grep -q -- '--instance'; then
+        extra+=(--instance "bench-${port}")
+    fi
     # shellcheck disable=SC2034 # used by run.sh
     OURS_CMD="taskset -c ${TARGET_CPU} ${TGT_BIN} --config ${cfg} ${extra[*]}"
     taskset -c "${TARGET_CPU}" "${TGT_BIN}" --config "${cfg}" "${extra[@]}" \

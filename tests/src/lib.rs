@@ -79,6 +79,17 @@ pub fn target_bin() -> PathBuf {
     );
 }
 
+/// The `iscsictl` binary built beside `iscsi-tgt`.
+pub fn ctl_bin() -> PathBuf {
+    let p = target_bin().with_file_name("iscsictl");
+    assert!(
+        p.is_file(),
+        "{} is missing: run `cargo build --release --workspace`",
+        p.display()
+    );
+    p
+}
+
 /// The fio built with the libiscsi engine by `scripts/deps.sh`.
 pub fn fio_bin() -> PathBuf {
     let p = workspace_root().join(".deps/bin/fio");
@@ -344,6 +355,9 @@ impl Target {
             .arg(addr.to_string())
             .arg("--log-level")
             .arg(std::env::var("E2E_LOG_LEVEL").unwrap_or_else(|_| "info".into()))
+            // Each target its own control segment: tests run targets side by side.
+            .arg("--instance")
+            .arg(format!("e2e-{port}"))
             .args(args)
             .current_dir(&dir)
             .stdin(Stdio::null())

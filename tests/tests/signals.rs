@@ -36,6 +36,8 @@ impl Proc {
         let child = Command::new(target_bin())
             .arg("--listen")
             .arg(addr.to_string())
+            .arg("--instance")
+            .arg(format!("e2e-{port}"))
             .current_dir(&dir)
             .stdin(Stdio::null())
             .stdout(Stdio::from(f.try_clone().unwrap()))

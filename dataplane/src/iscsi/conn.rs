@@ -51,6 +51,21 @@ pub fn sn_le(a: u32, b: u32) -> bool {
     a == b || sn_lt(a, b)
 }
 
+/// What a finished SCSI command amounts to, for statistics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CommandDone {
+    /// From the command's arrival to its response being queued.
+    pub latency: Duration,
+    pub read: bool,
+    pub write: bool,
+    /// Data sent to the initiator.
+    pub bytes_in: u64,
+    /// Data received from the initiator.
+    pub bytes_out: u64,
+    /// Status GOOD.
+    pub good: bool,
+}
+
 /// Why a connection is closing.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CloseReason {
@@ -119,6 +134,8 @@ enum TaskState {
 #[derive(Debug)]
 struct Task {
     itt: u32,
+    /// When the command's header arrived (latency statistics).
+    received_at: Instant,
     lun_raw: u64,
     lun: u64,
     cmd: ScsiCommand,
@@ -906,6 +923,7 @@ impl Connection {
             r2tsn: 0,
             received: 0,
             aborted: false,
+            received_at: self.last_rx,
             cmd,
         };
         self.tasks.insert(task.itt, task);
@@ -1186,17 +1204,34 @@ impl Connection {
     }
 
     /// A response from the device for one of this connection's tasks.
-    pub fn scsi_done(&mut self, resp: ScsiResponse) {
+    pub fn scsi_done(&mut self, resp: ScsiResponse) -> Option<CommandDone> {
         let itt = resp.tag as u32;
-        let Some(task) = self.tasks.remove(&itt) else {
-            return;
-        };
+        let task = self.tasks.remove(&itt)?;
         if task.aborted || !matches!(self.phase, Phase::FullFeature) {
             self.task_gone(itt);
-            return;
+            return None;
         }
+        let done = CommandDone {
+            latency: task.received_at.elapsed(),
+            read: task.cmd.read,
+            write: task.cmd.write,
+            bytes_in: if task.cmd.read {
+                resp.data_in
+                    .as_ref()
+                    .map_or(0, |b| (b.len() as u64).min(u64::from(task.cmd.edtl)))
+            } else {
+                0
+            },
+            bytes_out: if task.cmd.write {
+                u64::from(task.received)
+            } else {
+                0
+            },
+            good: resp.status == ScsiStatus::Good,
+        };
         self.respond_scsi(&task, resp);
         self.update_window();
+        Some(done)
     }
 
     fn respond_scsi(&mut self, task: &Task, resp: ScsiResponse) {

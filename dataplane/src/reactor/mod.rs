@@ -195,12 +195,30 @@ impl Dataplane {
             (g.idle_park_ms > 0).then(|| Duration::from_millis(u64::from(g.idle_park_ms)));
         let pool_bytes = g.buffer_pool_mib as usize * (1 << 20);
         let spin = Duration::from_micros(u64::from(g.poll_spin_us));
+        let seg_path = control::segment_path(&config.global.instance);
+        let segment = match control::Segment::create(&seg_path, n) {
+            Ok(s) => {
+                log::info!("control segment {}", seg_path.display());
+                Some(s)
+            }
+            Err(e @ control::AbiError::InUse { .. }) => {
+                return Err(StartError::Io(format!(
+                    "instance {:?}: {e}",
+                    config.global.instance
+                )))
+            }
+            Err(e) => {
+                log::warn!("no control segment ({e}); iscsictl cannot reach this dataplane");
+                None
+            }
+        };
         let shared = Arc::new(Shared::new(
             Model::new(config),
             mailboxes,
             park_tx,
             park_waker,
             stop,
+            segment,
         ));
 
         // Hand each device to its home reactor.
@@ -262,6 +280,7 @@ impl Dataplane {
                         keepalive,
                         park_after,
                         spin,
+                        stats: control::ReactorStats::default(),
                     };
                     r.run()
                 })
@@ -334,6 +353,8 @@ struct Reactor {
     park_after: Option<Duration>,
     /// How long to keep polling after the last work before sleeping in epoll.
     spin: Duration,
+    /// This reactor's counters, published to the control segment every tick.
+    stats: control::ReactorStats,
 }
 
 impl Reactor {
@@ -428,6 +449,7 @@ impl Reactor {
                     e.conn.on_tick(now);
                 }
                 self.park_idle(now);
+                self.publish_stats();
             }
             self.flush_and_reap();
             outbox_left = self.env.flush_outbox();
@@ -571,9 +593,33 @@ impl Reactor {
             let uid = r.tag >> 32;
             if let Some(token) = self.uid_to_token.get(&uid) {
                 if let Some(e) = self.conns.get_mut(token) {
-                    e.conn.scsi_done(r);
+                    if let Some(d) = e.conn.scsi_done(r) {
+                        let s = &mut self.stats;
+                        s.commands += 1;
+                        s.read_commands += u64::from(d.read);
+                        s.write_commands += u64::from(d.write);
+                        s.read_bytes += d.bytes_in;
+                        s.write_bytes += d.bytes_out;
+                        s.errors += u64::from(!d.good);
+                        s.record_latency(d.latency.as_micros() as u64);
+                    }
                 }
             }
+        }
+    }
+
+    /// Publishes this reactor's counters (and, on reactor 0, the heartbeat).
+    fn publish_stats(&mut self) {
+        let Some(seg) = self.env.shared.segment.as_ref() else {
+            return;
+        };
+        self.stats.connections = self.conns.len() as u64;
+        self.stats.sessions = self.conns.values().filter(|e| e.conn.tsih() != 0).count() as u64;
+        if let Some(w) = seg.stats_writer(self.env.me) {
+            w.publish(&self.stats);
+        }
+        if self.env.me == 0 {
+            seg.beat();
         }
     }
 
@@ -670,6 +716,7 @@ impl Reactor {
     }
 
     fn shutdown(&mut self) {
+        self.publish_stats();
         log::info!(
             "reactor {}: shutting down: closing {} connections",
             self.env.me,

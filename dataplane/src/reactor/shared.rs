@@ -95,6 +95,8 @@ pub struct Shared {
     /// Connections parked, and connections woken from the parking lot (statistics).
     pub parked_total: AtomicU64,
     pub woken_total: AtomicU64,
+    /// The control segment (statistics, heartbeat), when it could be created.
+    pub segment: Option<control::Segment>,
 }
 
 impl Shared {
@@ -104,6 +106,7 @@ impl Shared {
         park_tx: Sender<ParkMsg>,
         park_waker: Arc<Waker>,
         stop: &'static AtomicBool,
+        segment: Option<control::Segment>,
     ) -> Self {
         Shared {
             model,
@@ -115,6 +118,7 @@ impl Shared {
             stop,
             parked_total: AtomicU64::new(0),
             woken_total: AtomicU64::new(0),
+            segment,
         }
     }
 

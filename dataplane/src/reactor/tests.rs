@@ -112,12 +112,14 @@ impl Client {
 }
 
 fn two_targets(cpumask: &str, park_ms: u32) -> Config {
+    let instance = instance();
     config::parse(
         &format!(
             r#"
 [global]
 cpumask = "{cpumask}"
 idle_park_ms = {park_ms}
+instance = "{instance}"
 [[portal_group]]
 tag = 1
 portals = ["127.0.0.1:0"]
@@ -148,6 +150,16 @@ mappings = [ {{ portal_group = 1, initiator_group = 1 }} ]
     .unwrap()
 }
 
+/// A control-segment instance name no other test uses.
+fn instance() -> String {
+    static N: AtomicUsize = AtomicUsize::new(0);
+    format!(
+        "unit-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
 fn stop_flag() -> &'static AtomicBool {
     Box::leak(Box::new(AtomicBool::new(false)))
 }
@@ -162,6 +174,7 @@ fn serves_login_and_io_over_real_sockets_and_stops_on_request() {
     let mut cfg = config::default_config(Some("127.0.0.1:0"));
     cfg.bdevs[0].kind = crate::tgt::BdevKind::Malloc { size: 4 << 20 };
     cfg.global.cpumask = 1 << allowed_cpus()[0];
+    cfg.global.instance = instance();
     let dp = Dataplane::start(cfg, stop).unwrap();
     let addr = dp.local_addrs()[0];
     // The login byte by byte: the framing must cope with any split.

@@ -20,6 +20,7 @@
 //! buffer_pool_mib = 128             # I/O buffers per reactor, in hugepages when reserved
 //! hugepages = true                  # buffers and malloc bdevs in hugepages when available
 //! poll_spin_us = 50                 # keep polling this long after work before sleeping
+//! instance = "default"              # control segment /dev/shm/iscsi-tgt.<instance>
 //! idle_park_ms = 1000               # park a connection idle this long (0: never)
 //! # negotiation defaults the target offers (RFC 7143 ranges):
 //! max_recv_data_segment_length = 262144   # 512..=16777215
@@ -376,6 +377,7 @@ struct RawGlobal {
     buffer_pool_mib: Option<S<i64>>,
     hugepages: Option<S<bool>>,
     poll_spin_us: Option<S<i64>>,
+    instance: Option<S<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -822,6 +824,19 @@ impl Cx<'_> {
                 d.buffer_pool_mib,
             )?,
             hugepages: flag(&g.hugepages, d.hugepages),
+            instance: match &g.instance {
+                None => d.instance,
+                Some(v) => {
+                    if !valid_instance(v.get_ref()) {
+                        return Err(self.at(
+                            v,
+                            "global.instance",
+                            "1 to 64 of the characters A-Z a-z 0-9 . _ -",
+                        ));
+                    }
+                    v.get_ref().clone()
+                }
+            },
             poll_spin_us: self.u32_or(
                 &g.poll_spin_us,
                 "global.poll_spin_us",
@@ -1177,6 +1192,16 @@ impl Cx<'_> {
     }
 }
 
+/// Whether an instance name is usable in a file name.
+pub fn valid_instance(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+        && name != "."
+        && name != ".."
+}
+
 /// Parses a CPU mask: hexadecimal with `0x` (`"0x3"`) or decimal (`"3"`).
 pub fn parse_cpumask(s: &str) -> Option<u64> {
     let t = s.trim();
@@ -1297,6 +1322,7 @@ mappings = [ { portal_group = 1, initiator_group = 1 } ]
                 buffer_pool_mib: 128,
                 hugepages: true,
                 poll_spin_us: 50,
+                instance: "default".into(),
                 cpumask: 0x1,
                 idle_park_ms: 1000,
             },

@@ -52,6 +52,9 @@ pub struct Global {
     pub hugepages: bool,
     /// Microseconds a reactor keeps polling after its last work before it sleeps.
     pub poll_spin_us: u32,
+    /// Name of this dataplane for the control plane: its segment is
+    /// `/dev/shm/iscsi-tgt.<instance>` and `iscsictl --instance` finds it there.
+    pub instance: String,
     /// CPUs to run reactors on: one pinned reactor thread per set bit.
     pub cpumask: u64,
     /// A connection with no command for this long is parked (0: never), and handed to the
@@ -79,6 +82,7 @@ impl Default for Global {
             buffer_pool_mib: 128,
             hugepages: true,
             poll_spin_us: 50,
+            instance: "default".into(),
             cpumask: 0x1,
             idle_park_ms: 1000,
         }

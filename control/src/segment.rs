@@ -1,0 +1,540 @@
+//! The segment: layout, creation by the dataplane, validated opening by readers, and the
+//! per-reactor statistics seqlocks.
+
+use crate::{ABI_MAGIC, ABI_VERSION};
+use memmap2::{MmapMut, MmapOptions};
+use std::fmt;
+use std::fs::{File, OpenOptions};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{fence, AtomicU32, AtomicU64, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// Latency histogram buckets: bucket `i` counts commands that took below `2^i` µs (the last
+/// one everything slower).
+pub const LATENCY_BUCKETS: usize = 24;
+/// Size reserved for the header.
+const HEADER_SIZE: usize = 4096;
+/// Size of one reactor's statistics block.
+const STATS_STRIDE: usize = 512;
+/// Most reactors a segment describes.
+const MAX_REACTORS: usize = 256;
+
+/// The segment header. Every field is atomic: a reader may look at it while the dataplane
+/// writes it, and the magic is stored last, so a half-created segment never looks valid.
+#[repr(C)]
+pub struct Header {
+    pub magic: AtomicU64,
+    pub abi_version: AtomicU32,
+    pub header_size: AtomicU32,
+    pub segment_size: AtomicU64,
+    pub pid: AtomicU32,
+    pub reactors: AtomicU32,
+    pub start_unix_ms: AtomicU64,
+    /// Milliseconds since start, refreshed by the dataplane every 100 ms or so.
+    pub heartbeat_ms: AtomicU64,
+    pub stats_offset: AtomicU64,
+    pub stats_stride: AtomicU64,
+}
+
+/// One reactor's statistics block (behind its seqlock sequence).
+#[repr(C)]
+struct StatsBlock {
+    seq: AtomicU64,
+    connections: AtomicU64,
+    sessions: AtomicU64,
+    commands: AtomicU64,
+    read_commands: AtomicU64,
+    write_commands: AtomicU64,
+    read_bytes: AtomicU64,
+    write_bytes: AtomicU64,
+    errors: AtomicU64,
+    latency: [AtomicU64; LATENCY_BUCKETS],
+}
+
+const _: () = assert!(std::mem::size_of::<Header>() <= HEADER_SIZE);
+const _: () = assert!(std::mem::size_of::<StatsBlock>() <= STATS_STRIDE);
+
+/// A consistent copy of one reactor's statistics.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ReactorStats {
+    pub connections: u64,
+    pub sessions: u64,
+    pub commands: u64,
+    pub read_commands: u64,
+    pub write_commands: u64,
+    pub read_bytes: u64,
+    pub write_bytes: u64,
+    /// Commands that ended with a status other than GOOD.
+    pub errors: u64,
+    pub latency: [u64; LATENCY_BUCKETS],
+}
+
+impl ReactorStats {
+    /// Adds another block (totals over reactors).
+    pub fn add(&mut self, o: &ReactorStats) {
+        self.connections += o.connections;
+        self.sessions += o.sessions;
+        self.commands += o.commands;
+        self.read_commands += o.read_commands;
+        self.write_commands += o.write_commands;
+        self.read_bytes += o.read_bytes;
+        self.write_bytes += o.write_bytes;
+        self.errors += o.errors;
+        for (a, b) in self.latency.iter_mut().zip(o.latency.iter()) {
+            *a += b;
+        }
+    }
+
+    /// Records one command's latency in microseconds.
+    pub fn record_latency(&mut self, micros: u64) {
+        let bucket = (64 - micros.leading_zeros() as usize).min(LATENCY_BUCKETS - 1);
+        self.latency[bucket] += 1;
+    }
+}
+
+/// Why a segment cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AbiError {
+    /// No segment at that path: the dataplane is not running (with this instance name).
+    NotFound(PathBuf),
+    Io(String),
+    /// Smaller than a header, or than what the header says.
+    Truncated {
+        size: u64,
+        expected: u64,
+    },
+    BadMagic(u64),
+    Version {
+        found: u32,
+        expected: u32,
+    },
+    /// Offsets or counts that do not fit the segment.
+    Corrupt(&'static str),
+    /// Another live dataplane owns this instance.
+    InUse {
+        pid: u32,
+    },
+}
+
+impl fmt::Display for AbiError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            AbiError::NotFound(p) => write!(
+                f,
+                "no control segment at {} (is iscsi-tgt running with this --instance?)",
+                p.display()
+            ),
+            AbiError::Io(e) => write!(f, "{e}"),
+            AbiError::Truncated { size, expected } => {
+                write!(f, "segment of {size} bytes, expected {expected}")
+            }
+            AbiError::BadMagic(m) => write!(f, "not an iscsi-tgt control segment (magic {m:#x})"),
+            AbiError::Version { found, expected } => write!(
+                f,
+                "control ABI version {found}, this iscsictl speaks {expected}: use the matching iscsictl"
+            ),
+            AbiError::Corrupt(what) => write!(f, "corrupt control segment: {what}"),
+            AbiError::InUse { pid } => write!(
+                f,
+                "another iscsi-tgt (pid {pid}) is running with this instance name"
+            ),
+        }
+    }
+}
+
+impl std::error::Error for AbiError {}
+
+/// The segment path of an instance.
+pub fn segment_path(instance: &str) -> PathBuf {
+    PathBuf::from(format!("/dev/shm/iscsi-tgt.{instance}"))
+}
+
+fn pid_alive(pid: u32) -> bool {
+    // SAFETY: kill with signal 0 only checks whether the process exists.
+    pid != 0 && unsafe { libc::kill(pid as libc::pid_t, 0) } == 0
+}
+
+/// A mapped segment, as its creator (the dataplane) or a reader (`iscsictl`).
+pub struct Segment {
+    map: MmapMut,
+    path: PathBuf,
+    owner: bool,
+}
+
+// SAFETY: all shared access goes through atomics inside the mapping.
+unsafe impl Send for Segment {}
+// SAFETY: as above.
+unsafe impl Sync for Segment {}
+
+impl Segment {
+    /// Creates (or replaces a stale) segment for `reactors` reactors. Fails when a live
+    /// dataplane owns the instance.
+    pub fn create(path: &Path, reactors: usize) -> Result<Segment, AbiError> {
+        if reactors == 0 || reactors > MAX_REACTORS {
+            return Err(AbiError::Corrupt("reactor count out of range"));
+        }
+        if let Ok(old) = Segment::open(path) {
+            let pid = old.header().pid.load(Ordering::Acquire);
+            if pid != std::process::id() && pid_alive(pid) {
+                return Err(AbiError::InUse { pid });
+            }
+        }
+        // A stale or foreign file: replace it (unlink first so a reader still mapping the
+        // old one keeps a consistent view of it).
+        let _ = std::fs::remove_file(path);
+        let size = HEADER_SIZE + reactors * STATS_STRIDE;
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(path)
+            .map_err(|e| AbiError::Io(format!("create {}: {e}", path.display())))?;
+        file.set_len(size as u64)
+            .map_err(|e| AbiError::Io(format!("size {}: {e}", path.display())))?;
+        // SAFETY: we just created and sized the file; the mapping is shared so readers see
+        // our stores; all concurrent access goes through atomics.
+        let map = unsafe { MmapOptions::new().len(size).map_mut(&file) }
+            .map_err(|e| AbiError::Io(format!("map {}: {e}", path.display())))?;
+        let seg = Segment {
+            map,
+            path: path.to_path_buf(),
+            owner: true,
+        };
+        let h = seg.header();
+        let now_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        h.abi_version.store(ABI_VERSION, Ordering::Relaxed);
+        h.header_size.store(HEADER_SIZE as u32, Ordering::Relaxed);
+        h.segment_size.store(size as u64, Ordering::Relaxed);
+        h.pid.store(std::process::id(), Ordering::Relaxed);
+        h.reactors.store(reactors as u32, Ordering::Relaxed);
+        h.start_unix_ms.store(now_ms, Ordering::Relaxed);
+        h.heartbeat_ms.store(0, Ordering::Relaxed);
+        h.stats_offset.store(HEADER_SIZE as u64, Ordering::Relaxed);
+        h.stats_stride.store(STATS_STRIDE as u64, Ordering::Relaxed);
+        // Last: the magic makes the segment valid for readers.
+        h.magic.store(ABI_MAGIC, Ordering::Release);
+        Ok(seg)
+    }
+
+    /// Opens and validates an existing segment.
+    pub fn open(path: &Path) -> Result<Segment, AbiError> {
+        let file = File::options()
+            .read(true)
+            .write(true)
+            .open(path)
+            .map_err(|e| match e.kind() {
+                std::io::ErrorKind::NotFound => AbiError::NotFound(path.to_path_buf()),
+                _ => AbiError::Io(format!("open {}: {e}", path.display())),
+            })?;
+        let size = file
+            .metadata()
+            .map_err(|e| AbiError::Io(e.to_string()))?
+            .len();
+        if size < HEADER_SIZE as u64 {
+            return Err(AbiError::Truncated {
+                size,
+                expected: HEADER_SIZE as u64,
+            });
+        }
+        // SAFETY: a shared mapping of the whole file; we only touch it through atomics and
+        // only within bounds validated below.
+        let map = unsafe { MmapOptions::new().len(size as usize).map_mut(&file) }
+            .map_err(|e| AbiError::Io(format!("map {}: {e}", path.display())))?;
+        let seg = Segment {
+            map,
+            path: path.to_path_buf(),
+            owner: false,
+        };
+        seg.validate(size)?;
+        Ok(seg)
+    }
+
+    fn validate(&self, size: u64) -> Result<(), AbiError> {
+        let h = self.header();
+        let magic = h.magic.load(Ordering::Acquire);
+        if magic != ABI_MAGIC {
+            return Err(AbiError::BadMagic(magic));
+        }
+        let version = h.abi_version.load(Ordering::Relaxed);
+        if version != ABI_VERSION {
+            return Err(AbiError::Version {
+                found: version,
+                expected: ABI_VERSION,
+            });
+        }
+        let declared = h.segment_size.load(Ordering::Relaxed);
+        if declared != size {
+            return Err(AbiError::Truncated {
+                size,
+                expected: declared,
+            });
+        }
+        let off = h.stats_offset.load(Ordering::Relaxed);
+        let stride = h.stats_stride.load(Ordering::Relaxed);
+        let n = u64::from(h.reactors.load(Ordering::Relaxed));
+        if off < HEADER_SIZE as u64 || stride < std::mem::size_of::<StatsBlock>() as u64 {
+            return Err(AbiError::Corrupt("statistics layout"));
+        }
+        if n == 0 || n > MAX_REACTORS as u64 {
+            return Err(AbiError::Corrupt("reactor count"));
+        }
+        let end = stride
+            .checked_mul(n)
+            .and_then(|b| b.checked_add(off))
+            .ok_or(AbiError::Corrupt("statistics size overflows"))?;
+        if end > size || !off.is_multiple_of(8) || !stride.is_multiple_of(8) {
+            return Err(AbiError::Corrupt("statistics beyond the segment"));
+        }
+        Ok(())
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn header(&self) -> &Header {
+        // SAFETY: the mapping is at least HEADER_SIZE bytes (checked at open/create) and
+        // page-aligned; Header is repr(C) of atomics, valid for any bit pattern.
+        unsafe { &*(self.map.as_ptr() as *const Header) }
+    }
+
+    /// Reactors described.
+    pub fn reactors(&self) -> usize {
+        self.header().reactors.load(Ordering::Relaxed) as usize
+    }
+
+    fn block(&self, i: usize) -> Option<&StatsBlock> {
+        let h = self.header();
+        if i >= self.reactors() {
+            return None;
+        }
+        let off = h.stats_offset.load(Ordering::Relaxed) as usize
+            + i * h.stats_stride.load(Ordering::Relaxed) as usize;
+        if off + std::mem::size_of::<StatsBlock>() > self.map.len() {
+            return None;
+        }
+        // SAFETY: in bounds (checked), 8-byte aligned (validated offset and stride on a
+        // page-aligned mapping), and StatsBlock is repr(C) of atomics.
+        Some(unsafe { &*(self.map.as_ptr().add(off) as *const StatsBlock) })
+    }
+
+    /// The writer for reactor `i`'s block (the dataplane; one writer per block).
+    pub fn stats_writer(&self, i: usize) -> Option<StatsWriter<'_>> {
+        self.block(i).map(|b| StatsWriter { block: b })
+    }
+
+    /// A consistent snapshot of reactor `i`'s statistics; None if the writer kept it busy
+    /// through every retry (or it does not exist).
+    pub fn read_stats(&self, i: usize) -> Option<ReactorStats> {
+        let b = self.block(i)?;
+        for _ in 0..1000 {
+            let s1 = b.seq.load(Ordering::Acquire);
+            if s1 % 2 == 1 {
+                std::hint::spin_loop();
+                continue;
+            }
+            let mut s = ReactorStats {
+                connections: b.connections.load(Ordering::Relaxed),
+                sessions: b.sessions.load(Ordering::Relaxed),
+                commands: b.commands.load(Ordering::Relaxed),
+                read_commands: b.read_commands.load(Ordering::Relaxed),
+                write_commands: b.write_commands.load(Ordering::Relaxed),
+                read_bytes: b.read_bytes.load(Ordering::Relaxed),
+                write_bytes: b.write_bytes.load(Ordering::Relaxed),
+                errors: b.errors.load(Ordering::Relaxed),
+                ..ReactorStats::default()
+            };
+            for (d, a) in s.latency.iter_mut().zip(b.latency.iter()) {
+                *d = a.load(Ordering::Relaxed);
+            }
+            fence(Ordering::Acquire);
+            if b.seq.load(Ordering::Relaxed) == s1 {
+                return Some(s);
+            }
+        }
+        None
+    }
+
+    /// Statistics summed over every reactor.
+    pub fn total_stats(&self) -> Option<ReactorStats> {
+        let mut t = ReactorStats::default();
+        for i in 0..self.reactors() {
+            t.add(&self.read_stats(i)?);
+        }
+        Some(t)
+    }
+
+    /// Refreshes the heartbeat (the dataplane).
+    pub fn beat(&self) {
+        let h = self.header();
+        let start = h.start_unix_ms.load(Ordering::Relaxed);
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        h.heartbeat_ms
+            .store(now.saturating_sub(start), Ordering::Release);
+    }
+}
+
+impl Drop for Segment {
+    fn drop(&mut self) {
+        if self.owner {
+            // Readers that still map it keep their copy; new readers find no segment.
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+/// Publishes one reactor's statistics.
+pub struct StatsWriter<'a> {
+    block: &'a StatsBlock,
+}
+
+impl StatsWriter<'_> {
+    /// Stores a new snapshot under the seqlock.
+    pub fn publish(&self, s: &ReactorStats) {
+        let b = self.block;
+        let seq = b.seq.load(Ordering::Relaxed);
+        b.seq.store(seq.wrapping_add(1), Ordering::Relaxed);
+        fence(Ordering::Release);
+        b.connections.store(s.connections, Ordering::Relaxed);
+        b.sessions.store(s.sessions, Ordering::Relaxed);
+        b.commands.store(s.commands, Ordering::Relaxed);
+        b.read_commands.store(s.read_commands, Ordering::Relaxed);
+        b.write_commands.store(s.write_commands, Ordering::Relaxed);
+        b.read_bytes.store(s.read_bytes, Ordering::Relaxed);
+        b.write_bytes.store(s.write_bytes, Ordering::Relaxed);
+        b.errors.store(s.errors, Ordering::Relaxed);
+        for (a, v) in b.latency.iter().zip(s.latency.iter()) {
+            a.store(*v, Ordering::Relaxed);
+        }
+        b.seq.store(seq.wrapping_add(2), Ordering::Release);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn temp(name: &str) -> PathBuf {
+        std::env::temp_dir().join(format!("iscsi-ctl-test-{}-{name}", std::process::id()))
+    }
+
+    #[test]
+    fn create_publish_read_and_remove() {
+        let p = temp("rw");
+        let seg = Segment::create(&p, 2).unwrap();
+        let mut s = ReactorStats {
+            commands: 10,
+            read_commands: 6,
+            write_commands: 4,
+            read_bytes: 6 * 4096,
+            ..ReactorStats::default()
+        };
+        s.record_latency(30);
+        seg.stats_writer(1).unwrap().publish(&s);
+        seg.beat();
+        let reader = Segment::open(&p).unwrap();
+        assert_eq!(reader.reactors(), 2);
+        assert_eq!(reader.read_stats(1).unwrap(), s);
+        assert_eq!(reader.read_stats(0).unwrap(), ReactorStats::default());
+        assert_eq!(reader.total_stats().unwrap().commands, 10);
+        assert_eq!(reader.total_stats().unwrap().latency[5], 1, "30 us < 32 us");
+        assert_eq!(
+            reader.header().pid.load(Ordering::Relaxed),
+            std::process::id()
+        );
+        assert!(reader.read_stats(2).is_none());
+        drop(reader);
+        drop(seg);
+        assert!(matches!(Segment::open(&p), Err(AbiError::NotFound(_))));
+    }
+
+    #[test]
+    fn garbage_truncation_and_versions_are_refused() {
+        let p = temp("bad");
+        std::fs::write(&p, vec![0xAB; 100]).unwrap();
+        assert!(matches!(
+            Segment::open(&p),
+            Err(AbiError::Truncated { size: 100, .. })
+        ));
+        std::fs::write(&p, vec![0xAB; 8192]).unwrap();
+        assert!(matches!(Segment::open(&p), Err(AbiError::BadMagic(_))));
+        // A valid segment with another version.
+        let seg = Segment::create(&p, 1).unwrap();
+        seg.header().abi_version.store(99, Ordering::Relaxed);
+        assert!(matches!(
+            Segment::open(&p),
+            Err(AbiError::Version { found: 99, .. })
+        ));
+        seg.header()
+            .abi_version
+            .store(ABI_VERSION, Ordering::Relaxed);
+        seg.header().reactors.store(100_000, Ordering::Relaxed);
+        assert!(matches!(Segment::open(&p), Err(AbiError::Corrupt(_))));
+        seg.header().reactors.store(1, Ordering::Relaxed);
+        seg.header()
+            .stats_offset
+            .store(u64::MAX - 10, Ordering::Relaxed);
+        assert!(matches!(Segment::open(&p), Err(AbiError::Corrupt(_))));
+    }
+
+    #[test]
+    fn a_live_owner_keeps_its_instance_and_a_stale_one_is_replaced() {
+        let p = temp("owner");
+        let seg = Segment::create(&p, 1).unwrap();
+        // A different live process (pid 1) claims it: refused.
+        seg.header().pid.store(1, Ordering::Relaxed);
+        assert_eq!(
+            Segment::create(&p, 1).err(),
+            Some(AbiError::InUse { pid: 1 })
+        );
+        // A dead owner: replaced.
+        seg.header().pid.store(u32::MAX - 1, Ordering::Relaxed);
+        std::mem::forget(seg);
+        let fresh = Segment::create(&p, 1).unwrap();
+        assert_eq!(
+            fresh.header().pid.load(Ordering::Relaxed),
+            std::process::id()
+        );
+    }
+
+    #[test]
+    fn readers_never_see_a_torn_block() {
+        let p = temp("seqlock");
+        let seg = std::sync::Arc::new(Segment::create(&p, 1).unwrap());
+        let w = seg.clone();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stop2 = stop.clone();
+        let writer = std::thread::spawn(move || {
+            let sw = w.stats_writer(0).unwrap();
+            let mut n = 0u64;
+            while !stop2.load(Ordering::Relaxed) && n < 2_000_000 {
+                n += 1;
+                let s = ReactorStats {
+                    commands: n,
+                    read_commands: n,
+                    write_commands: n,
+                    read_bytes: n,
+                    ..ReactorStats::default()
+                };
+                sw.publish(&s);
+            }
+        });
+        let reader = Segment::open(&p).unwrap();
+        let mut seen = 0;
+        for _ in 0..20_000 {
+            if let Some(s) = reader.read_stats(0) {
+                assert_eq!(s.commands, s.read_commands);
+                assert_eq!(s.commands, s.write_commands);
+                assert_eq!(s.commands, s.read_bytes);
+                seen += 1;
+            }
+        }
+        stop.store(true, Ordering::Relaxed);
+        writer.join().unwrap();
+        assert!(seen > 0);
+    }
+}
