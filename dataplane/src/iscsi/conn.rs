@@ -955,7 +955,15 @@ impl Connection {
                 self.reject(RejectReason::LongOperationReject, &bhs);
                 return;
             }
-            self.create_task(cmd.clone());
+        }
+        let (immediate, cmdsn) = (cmd.immediate, cmd.cmdsn);
+        let unsolicited_len = if cmd.write && !cmd.final_bit && !self.sp.initial_r2t {
+            self.sp.first_burst_length.min(cmd.edtl).max(dsl)
+        } else {
+            dsl
+        };
+        if dsl == 0 {
+            self.create_task(cmd);
         }
         // With immediate data the task was created at header time.
         let Some(task) = self.tasks.get_mut(&itt) else {
@@ -963,23 +971,19 @@ impl Connection {
         };
         task.received = dsl;
         task.unsolicited_received = dsl;
-        task.unsolicited_len = if cmd.write && !cmd.final_bit && !self.sp.initial_r2t {
-            self.sp.first_burst_length.min(cmd.edtl).max(dsl)
-        } else {
-            dsl
-        };
-        task.next_solicit = task.unsolicited_len;
-        if cmd.immediate {
+        task.unsolicited_len = unsolicited_len;
+        task.next_solicit = unsolicited_len;
+        if immediate {
             self.deliver_command(itt, env);
             return;
         }
-        match self.cmdsn_check(cmd.cmdsn) {
+        match self.cmdsn_check(cmdsn) {
             Some(true) => {
                 self.deliver_command(itt, env);
                 self.advance_cmdsn(env, now);
             }
             Some(false) => {
-                self.deferred.insert(cmd.cmdsn, Deferred::Scsi(itt));
+                self.deferred.insert(cmdsn, Deferred::Scsi(itt));
             }
             None => {
                 self.tasks.remove(&itt);
@@ -1195,7 +1199,8 @@ impl Connection {
             tag: (self.uid << 32) | u64::from(itt),
             nexus: self.nexus,
             lun: task.lun,
-            cdb: task.cmd.cdb.clone(),
+            // The CDB is not needed once the command is submitted.
+            cdb: std::mem::take(&mut task.cmd.cdb),
             expected_len: task.cmd.edtl,
             direction,
             data_out: task.buf.take(),
