@@ -159,6 +159,11 @@ pub struct Segment {
     map: MmapMut,
     path: PathBuf,
     owner: bool,
+    /// The layout, as created or as validated at open. Never re-read from the mapping:
+    /// another process may scribble over the header at any time.
+    reactors: usize,
+    stats_offset: usize,
+    stats_stride: usize,
 }
 
 // SAFETY: all shared access goes through atomics inside the mapping.
@@ -199,6 +204,9 @@ impl Segment {
             map,
             path: path.to_path_buf(),
             owner: true,
+            reactors,
+            stats_offset: HEADER_SIZE,
+            stats_stride: STATS_STRIDE,
         };
         let h = seg.header();
         let now_ms = SystemTime::now()
@@ -242,16 +250,23 @@ impl Segment {
         // only within bounds validated below.
         let map = unsafe { MmapOptions::new().len(size as usize).map_mut(&file) }
             .map_err(|e| AbiError::Io(format!("map {}: {e}", path.display())))?;
-        let seg = Segment {
+        let mut seg = Segment {
             map,
             path: path.to_path_buf(),
             owner: false,
+            reactors: 0,
+            stats_offset: 0,
+            stats_stride: 0,
         };
-        seg.validate(size)?;
+        let (reactors, off, stride) = seg.validate(size)?;
+        seg.reactors = reactors;
+        seg.stats_offset = off;
+        seg.stats_stride = stride;
         Ok(seg)
     }
 
-    fn validate(&self, size: u64) -> Result<(), AbiError> {
+    /// Checks the header against the file; returns the layout (reactors, offset, stride).
+    fn validate(&self, size: u64) -> Result<(usize, usize, usize), AbiError> {
         let h = self.header();
         let magic = h.magic.load(Ordering::Acquire);
         if magic != ABI_MAGIC {
@@ -287,7 +302,7 @@ impl Segment {
         if end > size || !off.is_multiple_of(8) || !stride.is_multiple_of(8) {
             return Err(AbiError::Corrupt("statistics beyond the segment"));
         }
-        Ok(())
+        Ok((n as usize, off as usize, stride as usize))
     }
 
     pub fn path(&self) -> &Path {
@@ -302,16 +317,14 @@ impl Segment {
 
     /// Reactors described.
     pub fn reactors(&self) -> usize {
-        self.header().reactors.load(Ordering::Relaxed) as usize
+        self.reactors
     }
 
     fn block(&self, i: usize) -> Option<&StatsBlock> {
-        let h = self.header();
-        if i >= self.reactors() {
+        if i >= self.reactors {
             return None;
         }
-        let off = h.stats_offset.load(Ordering::Relaxed) as usize
-            + i * h.stats_stride.load(Ordering::Relaxed) as usize;
+        let off = self.stats_offset + i * self.stats_stride;
         if off + std::mem::size_of::<StatsBlock>() > self.map.len() {
             return None;
         }
@@ -478,6 +491,25 @@ mod tests {
         seg.header()
             .stats_offset
             .store(u64::MAX - 10, Ordering::Relaxed);
+        assert!(matches!(Segment::open(&p), Err(AbiError::Corrupt(_))));
+    }
+
+    #[test]
+    fn the_owner_ignores_scribbles_on_the_header() {
+        let p = temp("scribble");
+        let seg = Segment::create(&p, 2).unwrap();
+        // Another process overwrites the layout fields: the owner keeps its own layout.
+        seg.header().reactors.store(u32::MAX, Ordering::Relaxed);
+        seg.header().stats_offset.store(3, Ordering::Relaxed);
+        seg.header().stats_stride.store(u64::MAX, Ordering::Relaxed);
+        let s = ReactorStats {
+            commands: 5,
+            ..ReactorStats::default()
+        };
+        seg.stats_writer(1).unwrap().publish(&s);
+        assert!(seg.stats_writer(2).is_none());
+        assert_eq!(seg.read_stats(1).unwrap(), s);
+        // A reader opening it now refuses the scribbled layout.
         assert!(matches!(Segment::open(&p), Err(AbiError::Corrupt(_))));
     }
 
