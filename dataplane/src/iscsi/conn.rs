@@ -331,30 +331,12 @@ impl Connection {
         self.uid
     }
 
-    pub fn peer(&self) -> SocketAddr {
-        self.peer
-    }
-
-    /// The target this connection's session is logged in to.
-    pub fn target(&self) -> Option<TargetId> {
-        self.target
-    }
-
     pub fn tsih(&self) -> u16 {
         self.tsih
     }
 
-    pub fn initiator_name(&self) -> &str {
-        &self.initiator_name
-    }
-
     pub fn in_full_feature(&self) -> bool {
         matches!(self.phase, Phase::FullFeature)
-    }
-
-    /// Tasks this connection holds (received and not yet answered).
-    pub fn active_tasks(&self) -> usize {
-        self.tasks.len()
     }
 
     /// True when nothing is in progress: logged in, no command, no PDU half received, nothing
@@ -611,7 +593,7 @@ impl Connection {
             return;
         }
         let dest = match &parsed {
-            Ok(Request::ScsiCommand(cmd)) if dsl > 0 => self.prepare_command(cmd, dsl, env),
+            Ok(Request::ScsiCommand(cmd)) if dsl > 0 => self.prepare_command(cmd, dsl),
             Ok(Request::DataOut(d)) if dsl > 0 => self.data_out_dest(d),
             _ => Some(RxDest::Scratch),
         };
@@ -696,7 +678,7 @@ impl Connection {
         let Phase::Login(login) = &mut self.phase else {
             return;
         };
-        match login.handle(&lr, &data, self.local, env) {
+        match login.handle(&lr, &data, env) {
             LoginStep::Continue(bhs, d) => self.push(bhs, OutData::Owned(d)),
             LoginStep::Failed(bhs, d, status) => {
                 self.push(bhs, OutData::Owned(d));
@@ -869,13 +851,7 @@ impl Connection {
     /// Called at header time for a command with immediate data: creates the task and its
     /// buffer so the data lands in place. Returns where the data goes, or None when the
     /// command was refused (its data is then discarded).
-    fn prepare_command(
-        &mut self,
-        cmd: &ScsiCommand,
-        dsl: u32,
-        env: &mut dyn TargetEnv,
-    ) -> Option<RxDest> {
-        let _ = env;
+    fn prepare_command(&mut self, cmd: &ScsiCommand, dsl: u32) -> Option<RxDest> {
         if !matches!(self.phase, Phase::FullFeature) || self.session_type != SessionType::Normal {
             return Some(RxDest::Scratch);
         }

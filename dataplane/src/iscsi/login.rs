@@ -145,10 +145,8 @@ impl Login {
         &mut self,
         req: &LoginRequest,
         data: &[u8],
-        local: SocketAddr,
         env: &mut dyn TargetEnv,
     ) -> LoginStep {
-        let _ = local;
         self.itt = req.itt;
         if !self.started {
             self.started = true;

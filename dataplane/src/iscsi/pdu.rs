@@ -2,8 +2,8 @@
 //! requests parsed from it, and typed responses emitted into a caller's header buffer.
 //!
 //! Parsing is split in two so the transport can read a header first and then the data segment
-//! straight into its final place: [`Bhs::parse_lengths`] tells how many bytes of AHS, data
-//! and padding follow, and [`Request::parse`] turns a complete header (+ AHS) into a typed
+//! straight into its final place: [`Bhs::total_ahs_len`] and [`Bhs::data_segment_len`] tell
+//! how many bytes follow (plus [`pad_len`] padding), and [`Request::parse`] turns a complete header (+ AHS) into a typed
 //! value. Nothing here panics on any input: every malformed header maps to a [`PduError`]
 //! that names the Reject reason to answer with.
 
@@ -122,17 +122,6 @@ impl fmt::Debug for Bhs {
     }
 }
 
-/// Sizes of what follows a BHS on the wire.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct FollowingLengths {
-    /// Additional header segments, bytes (a multiple of 4).
-    pub ahs: usize,
-    /// Data segment, bytes, without padding.
-    pub data: usize,
-    /// Padding after the data segment.
-    pub pad: usize,
-}
-
 impl Bhs {
     pub fn new() -> Self {
         Bhs([0; BHS_LEN])
@@ -177,16 +166,6 @@ impl Bhs {
 
     pub fn u32_at(&self, at: usize) -> u32 {
         be32(&self.0, at)
-    }
-
-    /// Lengths of the AHS, data and padding that follow this header.
-    pub fn parse_lengths(&self) -> FollowingLengths {
-        let data = self.data_segment_len() as usize;
-        FollowingLengths {
-            ahs: self.total_ahs_len(),
-            data,
-            pad: pad_len(data),
-        }
     }
 
     fn set_opcode(&mut self, op: u8) {

@@ -8,7 +8,7 @@ use crate::iscsi::conn::Connection;
 use crate::iscsi::TargetId;
 use crate::scsi::{NexusId, ScsiResponse, ScsiTask};
 use crate::tgt::live::{Model, Registry};
-use crossbeam_channel::{Receiver, Sender};
+use crossbeam_channel::Sender;
 use mio::net::TcpStream;
 use mio::Waker;
 use std::net::SocketAddr;
@@ -153,9 +153,4 @@ impl Shared {
             let _ = m.waker.wake();
         }
     }
-}
-
-/// A reactor's own end of its mailbox.
-pub struct Inbox {
-    pub rx: Receiver<Msg>,
 }

@@ -35,6 +35,11 @@ pub(super) fn response(
 }
 
 /// A response with data truncated to the allocation length.
+/// GOOD status without data.
+fn good(tag: u64, wanted: u32) -> ScsiResponse {
+    response(tag, ScsiStatus::Good, Vec::new(), None, wanted)
+}
+
 fn with_data(tag: u64, mut data: Vec<u8>, alloc: u32, wanted: u32) -> ScsiResponse {
     data.truncate(usize::try_from(alloc).unwrap_or(usize::MAX));
     response(
@@ -344,15 +349,7 @@ impl Lun {
     ) -> Result<Option<ScsiResponse>, Sense> {
         let tag = task.tag;
         let nexus = task.nexus;
-        let good = || {
-            Ok(Some(response(
-                tag,
-                ScsiStatus::Good,
-                Vec::new(),
-                None,
-                wanted,
-            )))
-        };
+        let good = || Ok(Some(good(tag, wanted)));
         if self.mode.swp && cmd.writes_medium() {
             return Err(Sense::new(key::DATA_PROTECT, asc::WRITE_PROTECTED));
         }
@@ -632,13 +629,7 @@ impl Lun {
         let have = task.data_out.as_ref().map_or(0, IoBuf::len) / bs;
         let blocks = blocks.min(u32::try_from(have).unwrap_or(u32::MAX));
         if blocks == 0 {
-            return Ok(Some(response(
-                task.tag,
-                ScsiStatus::Good,
-                Vec::new(),
-                None,
-                wanted,
-            )));
+            return Ok(Some(good(task.tag, wanted)));
         }
         let mut buf = task.data_out.unwrap_or_default();
         buf.truncate(blocks as usize * bs);
@@ -715,13 +706,7 @@ impl Lun {
             return Err(Sense::illegal(asc::INVALID_COMMAND_OPCODE));
         }
         if len == 0 {
-            return Ok(Some(response(
-                task.tag,
-                ScsiStatus::Good,
-                Vec::new(),
-                None,
-                wanted,
-            )));
+            return Ok(Some(good(task.tag, wanted)));
         }
         let data = task.data_out.as_ref().map(IoBuf::as_slice).unwrap_or(&[]);
         let data = &data[..data.len().min(len as usize)];
@@ -750,13 +735,7 @@ impl Lun {
             }
         }
         if ranges.is_empty() {
-            return Ok(Some(response(
-                task.tag,
-                ScsiStatus::Good,
-                Vec::new(),
-                None,
-                wanted,
-            )));
+            return Ok(Some(good(task.tag, wanted)));
         }
         self.start(task.tag, wanted, Kind::Unmap { ranges }, None)
     }
@@ -782,13 +761,7 @@ impl Lun {
             return Err(Sense::invalid_cdb(if or { 10 } else { 13 }, None));
         }
         if blocks == 0 {
-            return Ok(Some(response(
-                task.tag,
-                ScsiStatus::Good,
-                Vec::new(),
-                None,
-                wanted,
-            )));
+            return Ok(Some(good(task.tag, wanted)));
         }
         let data = task.data_out.unwrap_or_default();
         let kind = Kind::ReadModifyWrite {
