@@ -4,8 +4,8 @@
 //! Parsing is split in two so the transport can read a header first and then the data segment
 //! straight into its final place: [`Bhs::total_ahs_len`] and [`Bhs::data_segment_len`] tell
 //! how many bytes follow (plus [`pad_len`] padding), and [`Request::parse`] turns a complete
-//! header (+ AHS) into a typed value. Nothing here panics on any input: every malformed header maps to a [`PduError`]
-//! that names the Reject reason to answer with.
+//! header (+ AHS) into a typed value. Nothing here panics on any input: every malformed
+//! header maps to a [`PduError`] that names the Reject reason to answer with.
 
 use std::fmt;
 
