@@ -54,7 +54,12 @@ fn parse_args() -> Result<Args, String> {
                 std::process::exit(0);
             }
             "-V" | "--version" => {
-                println!("iscsi-tgt {}", env!("CARGO_PKG_VERSION"));
+                let features = if cfg!(feature = "dpdk") {
+                    "transports: kernel, tap, dpdk"
+                } else {
+                    "transports: kernel, tap"
+                };
+                println!("iscsi-tgt {} ({features})", env!("CARGO_PKG_VERSION"));
                 std::process::exit(0);
             }
             other => return Err(format!("unknown argument {other:?}\n{USAGE}")),
@@ -123,7 +128,7 @@ fn run() -> Result<(), String> {
         cfg.global.instance = name.clone();
     }
     if args.check {
-        dataplane::reactor::cpus_of_mask(cfg.global.cpumask).map_err(|e| e.to_string())?;
+        dataplane::reactor::check_config(&cfg).map_err(|e| e.to_string())?;
         println!("configuration is valid");
         return Ok(());
     }

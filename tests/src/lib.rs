@@ -278,7 +278,7 @@ impl Target {
         if let Some(t) = Self::external() {
             return t;
         }
-        Self::spawn_with_retries(name, None, &[])
+        Self::spawn_with_retries(name, None, &[], None)
     }
 
     /// Start `iscsi-tgt` with its built-in default config plus extra command-line
@@ -287,13 +287,31 @@ impl Target {
         if let Some(t) = Self::external() {
             return t;
         }
-        Self::spawn_with_retries(name, None, args)
+        Self::spawn_with_retries(name, None, args, None)
     }
 
     /// Start `iscsi-tgt --config <dir>/config.toml` (plus `--listen` on a free
     /// port). `iqn`/`lun` say which LUN the test talks to.
     pub fn start_with_config(name: &str, toml: &str, iqn: &str, lun: u32) -> Target {
-        let mut t = Self::spawn_with_retries(name, Some(toml), &[]);
+        let mut t = Self::spawn_with_retries(name, Some(toml), &[], None);
+        t.iqn = iqn.to_string();
+        t.lun = lun;
+        t
+    }
+
+    /// Start `iscsi-tgt --config` inside network namespace `ns`, serving `portal` (an
+    /// address of the namespace, e.g. a userspace stack's on a TAP interface). No
+    /// `--listen`: the configuration's portals are used as they are.
+    pub fn start_in_netns(
+        name: &str,
+        ns: &NetNs,
+        toml: &str,
+        portal: SocketAddr,
+        iqn: &str,
+        lun: u32,
+        args: &[&str],
+    ) -> Target {
+        let mut t = Self::spawn_with_retries(name, Some(toml), args, Some((ns, portal)));
         t.iqn = iqn.to_string();
         t.lun = lun;
         t
@@ -321,12 +339,17 @@ impl Target {
         })
     }
 
-    fn spawn_with_retries(name: &str, toml: Option<&str>, args: &[&str]) -> Target {
+    fn spawn_with_retries(
+        name: &str,
+        toml: Option<&str>,
+        args: &[&str],
+        ns: Option<(&NetNs, SocketAddr)>,
+    ) -> Target {
         let mut last_err = String::new();
         // A port picked by free_port() can be grabbed by someone else before
         // the target binds it; retry a few times with fresh ports.
         for _ in 0..3 {
-            match Self::spawn_once(name, toml, args) {
+            match Self::spawn_once(name, toml, args, ns) {
                 Ok(t) => return t,
                 Err(e) => last_err = e,
             }
@@ -334,10 +357,18 @@ impl Target {
         panic!("iscsi-tgt did not start:\n{last_err}");
     }
 
-    fn spawn_once(name: &str, toml: Option<&str>, args: &[&str]) -> Result<Target, String> {
+    fn spawn_once(
+        name: &str,
+        toml: Option<&str>,
+        args: &[&str],
+        ns: Option<(&NetNs, SocketAddr)>,
+    ) -> Result<Target, String> {
         let bin = target_bin();
         let port = free_port();
-        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let addr: SocketAddr = match ns {
+            Some((_, portal)) => portal,
+            None => format!("127.0.0.1:{port}").parse().unwrap(),
+        };
         let dir = artifacts_dir().join(format!("{name}-{port}"));
         let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(&dir).map_err(|e| format!("mkdir {}: {e}", dir.display()))?;
@@ -345,15 +376,24 @@ impl Target {
         let log_file = File::create(&log).map_err(|e| format!("create log: {e}"))?;
         let log_err = log_file.try_clone().map_err(|e| e.to_string())?;
 
-        let mut cmd = Command::new(&bin);
+        let mut cmd = match ns {
+            // `ip netns exec` execs the target: the child's pid is the target's.
+            Some((ns, _)) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns.name()]).arg(&bin);
+                c
+            }
+            None => Command::new(&bin),
+        };
         if let Some(toml) = toml {
             let cfg = dir.join("config.toml");
             fs::write(&cfg, toml).map_err(|e| format!("write {}: {e}", cfg.display()))?;
             cmd.arg("--config").arg(&cfg);
         }
-        cmd.arg("--listen")
-            .arg(addr.to_string())
-            .arg("--log-level")
+        if ns.is_none() {
+            cmd.arg("--listen").arg(addr.to_string());
+        }
+        cmd.arg("--log-level")
             .arg(std::env::var("E2E_LOG_LEVEL").unwrap_or_else(|_| "info".into()))
             // Each target its own control segment: tests run targets side by side.
             .arg("--instance")
@@ -378,7 +418,11 @@ impl Target {
                     fs::read_to_string(&log).unwrap_or_default()
                 ));
             }
-            if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+            let up = match ns {
+                Some((ns, _)) => ns.can_connect(addr),
+                None => TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok(),
+            };
+            if up {
                 break;
             }
             if Instant::now() >= deadline {
@@ -485,6 +529,94 @@ impl Target {
 impl Drop for Target {
     fn drop(&mut self) {
         let _ = self.stop();
+    }
+}
+
+// ------------------------------------------------------------------ network namespaces
+
+/// A network namespace of the test's own, deleted (with its interfaces) when dropped.
+pub struct NetNs {
+    name: String,
+}
+
+fn ip(args: &[&str]) -> Result<(), String> {
+    let out = run_with_timeout(Command::new("ip").args(args), Duration::from_secs(10));
+    if out.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "ip {}: {}{}",
+            args.join(" "),
+            out.stdout,
+            out.stderr
+        ))
+    }
+}
+
+impl NetNs {
+    /// Creates `<prefix>-<pid>-<n>` with its loopback up. Err when namespaces cannot be
+    /// made here (not root, no iproute2): callers skip with that message.
+    pub fn new(prefix: &str) -> Result<NetNs, String> {
+        static N: Mutex<u32> = Mutex::new(0);
+        let n = {
+            let mut g = N.lock().unwrap_or_else(|e| e.into_inner());
+            *g += 1;
+            *g
+        };
+        let name = format!("{prefix}-{}-{n}", std::process::id());
+        let _ = ip(&["netns", "del", &name]);
+        ip(&["netns", "add", &name])?;
+        let ns = NetNs { name };
+        ns.exec_ok(&["ip", "link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// A persistent TAP interface `dev` in the namespace with `host_cidr` on the kernel
+    /// side, up.
+    pub fn add_tap(&self, dev: &str, host_cidr: &str) -> Result<(), String> {
+        self.exec_ok(&["ip", "tuntap", "add", "dev", dev, "mode", "tap"])?;
+        self.exec_ok(&["ip", "addr", "add", host_cidr, "dev", dev])?;
+        self.exec_ok(&["ip", "link", "set", dev, "up"])
+    }
+
+    /// A command that runs `program` inside the namespace.
+    pub fn command(&self, program: &str) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.name, program]);
+        c
+    }
+
+    fn exec_ok(&self, argv: &[&str]) -> Result<(), String> {
+        let mut c = self.command(argv[0]);
+        c.args(&argv[1..]);
+        let out = run_with_timeout(&mut c, Duration::from_secs(10));
+        if out.success() {
+            Ok(())
+        } else {
+            Err(format!("{}: {}{}", argv.join(" "), out.stdout, out.stderr))
+        }
+    }
+
+    /// Whether a TCP connection to `addr` from inside the namespace succeeds.
+    pub fn can_connect(&self, addr: SocketAddr) -> bool {
+        let probe = format!(
+            "exec 3<>/dev/tcp/{}/{}",
+            addr.ip().to_string().trim_matches(['[', ']']),
+            addr.port()
+        );
+        let mut c = self.command("timeout");
+        c.args(["2", "bash", "-c", &probe]);
+        run_with_timeout(&mut c, Duration::from_secs(5)).success()
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        let _ = ip(&["netns", "del", &self.name]);
     }
 }
 

@@ -6,13 +6,15 @@
 //! * the run must be complete: the parsed results must cover exactly the tests
 //!   `iscsi-test-cu -l` lists for the ALL family.
 //!
-//! It runs twice: on one reactor (the default) and on two (`--cpumask 0x3`).
+//! It runs three times: on one reactor (the default), on two (`--cpumask 0x3`), and over
+//! the userspace TCP stack (smoltcp) on a TAP interface in a network namespace of its own.
 //!
 //! Full output: target/e2e/<label>-iscsi-test-cu.log; really passing tests (candidates
 //! for the claimed list): target/e2e/<label>-iscsi-test-cu-passing.txt.
 
 use e2e::{
-    artifacts_dir, parse_claimed, parse_iscsi_test_cu, run_with_timeout, workspace_root, Target,
+    artifacts_dir, parse_claimed, parse_iscsi_test_cu, run_with_timeout, workspace_root, NetNs,
+    Target,
 };
 use std::collections::BTreeSet;
 use std::fs;
@@ -68,7 +70,56 @@ fn iscsi_test_cu_all_two_reactors() {
     run_suite("compliance-2r", &["--cpumask", "0x3"]);
 }
 
+/// The suite over the userspace TCP stack: the target runs smoltcp on a TAP interface
+/// inside a network namespace, and iscsi-test-cu connects from the kernel side of it.
+#[test]
+fn iscsi_test_cu_all_tap() {
+    let ns = match NetNs::new("cu-tap") {
+        Ok(ns) => ns,
+        Err(e) => {
+            eprintln!("skipped: cannot make a network namespace here: {e}");
+            return;
+        }
+    };
+    ns.add_tap("cutap0", "10.78.0.1/24").expect("TAP interface");
+    let iqn = "iqn.2026-11.io.iscsi-tgt:tap";
+    let toml = format!(
+        r#"
+[[portal_group]]
+tag = 1
+portals = ["10.78.0.2:3260"]
+transport = "tap"
+[portal_group.userspace]
+device = "cutap0"
+addresses = ["10.78.0.2/24"]
+
+[[initiator_group]]
+tag = 1
+initiators = ["ANY"]
+netmasks = ["ANY"]
+
+[[bdev]]
+name = "Malloc0"
+type = "malloc"
+size = "1GiB"
+
+[[target]]
+name = "{iqn}"
+luns = [ {{ lun = 0, bdev = "Malloc0" }} ]
+mappings = [ {{ portal_group = 1, initiator_group = 1 }} ]
+"#
+    );
+    let portal = "10.78.0.2:3260".parse().unwrap();
+    let t = Target::start_in_netns("compliance-tap", &ns, &toml, portal, iqn, 0, &[]);
+    run_suite_on("compliance-tap", t, Some(&ns));
+}
+
 fn run_suite(label: &str, args: &[&str]) {
+    let t = Target::start_with_args(label, args);
+    run_suite_on(label, t, None);
+}
+
+fn run_suite_on(label: &str, mut t: Target, ns: Option<&NetNs>) {
     let claimed_path = workspace_root().join("tests/claimed-tests.txt");
     let claimed = parse_claimed(
         &fs::read_to_string(&claimed_path)
@@ -77,13 +128,11 @@ fn run_suite(label: &str, args: &[&str]) {
     .unwrap_or_else(|e| panic!("{e}"));
     let listed = listed_tests();
 
-    let mut t = Target::start_with_args(label, args);
-    let out = run_with_timeout(
-        Command::new("iscsi-test-cu")
-            .args(["-d", "-t", FAMILY])
-            .arg(t.lun_url()),
-        cu_timeout(),
-    );
+    let mut cu = match ns {
+        Some(ns) => ns.command("iscsi-test-cu"),
+        None => Command::new("iscsi-test-cu"),
+    };
+    let out = run_with_timeout(cu.args(["-d", "-t", FAMILY]).arg(t.lun_url()), cu_timeout());
     let log = artifacts_dir().join(format!("{label}-iscsi-test-cu.log"));
     fs::write(&log, format!("{out}\n")).expect("write iscsi-test-cu.log");
     eprintln!(

@@ -11,6 +11,11 @@
 //! - Parking: a connection idle for `idle_park_ms` leaves its reactor for the parking lot
 //!   ([`park`]) and comes back, when it speaks again, to whichever reactor is least loaded.
 //!
+//! - Userspace TCP: portal groups with `transport = "tap"` (or `"dpdk"`) are served by a
+//!   smoltcp stack ([`crate::net::stack`]) that reactor 0 owns with its packet device; their
+//!   connections stay on reactor 0 (a socket lives in its stack) and are never parked, while
+//!   their commands still reach devices homed elsewhere by message.
+//!
 //! Sessions have one connection each (MaxConnections settles at 1), so CmdSN ordering is a
 //! per-connection matter and never spans reactors.
 
@@ -21,10 +26,11 @@ pub mod shared;
 use crate::iscsi::conn::{CloseReason, Connection, Keepalive};
 use crate::mem::pool::{set_thread_pool, BufferPool};
 use crate::mem::region::HugePages;
+use crate::net::stack::{self, Stack, UserStack};
 use crate::net::tcp;
 use crate::scsi::Device;
 use crate::tgt::live::{build_devices, BuildError, Model};
-use crate::tgt::Config;
+use crate::tgt::{Config, Transport};
 use env::ReactorEnv;
 use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token, Waker};
@@ -50,7 +56,11 @@ const IDLE_WAIT: Duration = Duration::from_millis(100);
 const WAKER_TOKEN: Token = Token(1 << 20);
 /// Block devices' completion fds (io_uring eventfds) share one token.
 const COMPLETION_TOKEN: Token = Token((1 << 20) + 1);
-const FIRST_CONN_TOKEN: usize = (1 << 20) + 2;
+/// The userspace stack's packet device (TAP fd).
+const USER_TOKEN: Token = Token((1 << 20) + 2);
+const FIRST_CONN_TOKEN: usize = (1 << 20) + 3;
+/// Longest sleep of a reactor whose userspace stack has no fd to wake it (DPDK).
+const POLLED_DEVICE_WAIT: Duration = Duration::from_millis(1);
 
 /// Errors starting the dataplane.
 #[derive(Debug)]
@@ -127,6 +137,7 @@ pub struct Dataplane {
 impl Dataplane {
     /// Builds the devices, binds the portals and starts one reactor per CPU of the mask.
     pub fn start(config: Config, stop: &'static AtomicBool) -> Result<Dataplane, StartError> {
+        check_config(&config)?;
         let cpus = cpus_of_mask(config.global.cpumask)?;
         crate::mem::region::allow_hugepages(config.global.hugepages);
         if let Some((total, free)) = crate::mem::region::hugepages_available() {
@@ -161,9 +172,27 @@ impl Dataplane {
         );
         let (park_tx, park_rx) = crossbeam_channel::bounded(INBOX_CAPACITY);
 
-        // Listeners belong to reactor 0.
+        // Listeners belong to reactor 0, and so do the userspace stacks.
         let mut portals = Vec::new();
+        let mut user_addrs = Vec::new();
+        let mut stacks: Vec<Box<dyn UserStack>> = Vec::new();
         for pg in &config.portal_groups {
+            if pg.transport != Transport::Kernel {
+                let st = build_stack(pg, &config)?;
+                log::info!(
+                    "portal group {}: userspace TCP on {}, listening on {}",
+                    pg.tag,
+                    st.describe(),
+                    pg.portals
+                        .iter()
+                        .map(|p| p.to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                );
+                user_addrs.extend(pg.portals.iter().copied());
+                stacks.push(st);
+                continue;
+            }
             for addr in &pg.portals {
                 let mut listener = tcp::listen(*addr)
                     .map_err(|e| StartError::Io(format!("cannot listen on {addr}: {e}")))?;
@@ -183,7 +212,13 @@ impl Dataplane {
                 });
             }
         }
-        let addrs = portals.iter().map(|p| p.addr).collect();
+        let addrs = portals.iter().map(|p| p.addr).chain(user_addrs).collect();
+        if stacks.len() > 1 {
+            return Err(StartError::Io(
+                "one userspace portal group per dataplane for now".into(),
+            ));
+        }
+        let mut user = stacks.pop();
 
         let g = &config.global;
         let keepalive = Keepalive {
@@ -244,6 +279,7 @@ impl Dataplane {
             } else {
                 Vec::new()
             };
+            let my_user = if i == 0 { user.take() } else { None };
             let handle = std::thread::Builder::new()
                 .name(format!("reactor-{i}"))
                 .spawn(move || {
@@ -281,6 +317,7 @@ impl Dataplane {
                         park_after,
                         spin,
                         stats: control::ReactorStats::default(),
+                        user: my_user,
                     };
                     r.run()
                 })
@@ -333,8 +370,15 @@ struct Portal {
     addr: SocketAddr,
 }
 
+/// How a connection's bytes travel.
+enum Link {
+    Kernel(TcpStream),
+    /// A socket of the reactor's userspace stack.
+    User(smoltcp::iface::SocketHandle),
+}
+
 struct Entry {
-    stream: TcpStream,
+    link: Link,
     conn: Connection,
     /// More bytes may be waiting (the read budget ran out).
     read_pending: bool,
@@ -355,6 +399,8 @@ struct Reactor {
     spin: Duration,
     /// This reactor's counters, published to the control segment every tick.
     stats: control::ReactorStats,
+    /// The userspace TCP stack this reactor runs (reactor 0 only).
+    user: Option<Box<dyn UserStack>>,
 }
 
 impl Reactor {
@@ -373,6 +419,13 @@ impl Reactor {
                 Interest::READABLE,
             )?;
         }
+        if let Some(fd) = self.user.as_ref().and_then(|u| u.fd()) {
+            self.poll.registry().register(
+                &mut mio::unix::SourceFd(&fd),
+                USER_TOKEN,
+                Interest::READABLE,
+            )?;
+        }
         let mut last_tick = Instant::now();
         let stop = self.env.shared.stop;
         let mut outbox_left = false;
@@ -387,7 +440,7 @@ impl Reactor {
             // wakeup is most of the latency a target can save. Past the spin the reactor
             // sleeps, so an idle target costs nothing.
             let spinning = !busy && last_work.elapsed() < self.spin;
-            let timeout = if busy || spinning {
+            let mut timeout = if busy || spinning {
                 Duration::ZERO
             } else {
                 // Announce the sleep, then look at the inbox once more: a sender that saw
@@ -399,6 +452,16 @@ impl Reactor {
                     Duration::ZERO
                 }
             };
+            if let Some(u) = self.user.as_mut() {
+                // TCP's timers (retransmission, delayed close), and a device without an fd
+                // must be looked at regularly.
+                if let Some(d) = u.poll_delay(Instant::now()) {
+                    timeout = timeout.min(d);
+                }
+                if u.fd().is_none() {
+                    timeout = timeout.min(POLLED_DEVICE_WAIT);
+                }
+            }
             let polled = self.poll.poll(&mut events, Some(timeout));
             self.mailbox().sleeping.store(false, Ordering::SeqCst);
             match polled {
@@ -419,6 +482,9 @@ impl Reactor {
                     self.env.ack_completions();
                     continue;
                 }
+                if token == USER_TOKEN {
+                    continue;
+                }
                 if token.0 < FIRST_CONN_TOKEN {
                     self.accept(token.0, now);
                 } else {
@@ -433,6 +499,9 @@ impl Reactor {
                 }
             }
             self.drain_inbox(now);
+            if self.poll_user(now) {
+                last_work = now;
+            }
             let pending: Vec<Token> = self
                 .conns
                 .iter()
@@ -452,6 +521,10 @@ impl Reactor {
                 self.publish_stats();
             }
             self.flush_and_reap();
+            // Push out what the connections just queued. This also takes in packets that
+            // arrived meanwhile and drains the device's fd, so their connections must be
+            // marked now: no epoll edge will announce those bytes again.
+            self.poll_user(Instant::now());
             outbox_left = self.env.flush_outbox();
             let load = self.conns.len() + self.env.local_in_flight();
             self.mailbox().load.store(load, Ordering::Relaxed);
@@ -484,7 +557,6 @@ impl Reactor {
 
     fn adopt(&mut self, mut stream: TcpStream, conn: Connection) {
         let token = Token(self.next_token);
-        self.next_token += 1;
         if let Err(e) = self
             .poll
             .registry()
@@ -493,6 +565,43 @@ impl Reactor {
             log::warn!("conn {}: cannot register: {e}", conn.uid());
             return;
         }
+        self.insert(Link::Kernel(stream), conn);
+    }
+
+    /// Polls the userspace stack and takes its new connections; marks the connections with
+    /// bytes waiting. Returns whether anything happened.
+    fn poll_user(&mut self, now: Instant) -> bool {
+        let Some(u) = self.user.as_mut() else {
+            return false;
+        };
+        let mut changed = u.poll(now);
+        let mut accepted = Vec::new();
+        while let Some(a) = u.accept() {
+            accepted.push(a);
+        }
+        for a in accepted {
+            changed = true;
+            log::debug!("accepted {} on {} (userspace)", a.peer, a.local);
+            let uid = self.env.shared.new_uid();
+            let conn = Connection::new(uid, a.peer, a.local, a.pg_tag, self.keepalive, now);
+            self.insert(Link::User(a.handle), conn);
+        }
+        if let Some(u) = self.user.as_ref() {
+            for e in self.conns.values_mut() {
+                if let Link::User(h) = e.link {
+                    if u.readable(h) {
+                        e.read_pending = true;
+                        changed = true;
+                    }
+                }
+            }
+        }
+        changed
+    }
+
+    fn insert(&mut self, link: Link, conn: Connection) {
+        let token = Token(self.next_token);
+        self.next_token += 1;
         log::debug!(
             "conn {}: on reactor {} ({} connections)",
             conn.uid(),
@@ -503,7 +612,7 @@ impl Reactor {
         self.conns.insert(
             token,
             Entry {
-                stream,
+                link,
                 conn,
                 read_pending: true,
                 writable_interest: false,
@@ -568,7 +677,12 @@ impl Reactor {
                 break;
             }
             let want = buf.len().min(budget);
-            match tcp::read_some(&mut e.stream, &mut buf[..want]) {
+            let got = match (&mut e.link, self.user.as_mut()) {
+                (Link::Kernel(s), _) => tcp::read_some(s, &mut buf[..want]),
+                (Link::User(h), Some(u)) => u.recv(*h, &mut buf[..want]),
+                (Link::User(_), None) => Ok(Some(0)),
+            };
+            match got {
                 Ok(Some(0)) => {
                     e.conn.force_close(CloseReason::PeerClosed);
                     break;
@@ -632,20 +746,26 @@ impl Reactor {
             .conns
             .iter()
             .filter(|(_, e)| {
-                e.conn.is_idle() && !e.read_pending && now.duration_since(e.conn.last_rx()) >= after
+                matches!(e.link, Link::Kernel(_))
+                    && e.conn.is_idle()
+                    && !e.read_pending
+                    && now.duration_since(e.conn.last_rx()) >= after
             })
             .map(|(t, _)| *t)
             .collect();
         for t in idle {
-            let Some(mut e) = self.conns.remove(&t) else {
+            let Some(e) = self.conns.remove(&t) else {
+                continue;
+            };
+            let Link::Kernel(mut stream) = e.link else {
                 continue;
             };
             self.uid_to_token.remove(&e.conn.uid());
-            let _ = self.poll.registry().deregister(&mut e.stream);
+            let _ = self.poll.registry().deregister(&mut stream);
             log::debug!("conn {}: parked by reactor {}", e.conn.uid(), self.env.me);
             self.env.shared.parked_total.fetch_add(1, Ordering::Relaxed);
             let moving = Box::new(Moving {
-                stream: e.stream,
+                stream,
                 conn: e.conn,
             });
             match self.env.shared.park_tx.try_send(ParkMsg::Park(moving)) {
@@ -676,22 +796,21 @@ impl Reactor {
         let mut dead = Vec::new();
         for (token, e) in self.conns.iter_mut() {
             if e.conn.has_tx() {
-                if let Err(err) = flush(e) {
+                if let Err(err) = flush(e, self.user.as_mut()) {
                     log::debug!("conn {}: write error: {err}", e.conn.uid());
                     e.conn.force_close(CloseReason::PeerClosed);
                 }
                 let want_writable = e.conn.has_tx();
-                if want_writable != e.writable_interest {
-                    let interest = if want_writable {
-                        Interest::READABLE | Interest::WRITABLE
-                    } else {
-                        Interest::READABLE
-                    };
-                    let _ = self
-                        .poll
-                        .registry()
-                        .reregister(&mut e.stream, *token, interest);
-                    e.writable_interest = want_writable;
+                if let Link::Kernel(stream) = &mut e.link {
+                    if want_writable != e.writable_interest {
+                        let interest = if want_writable {
+                            Interest::READABLE | Interest::WRITABLE
+                        } else {
+                            Interest::READABLE
+                        };
+                        let _ = self.poll.registry().reregister(stream, *token, interest);
+                        e.writable_interest = want_writable;
+                    }
                 }
             }
             if e.conn.wants_close().is_some() {
@@ -708,7 +827,7 @@ impl Reactor {
                         .cloned()
                         .unwrap_or(CloseReason::PeerClosed)
                 );
-                let _ = self.poll.registry().deregister(&mut e.stream);
+                self.unlink(&mut e.link);
                 e.conn.teardown(&mut self.env);
                 self.uid_to_token.remove(&e.conn.uid());
             }
@@ -730,16 +849,90 @@ impl Reactor {
             std::thread::sleep(Duration::from_millis(1));
         }
         self.complete_scsi();
-        for (_, mut e) in self.conns.drain() {
-            let _ = flush(&mut e);
+        let conns: Vec<Entry> = self.conns.drain().map(|(_, e)| e).collect();
+        for mut e in conns {
+            let _ = flush(&mut e, self.user.as_mut());
+            self.unlink(&mut e.link);
             e.conn.teardown(&mut self.env);
+        }
+        if let Some(u) = self.user.as_mut() {
+            // Let the userspace stack send what was queued and the FINs.
+            for _ in 0..10 {
+                u.poll(Instant::now());
+                std::thread::sleep(Duration::from_millis(1));
+            }
         }
         self.env.flush_devices();
     }
+
+    /// Detaches a closing connection's transport: epoll for the kernel's, a graceful close
+    /// for the userspace stack's.
+    fn unlink(&mut self, link: &mut Link) {
+        match link {
+            Link::Kernel(s) => {
+                let _ = self.poll.registry().deregister(s);
+            }
+            Link::User(h) => {
+                if let Some(u) = self.user.as_mut() {
+                    u.close(*h);
+                }
+            }
+        }
+    }
+}
+
+/// What can be checked without starting: the core mask, and that every portal group's
+/// transport is compiled in.
+pub fn check_config(config: &Config) -> Result<(), StartError> {
+    cpus_of_mask(config.global.cpumask)?;
+    for pg in &config.portal_groups {
+        if pg.transport == Transport::Dpdk && !cfg!(feature = "dpdk") {
+            return Err(no_dpdk(pg.tag));
+        }
+    }
+    Ok(())
+}
+
+fn no_dpdk(tag: u16) -> StartError {
+    StartError::Io(format!(
+        "portal group {tag}: transport \"dpdk\" needs a build with the cargo feature `dpdk` \
+         (cargo build --release --features dpdk)"
+    ))
+}
+
+/// Builds the userspace stack of a portal group on its packet device.
+fn build_stack(
+    pg: &crate::tgt::PortalGroup,
+    config: &Config,
+) -> Result<Box<dyn UserStack>, StartError> {
+    let net = pg
+        .userspace
+        .as_ref()
+        .ok_or_else(|| StartError::Io(format!("portal group {}: no userspace settings", pg.tag)))?;
+    let portals: Vec<(SocketAddr, u16)> = pg.portals.iter().map(|p| (*p, pg.tag)).collect();
+    let err = |e: stack::StackError| StartError::Io(format!("portal group {}: {e}", pg.tag));
+    match pg.transport {
+        Transport::Tap => {
+            let phy = stack::TapPhy::open(&net.device).map_err(err)?;
+            Ok(Box::new(Stack::new(phy, net, &portals).map_err(err)?))
+        }
+        Transport::Dpdk => build_dpdk_stack(pg, net, &portals, config),
+        Transport::Kernel => Err(StartError::Io("not a userspace portal group".into())),
+    }
+}
+
+#[cfg(not(feature = "dpdk"))]
+fn build_dpdk_stack(
+    pg: &crate::tgt::PortalGroup,
+    _net: &crate::tgt::UserspaceNet,
+    _portals: &[(SocketAddr, u16)],
+    _config: &Config,
+) -> Result<Box<dyn UserStack>, StartError> {
+    Err(no_dpdk(pg.tag))
 }
 
 /// Writes as much of the connection's queue as the socket takes.
-fn flush(e: &mut Entry) -> io::Result<()> {
+fn flush(e: &mut Entry, mut user: Option<&mut Box<dyn UserStack>>) -> io::Result<()> {
     loop {
         let written = {
             let mut iov: Vec<IoSlice<'_>> = Vec::with_capacity(MAX_IOV);
@@ -747,7 +940,11 @@ fn flush(e: &mut Entry) -> io::Result<()> {
             if iov.is_empty() {
                 return Ok(());
             }
-            tcp::write_some(&mut e.stream, &iov)?
+            match (&mut e.link, user.as_deref_mut()) {
+                (Link::Kernel(s), _) => tcp::write_some(s, &iov)?,
+                (Link::User(h), Some(u)) => u.send(*h, &iov)?,
+                (Link::User(_), None) => return Err(io::Error::other("no userspace stack")),
+            }
         };
         match written {
             Some(0) => return Err(io::Error::new(io::ErrorKind::WriteZero, "peer gone")),

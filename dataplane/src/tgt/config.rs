@@ -38,6 +38,27 @@
 //! tag = 1                           # 1..=65535, unique
 //! portals = ["127.0.0.1:3260", "[::1]:3260"]   # IP literal and port; unique across groups
 //!
+//! [[portal_group]]                  # userspace TCP (smoltcp) instead of the kernel's
+//! tag = 2
+//! portals = ["10.0.0.2:3260"]       # each on one of the stack's addresses
+//! transport = "tap"                 # kernel (default) | tap | dpdk (a build with --features dpdk)
+//! [portal_group.userspace]          # required with tap and dpdk, refused with kernel
+//! device = "iscsi0"                 # tap: interface (created if missing); dpdk: port name or number
+//! addresses = ["10.0.0.2/24"]       # the stack's own addresses/prefixes, 1 to 4, IPv4 and IPv6
+//! gateways = ["10.0.0.1"]           # optional default routes: one IPv4, one IPv6 at most
+//! mac = "02:00:00:00:00:02"         # optional; default: the DPDK port's, or derived from device
+//! socket_buffer = "512KiB"          # receive and transmit window per connection, 16KiB..=64MiB
+//! listen_backlog = 16               # listening sockets kept ready per portal, 1..=256
+//! max_connections = 1024            # connections on this stack, 1..=65535
+//!
+//! [dpdk]                            # optional; EAL settings for transport = "dpdk"
+//! eal_args = ["--vdev=net_tap0,iface=dtap0"]   # extra EAL arguments
+//! pci_allow = ["0000:3b:00.0"]      # NICs DPDK may take (-a)
+//! no_huge = false                   # --no-huge (tests, machines without hugepages)
+//! memory_mib = 512                  # -m, 64..
+//! file_prefix = "iscsi-tgt-default" # default: iscsi-tgt-<instance>
+//! mbufs = 16383                     # packet buffers in the port's mempool
+//!
 //! [[initiator_group]]
 //! tag = 1                           # 1..=65535, unique
 //! initiators = ["ANY"]              # exact names, "ANY", or "!name" to deny
@@ -86,6 +107,7 @@ use super::{
     BdevConfig, BdevKind, Config, FileEngine, Global, InitiatorGroup, LunMapping, Netmask,
     PortGroupMapping, PortalGroup, TargetNode, DEFAULT_PORTAL, DEFAULT_TARGET_NAME,
 };
+use super::{DpdkConfig, Transport, UserspaceNet};
 use serde::Deserialize;
 use std::collections::HashMap;
 use std::fmt;
@@ -183,6 +205,8 @@ fn built_in(portal: SocketAddr) -> Config {
         portal_groups: vec![PortalGroup {
             tag: 1,
             portals: vec![portal],
+            transport: Transport::Kernel,
+            userspace: None,
         }],
         initiator_groups: vec![InitiatorGroup {
             tag: 1,
@@ -207,6 +231,7 @@ fn built_in(portal: SocketAddr) -> Config {
             }],
             queue_depth: 128,
         }],
+        dpdk: None,
     }
 }
 
@@ -270,6 +295,39 @@ pub fn parse_netmask(s: &str) -> Result<Netmask, String> {
         },
     };
     Ok(Netmask::Cidr { addr, prefix })
+}
+
+/// Parses an interface address with its prefix length (`10.0.0.2/24`, `fd00::2/64`).
+pub fn parse_cidr(s: &str) -> Result<(IpAddr, u8), String> {
+    let bad = || format!("{s:?} is not an address/prefix (e.g. \"10.0.0.2/24\")");
+    let (a, p) = s.trim().split_once('/').ok_or_else(bad)?;
+    let addr: IpAddr = a.parse().map_err(|_| bad())?;
+    let max = if addr.is_ipv4() { 32 } else { 128 };
+    match p.parse::<u8>() {
+        Ok(p) if (1..=max).contains(&p) => Ok((addr, p)),
+        _ => Err(format!("{s:?}: prefix length must be 1..={max}")),
+    }
+}
+
+/// Parses an Ethernet address (`02:00:00:00:00:01`); a multicast address is refused.
+pub fn parse_mac(s: &str) -> Result<[u8; 6], String> {
+    let bad = || format!("{s:?} is not an Ethernet address (e.g. \"02:00:00:00:00:01\")");
+    let mut mac = [0u8; 6];
+    let mut parts = s.trim().split([':', '-']);
+    for b in mac.iter_mut() {
+        let p = parts.next().ok_or_else(bad)?;
+        if p.len() != 2 {
+            return Err(bad());
+        }
+        *b = u8::from_str_radix(p, 16).map_err(|_| bad())?;
+    }
+    if parts.next().is_some() {
+        return Err(bad());
+    }
+    if mac[0] & 1 != 0 {
+        return Err(format!("{s:?} is a multicast address"));
+    }
+    Ok(mac)
 }
 
 /// Checks an iSCSI name (RFC 7143 §4.2.7) and returns it lower-cased.
@@ -353,6 +411,30 @@ struct RawFile {
     bdev: Vec<S<RawBdev>>,
     #[serde(default)]
     target: Vec<S<RawTarget>>,
+    dpdk: Option<S<RawDpdk>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDpdk {
+    eal_args: Option<S<Vec<S<String>>>>,
+    pci_allow: Option<S<Vec<S<String>>>>,
+    no_huge: Option<S<bool>>,
+    memory_mib: Option<S<i64>>,
+    file_prefix: Option<S<String>>,
+    mbufs: Option<S<i64>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawUserspace {
+    device: Option<S<String>>,
+    addresses: Option<S<Vec<S<String>>>>,
+    gateways: Option<S<Vec<S<String>>>>,
+    mac: Option<S<String>>,
+    socket_buffer: Option<S<toml::Value>>,
+    listen_backlog: Option<S<i64>>,
+    max_connections: Option<S<i64>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -385,6 +467,8 @@ struct RawGlobal {
 struct RawPortalGroup {
     tag: Option<S<i64>>,
     portals: Option<S<Vec<S<String>>>>,
+    transport: Option<S<String>>,
+    userspace: Option<S<RawUserspace>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -671,12 +755,32 @@ impl Cx<'_> {
             }
             targets.push(target);
         }
+        let mut devices: HashMap<&str, usize> = HashMap::new();
+        for (i, pg) in portal_groups.iter().enumerate() {
+            if let Some(u) = &pg.userspace {
+                if let Some(prev) = devices.insert(u.device.as_str(), i) {
+                    return Err(self.err(
+                        None,
+                        &format!("portal_group[{i}].userspace.device"),
+                        format!("device {:?} already used by portal_group[{prev}]", u.device),
+                    ));
+                }
+            }
+        }
+        let dpdk = match &raw.dpdk {
+            Some(d) => Some(self.dpdk(d)?),
+            None if portal_groups.iter().any(|p| p.transport == Transport::Dpdk) => {
+                Some(DpdkConfig::default())
+            }
+            None => None,
+        };
         Ok(Config {
             global,
             portal_groups,
             initiator_groups,
             bdevs,
             targets,
+            dpdk,
         })
     }
 
@@ -889,7 +993,176 @@ impl Cx<'_> {
             }
             Ok(addr)
         })?;
-        Ok(PortalGroup { tag, portals })
+        let transport = match &raw.transport {
+            None => Transport::Kernel,
+            Some(t) => match t.get_ref().as_str() {
+                "kernel" => Transport::Kernel,
+                "tap" => Transport::Tap,
+                "dpdk" => Transport::Dpdk,
+                other => {
+                    return Err(self.at(
+                        t,
+                        &format!("{base}.transport"),
+                        format!("{other:?} is not one of kernel, tap, dpdk"),
+                    ))
+                }
+            },
+        };
+        let us_key = format!("{base}.userspace");
+        let userspace = match (&raw.userspace, transport) {
+            (None, Transport::Kernel) => None,
+            (Some(u), Transport::Kernel) => {
+                return Err(self.at(u, &us_key, "only for transport = \"tap\" or \"dpdk\""))
+            }
+            (None, _) => {
+                return Err(self.at(
+                    pg,
+                    &us_key,
+                    format!("missing (required with transport = {:?})", transport.name()),
+                ))
+            }
+            (Some(u), _) => Some(self.userspace(u, &us_key, &portals)?),
+        };
+        Ok(PortalGroup {
+            tag,
+            portals,
+            transport,
+            userspace,
+        })
+    }
+
+    fn userspace(
+        &self,
+        u: &S<RawUserspace>,
+        base: &str,
+        portals: &[SocketAddr],
+    ) -> R<UserspaceNet> {
+        let raw = u.get_ref();
+        let dev_key = format!("{base}.device");
+        let device = self.required(&raw.device, u, &dev_key)?;
+        if device.get_ref().is_empty() || device.get_ref().len() > 64 {
+            return Err(self.at(device, &dev_key, "must be 1 to 64 characters"));
+        }
+        let addresses = self.list(&raw.addresses, u, &format!("{base}.addresses"), |s, key| {
+            parse_cidr(s.get_ref()).map_err(|m| self.at(s, key, m))
+        })?;
+        if addresses.is_empty() {
+            return Err(self.at(
+                u,
+                &format!("{base}.addresses"),
+                "at least one address/prefix",
+            ));
+        }
+        if addresses.len() > 4 {
+            return Err(self.at(u, &format!("{base}.addresses"), "at most 4 addresses"));
+        }
+        let gateways = match &raw.gateways {
+            None => Vec::new(),
+            Some(_) => self.list(&raw.gateways, u, &format!("{base}.gateways"), |s, key| {
+                s.get_ref()
+                    .trim()
+                    .parse::<IpAddr>()
+                    .map_err(|_| self.at(s, key, format!("{:?} is not an IP address", s.get_ref())))
+            })?,
+        };
+        if gateways.iter().filter(|g| g.is_ipv4()).count() > 1
+            || gateways.iter().filter(|g| g.is_ipv6()).count() > 1
+        {
+            return Err(self.at(
+                u,
+                &format!("{base}.gateways"),
+                "at most one IPv4 and one IPv6 gateway",
+            ));
+        }
+        for p in portals {
+            if !addresses.iter().any(|(a, _)| *a == p.ip()) {
+                return Err(self.at(
+                    u,
+                    &format!("{base}.addresses"),
+                    format!("portal {p} is not on one of the stack's addresses"),
+                ));
+            }
+        }
+        let mac = match &raw.mac {
+            None => None,
+            Some(m) => {
+                Some(parse_mac(m.get_ref()).map_err(|e| self.at(m, &format!("{base}.mac"), e))?)
+            }
+        };
+        let sb_key = format!("{base}.socket_buffer");
+        let socket_buffer = match &raw.socket_buffer {
+            None => 512 * 1024,
+            Some(v) => {
+                let bytes = match v.get_ref() {
+                    toml::Value::Integer(n) => u64::try_from(*n).ok(),
+                    toml::Value::String(s) => {
+                        Some(parse_size(s).map_err(|m| self.at(v, &sb_key, m))?)
+                    }
+                    _ => None,
+                };
+                match bytes {
+                    Some(b) if (16 * 1024..=64 << 20).contains(&b) => b as usize,
+                    _ => return Err(self.at(v, &sb_key, "expected 16KiB..=64MiB")),
+                }
+            }
+        };
+        let listen_backlog = self.u32_or(
+            &raw.listen_backlog,
+            &format!("{base}.listen_backlog"),
+            1,
+            256,
+            16,
+        )? as u16;
+        let max_connections = self.u32_or(
+            &raw.max_connections,
+            &format!("{base}.max_connections"),
+            1,
+            65_535,
+            1024,
+        )?;
+        Ok(UserspaceNet {
+            device: device.get_ref().clone(),
+            addresses,
+            gateways,
+            mac,
+            socket_buffer,
+            listen_backlog,
+            max_connections,
+        })
+    }
+
+    fn dpdk(&self, d: &S<RawDpdk>) -> R<DpdkConfig> {
+        let raw = d.get_ref();
+        let def = DpdkConfig::default();
+        let strings = |v: &Option<S<Vec<S<String>>>>, key: &str| -> R<Vec<String>> {
+            match v {
+                None => Ok(Vec::new()),
+                Some(_) => self.list(v, d, key, |s, _| Ok(s.get_ref().clone())),
+            }
+        };
+        let file_prefix = match &raw.file_prefix {
+            None => None,
+            Some(p) => {
+                if !valid_instance(p.get_ref()) {
+                    return Err(self.at(p, "dpdk.file_prefix", "use 1 to 64 of [A-Za-z0-9._-]"));
+                }
+                Some(p.get_ref().clone())
+            }
+        };
+        Ok(DpdkConfig {
+            eal_args: strings(&raw.eal_args, "dpdk.eal_args")?,
+            pci_allow: strings(&raw.pci_allow, "dpdk.pci_allow")?,
+            no_huge: raw.no_huge.as_ref().map_or(def.no_huge, |b| *b.get_ref()),
+            memory_mib: self.u32_or(
+                &raw.memory_mib,
+                "dpdk.memory_mib",
+                64,
+                1 << 20,
+                def.memory_mib,
+            )?,
+            file_prefix,
+            mbufs: self.u32_or(&raw.mbufs, "dpdk.mbufs", 1023, 1 << 22, def.mbufs)?,
+        })
     }
 
     fn initiator_group(&self, ig: &S<RawInitiatorGroup>, base: &str) -> R<InitiatorGroup> {
@@ -1332,6 +1605,8 @@ mappings = [ { portal_group = 1, initiator_group = 1 } ]
                     "127.0.0.1:3260".parse().unwrap(),
                     "[::1]:3260".parse().unwrap(),
                 ],
+                transport: Transport::Kernel,
+                userspace: None,
             }],
             initiator_groups: vec![InitiatorGroup {
                 tag: 1,
@@ -1383,6 +1658,7 @@ mappings = [ { portal_group = 1, initiator_group = 1 } ]
                 }],
                 queue_depth: 128,
             }],
+            dpdk: None,
         };
         assert_eq!(c, expected);
         // Every [global] value of the example is the default.
@@ -1405,7 +1681,34 @@ mappings = [ { portal_group = 1, initiator_group = 1 } ]
             .collect();
         let start = doc.find("```toml\n").expect("a toml block") + "```toml\n".len();
         let len = doc[start..].find("```").expect("its end");
-        let c = parse(&doc[start..start + len], "doc").unwrap();
+        let mut c = parse(&doc[start..start + len], "doc").unwrap();
+        // Beyond the brief's example: a userspace portal group and the DPDK settings.
+        assert_eq!(c.portal_groups.len(), 2);
+        let pg = c.portal_groups.remove(1);
+        assert_eq!(pg.transport, Transport::Tap);
+        assert_eq!(
+            pg.userspace,
+            Some(UserspaceNet {
+                device: "iscsi0".into(),
+                addresses: vec![("10.0.0.2".parse().unwrap(), 24)],
+                gateways: vec!["10.0.0.1".parse().unwrap()],
+                mac: Some([2, 0, 0, 0, 0, 2]),
+                socket_buffer: 512 * 1024,
+                listen_backlog: 16,
+                max_connections: 1024,
+            })
+        );
+        assert_eq!(
+            c.dpdk.take(),
+            Some(DpdkConfig {
+                eal_args: vec!["--vdev=net_tap0,iface=dtap0".into()],
+                pci_allow: vec!["0000:3b:00.0".into()],
+                no_huge: false,
+                memory_mib: 512,
+                file_prefix: Some("iscsi-tgt-default".into()),
+                mbufs: 16383,
+            })
+        );
         let mut expected = parse(EXAMPLE, "example").unwrap();
         // The documented example differs from the brief's only in comments.
         expected.global = Global::default();
@@ -1529,6 +1832,64 @@ mappings = [ { portal_group = 1, initiator_group = 1 } ]
             &format!("{BASE}\n[[portal_group]]\ntag = 1\nportals = [\"127.0.0.1:3261\"]\n"),
             "t.toml:21: portal_group[1].tag: tag 1 already used by portal_group[0]",
         );
+        let tap = |extra: &str| {
+            format!(
+                "{BASE}\n[[portal_group]]\ntag = 2\nportals = [\"10.0.0.2:3260\"]\n\
+                 transport = \"tap\"\n{extra}"
+            )
+        };
+        expect(
+            &tap(""),
+            "t.toml:20: portal_group[1].userspace: missing (required with transport = \"tap\")",
+        );
+        expect(
+            &edited(
+                "portals = [\"127.0.0.1:3260\"]",
+                "portals = [\"127.0.0.1:3260\"]\ntransport = \"rdma\"",
+            ),
+            "t.toml:4: portal_group[0].transport: \"rdma\" is not one of kernel, tap, dpdk",
+        );
+        expect(
+            &edited(
+                "portals = [\"127.0.0.1:3260\"]",
+                "portals = [\"127.0.0.1:3260\"]\nuserspace = { device = \"x\", addresses = [\"127.0.0.1/8\"] }",
+            ),
+            "t.toml:4: portal_group[0].userspace: only for transport = \"tap\" or \"dpdk\"",
+        );
+        expect(
+            &tap("[portal_group.userspace]\ndevice = \"t0\"\naddresses = [\"10.0.1.2/24\"]\n"),
+            "t.toml:24: portal_group[1].userspace.addresses: portal 10.0.0.2:3260 is not on one of the stack's addresses",
+        );
+        expect(
+            &tap("[portal_group.userspace]\ndevice = \"t0\"\naddresses = [\"10.0.0.2\"]\n"),
+            "t.toml:26: portal_group[1].userspace.addresses[0]: \"10.0.0.2\" is not an address/prefix",
+        );
+        expect(
+            &tap("[portal_group.userspace]\ndevice = \"t0\"\naddresses = [\"10.0.0.2/24\"]\nmac = \"01:00:5e:00:00:01\"\n"),
+            "t.toml:27: portal_group[1].userspace.mac: \"01:00:5e:00:00:01\" is a multicast address",
+        );
+        expect(
+            &tap("[portal_group.userspace]\ndevice = \"t0\"\naddresses = [\"10.0.0.2/24\"]\nsocket_buffer = \"1KiB\"\n"),
+            "t.toml:27: portal_group[1].userspace.socket_buffer: expected 16KiB..=64MiB",
+        );
+        expect(
+            &format!(
+                "{}\n[[portal_group]]\ntag = 3\nportals = [\"10.0.0.3:3260\"]\ntransport = \"tap\"\n\
+                 [portal_group.userspace]\ndevice = \"t0\"\naddresses = [\"10.0.0.3/24\"]\n",
+                tap("[portal_group.userspace]\ndevice = \"t0\"\naddresses = [\"10.0.0.2/24\"]\n")
+            ),
+            "t.toml: portal_group[2].userspace.device: device \"t0\" already used by portal_group[1]",
+        );
+        let ok = parse(
+            &tap("[portal_group.userspace]\ndevice = \"t0\"\naddresses = [\"10.0.0.2/24\", \"fd00::2/64\"]\n"),
+            "t.toml",
+        )
+        .unwrap();
+        let u = ok.portal_groups[1].userspace.as_ref().unwrap();
+        assert_eq!(u.mac, None);
+        assert_eq!(u.socket_buffer, 512 * 1024);
+        assert_eq!((u.listen_backlog, u.max_connections), (16, 1024));
+        assert_eq!(ok.dpdk, None);
     }
 
     #[test]

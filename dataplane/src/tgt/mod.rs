@@ -22,6 +22,8 @@ pub struct Config {
     pub initiator_groups: Vec<InitiatorGroup>,
     pub bdevs: Vec<BdevConfig>,
     pub targets: Vec<TargetNode>,
+    /// DPDK's environment; None unless `[dpdk]` is given.
+    pub dpdk: Option<DpdkConfig>,
 }
 
 /// Settings that are not tied to one object.
@@ -94,6 +96,84 @@ impl Default for Global {
 pub struct PortalGroup {
     pub tag: u16,
     pub portals: Vec<SocketAddr>,
+    /// How the portals' TCP is carried.
+    pub transport: Transport,
+    /// The userspace stack's settings (`Tap` and `Dpdk` only).
+    pub userspace: Option<UserspaceNet>,
+}
+
+/// The TCP/IP stack behind a portal group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Transport {
+    /// The kernel's TCP through sockets (the default).
+    #[default]
+    Kernel,
+    /// smoltcp in the dataplane over a TAP interface.
+    Tap,
+    /// smoltcp in the dataplane over a DPDK port (cargo feature `dpdk`).
+    Dpdk,
+}
+
+impl Transport {
+    pub fn name(self) -> &'static str {
+        match self {
+            Transport::Kernel => "kernel",
+            Transport::Tap => "tap",
+            Transport::Dpdk => "dpdk",
+        }
+    }
+}
+
+/// A userspace TCP/IP stack (smoltcp) on one packet device.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UserspaceNet {
+    /// TAP: the interface name (created when missing). DPDK: the port's device name (e.g.
+    /// `net_tap0`, a PCI address) or its number.
+    pub device: String,
+    /// The stack's own addresses with their prefix lengths; every portal of the group is on
+    /// one of them.
+    pub addresses: Vec<(std::net::IpAddr, u8)>,
+    /// Default routes (at most one IPv4 and one IPv6).
+    pub gateways: Vec<std::net::IpAddr>,
+    /// Ethernet address; None: the DPDK port's own, or a fixed locally administered one
+    /// derived from the device name for TAP.
+    pub mac: Option<[u8; 6]>,
+    /// Bytes of receive and of transmit buffer per connection (the TCP window).
+    pub socket_buffer: usize,
+    /// Listening sockets kept ready per portal (concurrent connection attempts).
+    pub listen_backlog: u16,
+    /// Connections at most on this stack (each packet scans the stack's sockets).
+    pub max_connections: u32,
+}
+
+/// DPDK's environment (EAL), for portal groups with `transport = "dpdk"`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DpdkConfig {
+    /// Extra EAL arguments, e.g. `--vdev=net_tap0,iface=dtap0` or `--no-pci`.
+    pub eal_args: Vec<String>,
+    /// PCI devices DPDK may use (`-a`); empty: as the EAL arguments say.
+    pub pci_allow: Vec<String>,
+    /// Run without hugepages (`--no-huge`, for tests and machines without them).
+    pub no_huge: bool,
+    /// MiB of memory for the EAL (`-m`).
+    pub memory_mib: u32,
+    /// EAL file prefix, so several instances can run; None: `iscsi-tgt-<instance>`.
+    pub file_prefix: Option<String>,
+    /// Packet buffers in the port's mempool.
+    pub mbufs: u32,
+}
+
+impl Default for DpdkConfig {
+    fn default() -> Self {
+        DpdkConfig {
+            eal_args: Vec::new(),
+            pci_allow: Vec::new(),
+            no_huge: false,
+            memory_mib: 512,
+            file_prefix: None,
+            mbufs: 16383,
+        }
+    }
 }
 
 /// An initiator group: who may log in. An initiator is allowed when its name matches one of

@@ -1,0 +1,750 @@
+//! A userspace TCP/IP stack (smoltcp) owned by one reactor, over a packet device: a TAP
+//! interface, or a DPDK port queue with the cargo feature `dpdk`.
+//!
+//! The reactor sees it through [`UserStack`]: it polls the stack, takes the connections
+//! that were accepted, and moves each connection's bytes with [`UserStack::recv`] and
+//! [`UserStack::send`], which copy between the socket rings and the connection's buffers
+//! (Data-Out lands in the command's buffer, Data-In leaves from the bdev's buffer: one copy
+//! per direction, which smoltcp's rings force).
+//!
+//! smoltcp's defaults and limits, and what this module does about each:
+//! - Nagle and a 10 ms delayed ACK are on by default: both are turned off on every socket,
+//!   since iSCSI answers PDUs and waits for the next command.
+//! - A listening socket becomes the connection: each portal keeps `listen_backlog`
+//!   listening sockets and replenishes them after every poll; a SYN that finds none gets a
+//!   reset (the initiator retries).
+//! - The out-of-order assembler keeps a fixed number of gaps: built with 32 (the cargo
+//!   feature `assembler-max-segment-count-32`) instead of 4; segments beyond it are dropped
+//!   and retransmitted.
+//! - Every packet scans the socket set: the stack refuses connections beyond
+//!   `max_connections` (the portal's listeners stop being replenished).
+//! - Retransmission: the RTO is estimated from the RTT and kept between 10 ms and 10 s
+//!   (smoltcp 0.12); there is no congestion control unless smoltcp's Reno/Cubic features
+//!   are built in, which they are not (a dedicated storage network is assumed).
+//! - Window scaling follows from the socket buffer size (`socket_buffer`), which should
+//!   cover the bandwidth-delay product (512 KiB: 10 Gbit/s at 400 µs RTT).
+
+use crate::tgt::UserspaceNet;
+use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
+use smoltcp::phy::{Device, Medium};
+use smoltcp::socket::tcp;
+use smoltcp::time::{Duration as SmolDuration, Instant as SmolInstant};
+use smoltcp::wire::{EthernetAddress, HardwareAddress, IpAddress, IpCidr, IpEndpoint};
+use std::fmt;
+use std::io::{self, IoSlice};
+use std::net::{IpAddr, SocketAddr};
+use std::os::fd::{AsRawFd, RawFd};
+use std::time::{Duration, Instant};
+
+/// Why a stack could not be built.
+#[derive(Debug)]
+pub enum StackError {
+    /// The packet device could not be opened.
+    Device(String),
+    /// The settings do not fit smoltcp's limits.
+    Config(String),
+}
+
+impl fmt::Display for StackError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StackError::Device(m) => write!(f, "packet device: {m}"),
+            StackError::Config(m) => write!(f, "userspace stack: {m}"),
+        }
+    }
+}
+
+impl std::error::Error for StackError {}
+
+/// A connection the stack accepted.
+#[derive(Debug, Clone, Copy)]
+pub struct Accepted {
+    pub handle: SocketHandle,
+    pub peer: SocketAddr,
+    pub local: SocketAddr,
+    pub pg_tag: u16,
+}
+
+/// Counters of one stack, for logs and the control plane.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StackStats {
+    pub accepted: u64,
+    pub refused_full: u64,
+    pub polls: u64,
+}
+
+/// What a reactor needs from a userspace stack, whatever its packet device.
+pub trait UserStack: Send {
+    /// A name for logs: transport and device.
+    fn describe(&self) -> String;
+    /// Moves packets both ways and runs TCP's timers; returns whether anything changed.
+    fn poll(&mut self, now: Instant) -> bool;
+    /// Connections established since the last call.
+    fn accept(&mut self) -> Option<Accepted>;
+    /// Reads received bytes: Some(0) at end of stream, None when nothing is waiting.
+    fn recv(&mut self, h: SocketHandle, buf: &mut [u8]) -> io::Result<Option<usize>>;
+    /// Queues bytes for sending: how many were taken, None when the ring is full.
+    fn send(&mut self, h: SocketHandle, iov: &[IoSlice<'_>]) -> io::Result<Option<usize>>;
+    /// Whether `recv` has something to say (data or the end of the stream).
+    fn readable(&self, h: SocketHandle) -> bool;
+    /// Whether `send` would take bytes now.
+    fn writable(&self, h: SocketHandle) -> bool;
+    /// Closes a connection (FIN after what is queued) and forgets it once TCP is done.
+    fn close(&mut self, h: SocketHandle);
+    /// How long the stack can wait before its next poll (timers), None: until a packet.
+    fn poll_delay(&mut self, now: Instant) -> Option<Duration>;
+    /// A file descriptor that becomes readable when packets arrive, for epoll; None: the
+    /// device must be polled (DPDK).
+    fn fd(&self) -> Option<RawFd>;
+    fn stats(&self) -> StackStats;
+}
+
+/// One portal on the stack: its endpoint and its ready listening sockets.
+struct PortalListen {
+    local: SocketAddr,
+    pg_tag: u16,
+    listening: Vec<SocketHandle>,
+}
+
+/// A packet device the stack can run on: smoltcp's `Device` plus what the reactor needs.
+pub trait Phy: Device + Send {
+    fn raw_fd(&self) -> Option<RawFd>;
+    /// Pushes out packets the device batched during a poll.
+    fn flush(&mut self) {}
+    fn describe(&self) -> String;
+}
+
+/// The TAP backend: a kernel TAP interface read and written frame by frame, with one
+/// receive and one transmit frame buffer reused for every packet.
+pub struct TapPhy {
+    fd: std::os::fd::OwnedFd,
+    name: String,
+    /// Ethernet frame size: the interface MTU plus the 14-byte header.
+    frame: usize,
+    rx: Vec<u8>,
+    tx: Vec<u8>,
+    /// Frames the kernel refused (its queue full): dropped, TCP retransmits.
+    pub tx_dropped: u64,
+}
+
+const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
+const IFF_TAP: libc::c_short = 0x0002;
+const IFF_NO_PI: libc::c_short = 0x1000;
+
+#[repr(C)]
+struct IfReq {
+    name: [u8; libc::IFNAMSIZ],
+    /// ifr_flags or ifr_mtu, padded to the size of the kernel's union.
+    data: [u8; 24],
+}
+
+impl IfReq {
+    fn new(name: &str) -> Result<IfReq, StackError> {
+        let bytes = name.as_bytes();
+        if bytes.is_empty() || bytes.len() >= libc::IFNAMSIZ || bytes.contains(&0) {
+            return Err(StackError::Config(format!(
+                "interface name {name:?} must be 1 to {} bytes",
+                libc::IFNAMSIZ - 1
+            )));
+        }
+        let mut r = IfReq {
+            name: [0; libc::IFNAMSIZ],
+            data: [0; 24],
+        };
+        r.name[..bytes.len()].copy_from_slice(bytes);
+        Ok(r)
+    }
+}
+
+impl TapPhy {
+    /// Attaches to the TAP interface `name`, creating it when missing (a persistent one made
+    /// with `ip tuntap add dev NAME mode tap` keeps its addresses across restarts). The
+    /// operator brings the kernel side up; the stack has its own addresses.
+    pub fn open(name: &str) -> Result<TapPhy, StackError> {
+        use std::os::fd::FromRawFd;
+        let mut req = IfReq::new(name)?;
+        let path = c"/dev/net/tun";
+        // SAFETY: a valid C string; the returned fd is checked.
+        let fd = unsafe {
+            libc::open(
+                path.as_ptr(),
+                libc::O_RDWR | libc::O_NONBLOCK | libc::O_CLOEXEC,
+            )
+        };
+        if fd < 0 {
+            return Err(StackError::Device(format!(
+                "cannot open /dev/net/tun: {}",
+                io::Error::last_os_error()
+            )));
+        }
+        // SAFETY: fd was just opened and is owned here only.
+        let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+        req.data[..2].copy_from_slice(&(IFF_TAP | IFF_NO_PI).to_ne_bytes());
+        // SAFETY: TUNSETIFF reads and writes an ifreq, which IfReq is laid out as.
+        if unsafe { libc::ioctl(fd.as_raw_fd(), TUNSETIFF, &mut req) } < 0 {
+            return Err(StackError::Device(format!(
+                "cannot attach to TAP {name:?}: {}",
+                io::Error::last_os_error()
+            )));
+        }
+        let mtu = interface_mtu(name).unwrap_or(1500);
+        let frame = mtu + 14;
+        Ok(TapPhy {
+            fd,
+            name: name.to_string(),
+            frame,
+            rx: vec![0; frame],
+            tx: vec![0; frame],
+            tx_dropped: 0,
+        })
+    }
+}
+
+/// The MTU of a network interface (SIOCGIFMTU).
+fn interface_mtu(name: &str) -> Option<usize> {
+    let mut req = IfReq::new(name).ok()?;
+    // SAFETY: a plain datagram socket for the ioctl, closed below.
+    let sock = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if sock < 0 {
+        return None;
+    }
+    // SAFETY: SIOCGIFMTU fills ifr_mtu of an ifreq.
+    let r = unsafe { libc::ioctl(sock, libc::SIOCGIFMTU, &mut req) };
+    // SAFETY: sock is ours.
+    unsafe { libc::close(sock) };
+    if r < 0 {
+        return None;
+    }
+    let mtu = i32::from_ne_bytes([req.data[0], req.data[1], req.data[2], req.data[3]]);
+    usize::try_from(mtu)
+        .ok()
+        .filter(|m| (576..=65_535).contains(m))
+}
+
+/// A received frame, borrowed from the TAP's receive buffer.
+pub struct TapRx<'a>(&'a [u8]);
+
+/// Room for one frame in the TAP's transmit buffer; written to the fd when consumed.
+pub struct TapTx<'a> {
+    fd: RawFd,
+    buf: &'a mut Vec<u8>,
+    dropped: &'a mut u64,
+}
+
+impl smoltcp::phy::RxToken for TapRx<'_> {
+    fn consume<R, F: FnOnce(&[u8]) -> R>(self, f: F) -> R {
+        f(self.0)
+    }
+}
+
+impl smoltcp::phy::TxToken for TapTx<'_> {
+    fn consume<R, F: FnOnce(&mut [u8]) -> R>(self, len: usize, f: F) -> R {
+        if self.buf.len() < len {
+            self.buf.resize(len, 0);
+        }
+        let r = f(&mut self.buf[..len]);
+        // SAFETY: writes len initialised bytes of buf to our fd.
+        let n = unsafe { libc::write(self.fd, self.buf.as_ptr().cast(), len) };
+        if n != len as isize {
+            *self.dropped += 1;
+        }
+        r
+    }
+}
+
+impl Device for TapPhy {
+    type RxToken<'a> = TapRx<'a>;
+    type TxToken<'a> = TapTx<'a>;
+
+    fn receive(&mut self, _t: SmolInstant) -> Option<(Self::RxToken<'_>, Self::TxToken<'_>)> {
+        // SAFETY: reads at most rx.len() bytes into rx.
+        let n = unsafe {
+            libc::read(
+                self.fd.as_raw_fd(),
+                self.rx.as_mut_ptr().cast(),
+                self.rx.len(),
+            )
+        };
+        if n <= 0 {
+            return None;
+        }
+        let fd = self.fd.as_raw_fd();
+        Some((
+            TapRx(&self.rx[..n as usize]),
+            TapTx {
+                fd,
+                buf: &mut self.tx,
+                dropped: &mut self.tx_dropped,
+            },
+        ))
+    }
+
+    fn transmit(&mut self, _t: SmolInstant) -> Option<Self::TxToken<'_>> {
+        Some(TapTx {
+            fd: self.fd.as_raw_fd(),
+            buf: &mut self.tx,
+            dropped: &mut self.tx_dropped,
+        })
+    }
+
+    fn capabilities(&self) -> smoltcp::phy::DeviceCapabilities {
+        let mut c = smoltcp::phy::DeviceCapabilities::default();
+        c.medium = Medium::Ethernet;
+        c.max_transmission_unit = self.frame;
+        c
+    }
+}
+
+impl Phy for TapPhy {
+    fn raw_fd(&self) -> Option<RawFd> {
+        Some(self.fd.as_raw_fd())
+    }
+
+    fn describe(&self) -> String {
+        format!("tap {}", self.name)
+    }
+}
+
+/// A locally administered, unicast Ethernet address derived from a device name.
+pub fn derived_mac(name: &str) -> [u8; 6] {
+    // FNV-1a over the name: stable across restarts, so neighbours' caches stay right.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in name.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    let b = h.to_be_bytes();
+    [0x02, b[1], b[2], b[3], b[4], b[5]]
+}
+
+fn to_smol_ip(ip: IpAddr) -> IpAddress {
+    match ip {
+        IpAddr::V4(a) => IpAddress::Ipv4(a),
+        IpAddr::V6(a) => IpAddress::Ipv6(a),
+    }
+}
+
+fn to_std(ep: IpEndpoint) -> SocketAddr {
+    let ip = match ep.addr {
+        IpAddress::Ipv4(a) => IpAddr::V4(a),
+        IpAddress::Ipv6(a) => IpAddr::V6(a),
+    };
+    SocketAddr::new(ip, ep.port)
+}
+
+/// A smoltcp interface, its sockets and its device.
+pub struct Stack<D: Phy> {
+    phy: D,
+    iface: Interface,
+    sockets: SocketSet<'static>,
+    portals: Vec<PortalListen>,
+    /// Established connections handed to the reactor and not closed yet.
+    open: usize,
+    /// Connections closed by the reactor, removed once TCP has finished with them.
+    closing: Vec<(SocketHandle, Instant)>,
+    accepted: std::collections::VecDeque<Accepted>,
+    socket_buffer: usize,
+    backlog: usize,
+    max_connections: usize,
+    epoch: Instant,
+    stats: StackStats,
+}
+
+/// How long a closed connection may linger (FIN handshake, TIME-WAIT) before it is dropped.
+const CLOSE_LINGER: Duration = Duration::from_secs(5);
+
+impl<D: Phy> Stack<D> {
+    /// A stack with the settings of `net` on `phy`, listening on `portals` (portal, group tag).
+    pub fn new(
+        mut phy: D,
+        net: &UserspaceNet,
+        portals: &[(SocketAddr, u16)],
+    ) -> Result<Stack<D>, StackError> {
+        let mac = net.mac.unwrap_or_else(|| derived_mac(&net.device));
+        let mut config = Config::new(HardwareAddress::Ethernet(EthernetAddress(mac)));
+        config.random_seed = seed();
+        let epoch = Instant::now();
+        let mut iface = Interface::new(config, &mut phy, SmolInstant::from_micros(0));
+        let mut full = false;
+        iface.update_ip_addrs(|addrs| {
+            for (ip, prefix) in &net.addresses {
+                if addrs.push(IpCidr::new(to_smol_ip(*ip), *prefix)).is_err() {
+                    full = true;
+                }
+            }
+        });
+        if full {
+            return Err(StackError::Config("too many addresses".into()));
+        }
+        for gw in &net.gateways {
+            let r = match gw {
+                IpAddr::V4(a) => iface.routes_mut().add_default_ipv4_route(*a).map(|_| ()),
+                IpAddr::V6(a) => iface.routes_mut().add_default_ipv6_route(*a).map(|_| ()),
+            };
+            r.map_err(|_| StackError::Config(format!("cannot add a route via {gw}")))?;
+        }
+        let mut stack = Stack {
+            phy,
+            iface,
+            sockets: SocketSet::new(Vec::new()),
+            portals: portals
+                .iter()
+                .map(|&(local, pg_tag)| PortalListen {
+                    local,
+                    pg_tag,
+                    listening: Vec::new(),
+                })
+                .collect(),
+            open: 0,
+            closing: Vec::new(),
+            accepted: std::collections::VecDeque::new(),
+            socket_buffer: net.socket_buffer,
+            backlog: usize::from(net.listen_backlog.max(1)),
+            max_connections: net.max_connections as usize,
+            epoch,
+            stats: StackStats::default(),
+        };
+        stack.replenish()?;
+        Ok(stack)
+    }
+
+    fn smol_now(&self, now: Instant) -> SmolInstant {
+        SmolInstant::from_micros(now.saturating_duration_since(self.epoch).as_micros() as i64)
+    }
+
+    fn new_socket(&self) -> tcp::Socket<'static> {
+        let rx = tcp::SocketBuffer::new(vec![0u8; self.socket_buffer]);
+        let tx = tcp::SocketBuffer::new(vec![0u8; self.socket_buffer]);
+        let mut s = tcp::Socket::new(rx, tx);
+        s.set_nagle_enabled(false);
+        s.set_ack_delay(None);
+        // Dead peers are found by the iSCSI NOP-In keepalive; this only bounds a TCP
+        // connection whose peer vanished without a trace mid-transfer.
+        s.set_timeout(Some(SmolDuration::from_secs(60)));
+        s
+    }
+
+    /// Moves listening sockets that got a connection to the accept queue, and tops every
+    /// portal's listeners back up to the backlog while connections are below the limit.
+    fn replenish(&mut self) -> Result<(), StackError> {
+        for p in 0..self.portals.len() {
+            let mut still = Vec::with_capacity(self.backlog);
+            for h in std::mem::take(&mut self.portals[p].listening) {
+                let s = self.sockets.get::<tcp::Socket>(h);
+                match s.state() {
+                    tcp::State::Listen | tcp::State::SynReceived => still.push(h),
+                    tcp::State::Established => {
+                        let (Some(peer), Some(local)) = (s.remote_endpoint(), s.local_endpoint())
+                        else {
+                            self.sockets.remove(h);
+                            continue;
+                        };
+                        self.open += 1;
+                        self.stats.accepted += 1;
+                        self.accepted.push_back(Accepted {
+                            handle: h,
+                            peer: to_std(peer),
+                            local: to_std(local),
+                            pg_tag: self.portals[p].pg_tag,
+                        });
+                    }
+                    // Reset during the handshake, or closed by the peer at once: only a
+                    // fresh listener is useful now.
+                    _ => {
+                        self.sockets.remove(h);
+                    }
+                }
+            }
+            self.portals[p].listening = still;
+            let room = self.max_connections.saturating_sub(self.open);
+            let want = self.backlog.min(room);
+            if self.portals[p].listening.len() < want && room == 0 {
+                self.stats.refused_full += 1;
+            }
+            while self.portals[p].listening.len() < want {
+                let mut s = self.new_socket();
+                let local = self.portals[p].local;
+                s.listen(IpEndpoint::new(to_smol_ip(local.ip()), local.port()))
+                    .map_err(|e| StackError::Config(format!("cannot listen on {local}: {e}")))?;
+                let h = self.sockets.add(s);
+                self.portals[p].listening.push(h);
+            }
+        }
+        Ok(())
+    }
+
+    fn reap(&mut self, now: Instant) {
+        let mut i = 0;
+        while i < self.closing.len() {
+            let (h, since) = self.closing[i];
+            let s = self.sockets.get_mut::<tcp::Socket>(h);
+            let done = matches!(s.state(), tcp::State::Closed | tcp::State::TimeWait);
+            if done || now.duration_since(since) > CLOSE_LINGER {
+                if !done {
+                    s.abort();
+                }
+                self.sockets.remove(h);
+                self.closing.swap_remove(i);
+            } else {
+                i += 1;
+            }
+        }
+    }
+}
+
+fn seed() -> u64 {
+    let mut b = [0u8; 8];
+    // SAFETY: getrandom writes at most b.len() bytes into b.
+    let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };
+    if n == 8 {
+        u64::from_ne_bytes(b)
+    } else {
+        Instant::now().elapsed().as_nanos() as u64 ^ u64::from(std::process::id())
+    }
+}
+
+impl<D: Phy> UserStack for Stack<D> {
+    fn describe(&self) -> String {
+        let addrs: Vec<String> = self
+            .iface
+            .ip_addrs()
+            .iter()
+            .map(|a| a.to_string())
+            .collect();
+        format!("{} ({})", self.phy.describe(), addrs.join(", "))
+    }
+
+    fn poll(&mut self, now: Instant) -> bool {
+        self.stats.polls += 1;
+        let t = self.smol_now(now);
+        let changed = matches!(
+            self.iface.poll(t, &mut self.phy, &mut self.sockets),
+            smoltcp::iface::PollResult::SocketStateChanged
+        );
+        self.phy.flush();
+        if changed {
+            if let Err(e) = self.replenish() {
+                log::warn!("{}: {e}", self.phy.describe());
+            }
+        }
+        if !self.closing.is_empty() {
+            self.reap(now);
+        }
+        changed
+    }
+
+    fn accept(&mut self) -> Option<Accepted> {
+        self.accepted.pop_front()
+    }
+
+    fn recv(&mut self, h: SocketHandle, buf: &mut [u8]) -> io::Result<Option<usize>> {
+        let s = self.sockets.get_mut::<tcp::Socket>(h);
+        match s.recv_slice(buf) {
+            Ok(0) if !s.may_recv() => Ok(Some(0)),
+            Ok(0) => Ok(None),
+            Ok(n) => Ok(Some(n)),
+            Err(tcp::RecvError::Finished) => Ok(Some(0)),
+            Err(tcp::RecvError::InvalidState) => Err(io::Error::new(
+                io::ErrorKind::ConnectionReset,
+                "connection reset",
+            )),
+        }
+    }
+
+    fn send(&mut self, h: SocketHandle, iov: &[IoSlice<'_>]) -> io::Result<Option<usize>> {
+        let s = self.sockets.get_mut::<tcp::Socket>(h);
+        if !s.may_send() {
+            return Err(io::Error::new(
+                io::ErrorKind::BrokenPipe,
+                "connection closed",
+            ));
+        }
+        let mut total = 0;
+        for part in iov {
+            let n = s
+                .send_slice(part)
+                .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "connection closed"))?;
+            total += n;
+            if n < part.len() {
+                break;
+            }
+        }
+        Ok((total > 0).then_some(total))
+    }
+
+    fn readable(&self, h: SocketHandle) -> bool {
+        let s = self.sockets.get::<tcp::Socket>(h);
+        s.can_recv() || !s.may_recv()
+    }
+
+    fn writable(&self, h: SocketHandle) -> bool {
+        self.sockets.get::<tcp::Socket>(h).can_send()
+    }
+
+    fn close(&mut self, h: SocketHandle) {
+        self.sockets.get_mut::<tcp::Socket>(h).close();
+        self.open = self.open.saturating_sub(1);
+        self.closing.push((h, Instant::now()));
+        // Room for a new connection again.
+        if let Err(e) = self.replenish() {
+            log::warn!("{}: {e}", self.phy.describe());
+        }
+    }
+
+    fn poll_delay(&mut self, now: Instant) -> Option<Duration> {
+        let t = self.smol_now(now);
+        self.iface
+            .poll_delay(t, &self.sockets)
+            .map(|d| Duration::from_micros(d.total_micros()))
+    }
+
+    fn fd(&self) -> Option<RawFd> {
+        self.phy.raw_fd()
+    }
+
+    fn stats(&self) -> StackStats {
+        self.stats
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use smoltcp::phy::{Loopback, RxToken, TxToken};
+
+    /// smoltcp's loopback device as a Phy, so two stacks' worth of sockets can talk.
+    struct Lo(Loopback);
+
+    impl Device for Lo {
+        type RxToken<'a> = <Loopback as Device>::RxToken<'a>;
+        type TxToken<'a> = <Loopback as Device>::TxToken<'a>;
+        fn receive(&mut self, t: SmolInstant) -> Option<(Self::RxToken<'_>, Self::TxToken<'_>)> {
+            self.0.receive(t)
+        }
+        fn transmit(&mut self, t: SmolInstant) -> Option<Self::TxToken<'_>> {
+            self.0.transmit(t)
+        }
+        fn capabilities(&self) -> smoltcp::phy::DeviceCapabilities {
+            self.0.capabilities()
+        }
+    }
+
+    impl Phy for Lo {
+        fn raw_fd(&self) -> Option<RawFd> {
+            None
+        }
+        fn describe(&self) -> String {
+            "loopback".into()
+        }
+    }
+
+    // Keep the token traits in use for readers of the test (the loopback device implements
+    // them; the stack consumes them through Interface::poll).
+    #[allow(dead_code)]
+    fn _tokens<R: RxToken, T: TxToken>() {}
+
+    fn net(backlog: u16, max: u32) -> UserspaceNet {
+        UserspaceNet {
+            device: "lo-test".into(),
+            addresses: vec![("127.0.0.1".parse().unwrap(), 8)],
+            gateways: Vec::new(),
+            mac: None,
+            socket_buffer: 64 * 1024,
+            listen_backlog: backlog,
+            max_connections: max,
+        }
+    }
+
+    /// A client socket added to the stack's own socket set (loopback: same interface).
+    fn connect(stack: &mut Stack<Lo>, port: u16, local_port: u16) -> SocketHandle {
+        let mut s = stack.new_socket();
+        let cx = stack.iface.context();
+        s.connect(cx, (IpAddress::v4(127, 0, 0, 1), port), local_port)
+            .unwrap();
+        stack.sockets.add(s)
+    }
+
+    fn run(stack: &mut Stack<Lo>, rounds: usize) {
+        for _ in 0..rounds {
+            stack.poll(Instant::now());
+        }
+    }
+
+    #[test]
+    fn accepts_and_moves_bytes_both_ways_with_listeners_replenished() {
+        let portal: SocketAddr = "127.0.0.1:3260".parse().unwrap();
+        let mut st = Stack::new(
+            Lo(Loopback::new(Medium::Ethernet)),
+            &net(2, 16),
+            &[(portal, 7)],
+        )
+        .unwrap();
+        assert_eq!(st.portals[0].listening.len(), 2);
+        let c = connect(&mut st, 3260, 40000);
+        run(&mut st, 10);
+        let a = st.accept().expect("accepted");
+        assert_eq!(a.pg_tag, 7);
+        assert_eq!(a.local, portal);
+        assert_eq!(a.peer, "127.0.0.1:40000".parse().unwrap());
+        // The used listener was replaced.
+        assert_eq!(st.portals[0].listening.len(), 2);
+        // Client -> server.
+        let s = st.sockets.get_mut::<tcp::Socket>(c);
+        assert_eq!(s.send_slice(b"hello iscsi").unwrap(), 11);
+        run(&mut st, 10);
+        assert!(st.readable(a.handle));
+        let mut buf = [0u8; 64];
+        assert_eq!(st.recv(a.handle, &mut buf).unwrap(), Some(11));
+        assert_eq!(&buf[..11], b"hello iscsi");
+        assert_eq!(st.recv(a.handle, &mut buf).unwrap(), None);
+        // Server -> client, from two iovecs.
+        let iov = [IoSlice::new(b"data-"), IoSlice::new(b"in")];
+        assert_eq!(st.send(a.handle, &iov).unwrap(), Some(7));
+        run(&mut st, 10);
+        let s = st.sockets.get_mut::<tcp::Socket>(c);
+        let n = s.recv_slice(&mut buf).unwrap();
+        assert_eq!(&buf[..n], b"data-in");
+        // Nagle and delayed ACK are off on accepted sockets.
+        let srv = st.sockets.get::<tcp::Socket>(a.handle);
+        assert!(!srv.nagle_enabled());
+        assert_eq!(srv.ack_delay(), None);
+        // The client closes: the server reads the end of the stream.
+        st.sockets.get_mut::<tcp::Socket>(c).close();
+        run(&mut st, 10);
+        assert_eq!(st.recv(a.handle, &mut buf).unwrap(), Some(0));
+        st.close(a.handle);
+        run(&mut st, 10);
+        assert_eq!(st.open, 0);
+    }
+
+    #[test]
+    fn connections_beyond_the_limit_find_no_listener() {
+        let portal: SocketAddr = "127.0.0.1:3260".parse().unwrap();
+        let mut st = Stack::new(
+            Lo(Loopback::new(Medium::Ethernet)),
+            &net(1, 1),
+            &[(portal, 1)],
+        )
+        .unwrap();
+        let _c1 = connect(&mut st, 3260, 40001);
+        run(&mut st, 10);
+        let a = st.accept().expect("first accepted");
+        // At the limit: no listener is kept, so a second connection is refused.
+        assert!(st.portals[0].listening.is_empty());
+        let c2 = connect(&mut st, 3260, 40002);
+        run(&mut st, 10);
+        assert!(st.accept().is_none());
+        assert!(!st.sockets.get::<tcp::Socket>(c2).is_active());
+        // Closing the first makes room again.
+        st.close(a.handle);
+        assert_eq!(st.portals[0].listening.len(), 1);
+    }
+
+    #[test]
+    fn derived_macs_are_unicast_local_and_stable() {
+        let a = derived_mac("iscsi0");
+        assert_eq!(a, derived_mac("iscsi0"));
+        assert_ne!(a, derived_mac("iscsi1"));
+        assert_eq!(a[0], 0x02);
+    }
+}
