@@ -2,7 +2,8 @@
 # Install everything the test suite needs on a fresh Debian 12 machine (run as root).
 #
 # Idempotent and fast when everything is already present:
-#   - apt packages: libiscsi-bin libiscsi-dev tgt + the (minimal) build deps of fio
+#   - apt packages: libiscsi-bin libiscsi-dev tgt, DPDK (dpdk libdpdk-dev libclang-dev),
+#     iproute2 ethtool + the (minimal) build deps of fio
 #     (`apt-get update` runs once, only when a package is missing)
 #   - fio built from Debian's source package WITH the libiscsi engine, installed as
 #     .deps/bin/fio (the system fio, if any, is left alone)
@@ -47,6 +48,9 @@ command -v cargo >/dev/null 2>&1 ||
 # ---------------------------------------------------------------- apt packages
 APT_PACKAGES=(
     libiscsi-bin libiscsi-dev tgt
+    # the DPDK transport (cargo feature `dpdk`): DPDK 22.11, bindgen's libclang, and what
+    # the end-to-end tests use to build their network namespaces
+    dpdk libdpdk-dev libclang-dev iproute2 ethtool
     # fio build deps (only what the libiscsi build needs)
     build-essential pkg-config dpkg-dev zlib1g-dev libaio-dev
 )

@@ -84,12 +84,16 @@ trap print_summary EXIT
 if ! step deps 1800 "${REPO_ROOT}/scripts/deps.sh"; then
     exit 1
 fi
-if ! step cargo-build "${STEP_TIMEOUT_BUILD}" cargo build --release --workspace --all-targets; then
+# Everything is built with the DPDK transport: the DPDK unit tests (DPDK_TESTS=1) and the
+# end-to-end tests over DPDK must run, not skip (E2E_REQUIRE_DPDK=1).
+export DPDK_TESTS=1 E2E_REQUIRE_DPDK=1
+if ! step cargo-build "${STEP_TIMEOUT_BUILD}" \
+    cargo build --release --workspace --all-targets --features dpdk; then
     exit 1
 fi
 # Unit tests of every crate, then the e2e crate's integration tests against the
 # freshly built target/release/iscsi-tgt. --no-fail-fast: report everything.
 step cargo-test "${STEP_TIMEOUT_TEST}" \
-    cargo test --release --workspace --no-fail-fast -- --nocapture || true
+    cargo test --release --workspace --features dpdk --no-fail-fast -- --nocapture || true
 
 exit "${overall}"

@@ -614,6 +614,82 @@ impl NetNs {
     }
 }
 
+/// The link between the kernel side of a namespace and the target's userspace stack.
+#[derive(Debug, Clone, Copy)]
+pub enum Wire {
+    /// A persistent TAP interface; the stack attaches to it (`transport = "tap"`).
+    Tap { dev: &'static str },
+    /// A veth pair: `kernel` carries the kernel side's address, DPDK's `net_af_packet`
+    /// drives `dpdk` (`transport = "dpdk"`).
+    DpdkVeth {
+        kernel: &'static str,
+        dpdk: &'static str,
+    },
+}
+
+impl NetNs {
+    /// Sets up `wire` with `host_cidr` on its kernel side.
+    pub fn add_wire(&self, wire: &Wire, host_cidr: &str) -> Result<(), String> {
+        match *wire {
+            Wire::Tap { dev } => self.add_tap(dev, host_cidr),
+            Wire::DpdkVeth { kernel, dpdk } => {
+                self.exec_ok(&[
+                    "ip", "link", "add", kernel, "type", "veth", "peer", "name", dpdk,
+                ])?;
+                self.exec_ok(&["ip", "addr", "add", host_cidr, "dev", kernel])?;
+                // Frames sent by the kernel must carry real checksums: AF_PACKET hands DPDK
+                // the raw frame, without the "checksum to be filled in" note.
+                for dev in [kernel, dpdk] {
+                    self.exec_ok(&["ethtool", "-K", dev, "tx", "off", "rx", "off"])?;
+                    self.exec_ok(&["ip", "link", "set", dev, "up"])?;
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+/// A `[[portal_group]]` (tag 1, portal 10.`net`.0.2:3260) served by the userspace stack on
+/// `wire`, with `extra` lines in its `[portal_group.userspace]` table, and for DPDK the
+/// `[dpdk]` table (no hugepages, `net_af_packet` on the wire's DPDK end).
+pub fn userspace_portal_group(wire: &Wire, net: u8, extra: &str) -> String {
+    let (transport, device, dpdk) = match *wire {
+        Wire::Tap { dev } => ("tap", dev.to_string(), String::new()),
+        Wire::DpdkVeth { dpdk, .. } => (
+            "dpdk",
+            "net_af_packet0".to_string(),
+            format!(
+                "\n[dpdk]\nno_huge = true\nmemory_mib = 256\n\
+                 eal_args = [\"--no-pci\", \"--vdev=net_af_packet0,iface={dpdk}\"]\n"
+            ),
+        ),
+    };
+    format!(
+        "[[portal_group]]\ntag = 1\nportals = [\"10.{net}.0.2:3260\"]\ntransport = \"{transport}\"\n\
+         [portal_group.userspace]\ndevice = \"{device}\"\naddresses = [\"10.{net}.0.2/24\"]\n{extra}{dpdk}"
+    )
+}
+
+/// Whether the built `iscsi-tgt` has the DPDK transport. With `E2E_REQUIRE_DPDK=1` (CI
+/// builds with `--features dpdk`) a binary without it fails the test instead.
+pub fn dpdk_available() -> bool {
+    let out = run_with_timeout(
+        Command::new(target_bin()).arg("--version"),
+        Duration::from_secs(10),
+    );
+    let has = out.stdout.contains("dpdk");
+    if !has {
+        assert!(
+            std::env::var("E2E_REQUIRE_DPDK").as_deref() != Ok("1"),
+            "E2E_REQUIRE_DPDK=1 but {} has no DPDK transport: {}",
+            target_bin().display(),
+            out.stdout.trim()
+        );
+        eprintln!("skipped: iscsi-tgt was built without the dpdk feature");
+    }
+    has
+}
+
 impl Drop for NetNs {
     fn drop(&mut self) {
         let _ = ip(&["netns", "del", &self.name]);

@@ -6,15 +6,16 @@
 //! * the run must be complete: the parsed results must cover exactly the tests
 //!   `iscsi-test-cu -l` lists for the ALL family.
 //!
-//! It runs three times: on one reactor (the default), on two (`--cpumask 0x3`), and over
-//! the userspace TCP stack (smoltcp) on a TAP interface in a network namespace of its own.
+//! It runs on one reactor (the default), on two (`--cpumask 0x3`), and over the userspace
+//! TCP stack (smoltcp) in a network namespace of its own: on a TAP interface, and on a DPDK
+//! port (`net_af_packet` on a veth pair; needs a build with `--features dpdk`).
 //!
 //! Full output: target/e2e/<label>-iscsi-test-cu.log; really passing tests (candidates
 //! for the claimed list): target/e2e/<label>-iscsi-test-cu-passing.txt.
 
 use e2e::{
-    artifacts_dir, parse_claimed, parse_iscsi_test_cu, run_with_timeout, workspace_root, NetNs,
-    Target,
+    artifacts_dir, dpdk_available, parse_claimed, parse_iscsi_test_cu, run_with_timeout,
+    userspace_portal_group, workspace_root, NetNs, Target, Wire,
 };
 use std::collections::BTreeSet;
 use std::fs;
@@ -74,24 +75,37 @@ fn iscsi_test_cu_all_two_reactors() {
 /// inside a network namespace, and iscsi-test-cu connects from the kernel side of it.
 #[test]
 fn iscsi_test_cu_all_tap() {
-    let ns = match NetNs::new("cu-tap") {
+    run_suite_userspace("compliance-tap", Wire::Tap { dev: "cutap0" }, 78);
+}
+
+/// The suite over DPDK: smoltcp on a DPDK `net_af_packet` port on one end of a veth pair.
+#[test]
+fn iscsi_test_cu_all_dpdk() {
+    if !dpdk_available() {
+        return;
+    }
+    let wire = Wire::DpdkVeth {
+        kernel: "cuveth0",
+        dpdk: "cuveth0p",
+    };
+    run_suite_userspace("compliance-dpdk", wire, 79);
+}
+
+fn run_suite_userspace(label: &str, wire: Wire, net: u8) {
+    let ns = match NetNs::new(label) {
         Ok(ns) => ns,
         Err(e) => {
             eprintln!("skipped: cannot make a network namespace here: {e}");
             return;
         }
     };
-    ns.add_tap("cutap0", "10.78.0.1/24").expect("TAP interface");
-    let iqn = "iqn.2026-11.io.iscsi-tgt:tap";
+    ns.add_wire(&wire, &format!("10.{net}.0.1/24"))
+        .expect("network interface");
+    let iqn = "iqn.2026-11.io.iscsi-tgt:userspace";
+    let pg = userspace_portal_group(&wire, net, "");
     let toml = format!(
         r#"
-[[portal_group]]
-tag = 1
-portals = ["10.78.0.2:3260"]
-transport = "tap"
-[portal_group.userspace]
-device = "cutap0"
-addresses = ["10.78.0.2/24"]
+{pg}
 
 [[initiator_group]]
 tag = 1
@@ -109,9 +123,9 @@ luns = [ {{ lun = 0, bdev = "Malloc0" }} ]
 mappings = [ {{ portal_group = 1, initiator_group = 1 }} ]
 "#
     );
-    let portal = "10.78.0.2:3260".parse().unwrap();
-    let t = Target::start_in_netns("compliance-tap", &ns, &toml, portal, iqn, 0, &[]);
-    run_suite_on("compliance-tap", t, Some(&ns));
+    let portal = format!("10.{net}.0.2:3260").parse().unwrap();
+    let t = Target::start_in_netns(label, &ns, &toml, portal, iqn, 0, &[]);
+    run_suite_on(label, t, Some(&ns));
 }
 
 fn run_suite(label: &str, args: &[&str]) {

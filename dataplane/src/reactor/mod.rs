@@ -61,6 +61,11 @@ const USER_TOKEN: Token = Token((1 << 20) + 2);
 const FIRST_CONN_TOKEN: usize = (1 << 20) + 3;
 /// Longest sleep of a reactor whose userspace stack has no fd to wake it (DPDK).
 const POLLED_DEVICE_WAIT: Duration = Duration::from_millis(1);
+/// How long such a reactor keeps polling without sleeping after its last packet: a DPDK
+/// queue cannot wake a sleeping reactor, so under traffic it is polled continuously (one
+/// core, like any DPDK poll-mode application) and only an idle port drops to one look per
+/// millisecond.
+const POLLED_DEVICE_SPIN: Duration = Duration::from_millis(200);
 
 /// Errors starting the dataplane.
 #[derive(Debug)]
@@ -439,7 +444,12 @@ impl Reactor {
             // command arrives within microseconds, and catching it without a sleep and a
             // wakeup is most of the latency a target can save. Past the spin the reactor
             // sleeps, so an idle target costs nothing.
-            let spinning = !busy && last_work.elapsed() < self.spin;
+            let spin = if self.user.as_ref().is_some_and(|u| u.fd().is_none()) {
+                self.spin.max(POLLED_DEVICE_SPIN)
+            } else {
+                self.spin
+            };
+            let spinning = !busy && last_work.elapsed() < spin;
             let mut timeout = if busy || spinning {
                 Duration::ZERO
             } else {
@@ -918,6 +928,74 @@ fn build_stack(
         }
         Transport::Dpdk => build_dpdk_stack(pg, net, &portals, config),
         Transport::Kernel => Err(StartError::Io("not a userspace portal group".into())),
+    }
+}
+
+/// Starts DPDK's EAL (once per process) and opens the portal group's port with one queue,
+/// for reactor 0's stack.
+#[cfg(feature = "dpdk")]
+fn build_dpdk_stack(
+    pg: &crate::tgt::PortalGroup,
+    net: &crate::tgt::UserspaceNet,
+    portals: &[(SocketAddr, u16)],
+    config: &Config,
+) -> Result<Box<dyn UserStack>, StartError> {
+    use crate::net::dpdk;
+    let err = |m: String| StartError::Io(format!("portal group {}: DPDK: {m}", pg.tag));
+    let d = config.dpdk.clone().unwrap_or_default();
+    if !d.no_huge {
+        let free = crate::mem::region::hugepages_available().map_or(0, |(_, free)| free);
+        if free == 0 {
+            return Err(err(
+                "no free hugepages: reserve some (echo 1024 > /proc/sys/vm/nr_hugepages) \
+                 or set [dpdk] no_huge = true"
+                    .into(),
+            ));
+        }
+    }
+    let cpus = cpus_of_mask(config.global.cpumask)?;
+    let args = crate::net::eal_args(&d, &config.global.instance, &cpus);
+    // EAL pins the calling thread to its first core; the threads started after it (the
+    // parking lot) must not inherit that.
+    let affinity = current_affinity();
+    log::info!("DPDK {}: EAL {}", dpdk::dpdk_version(), args.join(" "));
+    let eal = dpdk::eal_init(&args);
+    restore_affinity(affinity);
+    eal.map_err(|e| err(e.to_string()))?;
+    let port = dpdk::DpdkPort::open(&net.device, 1, d.mbufs, 1500).map_err(|e| {
+        err(format!(
+            "port {:?}: {e} (is it bound to a DPDK driver, or given with --vdev?)",
+            net.device
+        ))
+    })?;
+    if !port.link_up() {
+        log::warn!("DPDK port {:?}: link is down", net.device);
+    }
+    let mut net = net.clone();
+    if net.mac.is_none() {
+        net.mac = Some(port.mac());
+    }
+    let q = port.queue(0).map_err(|e| err(e.to_string()))?;
+    let st = Stack::new(q, &net, portals)
+        .map_err(|e| StartError::Io(format!("portal group {}: {e}", pg.tag)))?;
+    Ok(Box::new(st))
+}
+
+#[cfg(feature = "dpdk")]
+fn current_affinity() -> Option<libc::cpu_set_t> {
+    // SAFETY: a zeroed cpu_set_t is valid; the call fills it for the calling thread.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        (libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) == 0)
+            .then_some(set)
+    }
+}
+
+#[cfg(feature = "dpdk")]
+fn restore_affinity(set: Option<libc::cpu_set_t>) {
+    if let Some(set) = set {
+        // SAFETY: a set obtained from sched_getaffinity for this thread.
+        unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) };
     }
 }
 

@@ -1,10 +1,15 @@
-//! The userspace TCP transport (smoltcp) over a TAP interface, end to end: the target runs
-//! in a network namespace of the test's own with its stack on a TAP interface, and libiscsi
-//! tools and fio connect from the kernel side of that interface.
+//! The userspace TCP transports (smoltcp) end to end: the target runs in a network namespace
+//! of the test's own with its stack on a TAP interface, or on a DPDK port (`net_af_packet`
+//! on one end of a veth pair), and libiscsi tools and fio connect from the kernel side.
 //!
-//! (The full `iscsi-test-cu` claimed list over TAP runs in `compliance.rs`.)
+//! The DPDK tests need a binary built with `--features dpdk`; without it they are skipped,
+//! unless `E2E_REQUIRE_DPDK=1` (CI) makes that a failure. (The full `iscsi-test-cu` claimed
+//! list over both transports runs in `compliance.rs`.)
 
-use e2e::{artifacts_dir, fio_bin, parse_fio_terse, run_with_timeout, target_bin, NetNs, Target};
+use e2e::{
+    artifacts_dir, dpdk_available, fio_bin, parse_fio_terse, run_with_timeout, target_bin,
+    userspace_portal_group, NetNs, Target, Wire,
+};
 use std::fs;
 use std::process::Command;
 use std::sync::Mutex;
@@ -17,25 +22,21 @@ const IQN_B: &str = "iqn.2026-11.io.iscsi-tgt:tap-b";
 /// One namespace-and-fio test at a time on the 2-core CI machines.
 static SERIAL: Mutex<()> = Mutex::new(());
 
-/// Two targets behind one TAP portal group (and a kernel portal group on the namespace's
-/// loopback for target A): with two reactors, target B's device lives on reactor 1 while
-/// the stack and its connections stay on reactor 0.
-fn config(dev: &str, net: u8) -> String {
+/// Two targets behind one userspace portal group (and a kernel portal group on the
+/// namespace's loopback for target A): with two reactors, target B's device lives on
+/// reactor 1 while the stack and its connections stay on reactor 0.
+fn config(wire: &Wire, net: u8) -> String {
+    let pg = userspace_portal_group(
+        wire,
+        net,
+        "listen_backlog = 4\nsocket_buffer = \"256KiB\"\n",
+    );
     format!(
         r#"
 [global]
 cpumask = "0x3"
 
-[[portal_group]]
-tag = 1
-portals = ["10.{net}.0.2:3260"]
-transport = "tap"
-[portal_group.userspace]
-device = "{dev}"
-addresses = ["10.{net}.0.2/24"]
-listen_backlog = 4
-socket_buffer = "256KiB"
-
+{pg}
 [[portal_group]]
 tag = 2
 portals = ["127.0.0.1:3260"]
@@ -68,9 +69,12 @@ mappings = [ {{ portal_group = 1, initiator_group = 1 }} ]
     )
 }
 
-/// A namespace with a TAP interface and the target running on it; None (test skipped)
-/// where namespaces cannot be made.
-fn setup(label: &str, dev: &str, net: u8) -> Option<(NetNs, Target)> {
+/// A namespace with the wire and the target running on it; None (test skipped) where
+/// namespaces cannot be made, or for DPDK in a build without it.
+fn setup(label: &str, wire: Wire, net: u8) -> Option<(NetNs, Target)> {
+    if matches!(wire, Wire::DpdkVeth { .. }) && !dpdk_available() {
+        return None;
+    }
     let ns = match NetNs::new(label) {
         Ok(ns) => ns,
         Err(e) => {
@@ -78,34 +82,48 @@ fn setup(label: &str, dev: &str, net: u8) -> Option<(NetNs, Target)> {
             return None;
         }
     };
-    ns.add_tap(dev, &format!("10.{net}.0.1/24"))
-        .expect("TAP interface");
+    ns.add_wire(&wire, &format!("10.{net}.0.1/24"))
+        .expect("network interface");
     let portal = format!("10.{net}.0.2:3260").parse().unwrap();
-    let t = Target::start_in_netns(label, &ns, &config(dev, net), portal, IQN_A, 0, &[]);
+    let t = Target::start_in_netns(label, &ns, &config(&wire, net), portal, IQN_A, 0, &[]);
     Some((ns, t))
 }
 
 #[test]
 fn discovery_and_login_over_tap() {
+    discovery_and_login("tap-disc", Wire::Tap { dev: "ttap1" }, 81, "tap ttap1");
+}
+
+#[test]
+fn discovery_and_login_over_dpdk() {
+    let wire = Wire::DpdkVeth {
+        kernel: "dveth1",
+        dpdk: "dveth1p",
+    };
+    discovery_and_login("dpdk-disc", wire, 84, "dpdk port 0 queue 0");
+}
+
+fn discovery_and_login(label: &str, wire: Wire, net: u8, described: &str) {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let Some((ns, mut t)) = setup("tap-disc", "ttap1", 81) else {
+    let Some((ns, mut t)) = setup(label, wire, net) else {
         return;
     };
+    let portal = format!("10.{net}.0.2:3260");
     let out = run_with_timeout(
         ns.command("iscsi-ls")
-            .args(["-s", "iscsi://10.81.0.2:3260"]),
+            .args(["-s", &format!("iscsi://{portal}")]),
         Duration::from_secs(30),
     );
     out.assert_success();
     // SendTargets lists both targets with the TAP portal; A also with its kernel portal.
     assert!(
         out.stdout
-            .contains(&format!("Target:{IQN_A} Portal:10.81.0.2:3260,1")),
+            .contains(&format!("Target:{IQN_A} Portal:{portal},1")),
         "{out}"
     );
     assert!(
         out.stdout
-            .contains(&format!("Target:{IQN_B} Portal:10.81.0.2:3260,1")),
+            .contains(&format!("Target:{IQN_B} Portal:{portal},1")),
         "{out}"
     );
     assert!(
@@ -123,7 +141,7 @@ fn discovery_and_login_over_tap() {
     // Standard INQUIRY through a login over the userspace stack.
     let out = run_with_timeout(
         ns.command("iscsi-inq")
-            .arg(format!("iscsi://10.81.0.2:3260/{IQN_B}/0")),
+            .arg(format!("iscsi://{portal}/{IQN_B}/0")),
         Duration::from_secs(30),
     );
     out.assert_success();
@@ -135,7 +153,7 @@ fn discovery_and_login_over_tap() {
     for i in 0..40 {
         let out = run_with_timeout(
             ns.command("iscsi-inq")
-                .arg(format!("iscsi://10.81.0.2:3260/{IQN_A}/0")),
+                .arg(format!("iscsi://{portal}/{IQN_A}/0")),
             Duration::from_secs(30),
         );
         assert!(out.success(), "login {i}: {out}");
@@ -143,7 +161,7 @@ fn discovery_and_login_over_tap() {
     t.assert_running();
     let log = t.log_contents();
     assert!(
-        log.contains("userspace TCP on tap ttap1 (10.81.0.2/24)"),
+        log.contains(&format!("userspace TCP on {described} (10.{net}.0.2/24)")),
         "{log}"
     );
 }
@@ -152,11 +170,26 @@ fn discovery_and_login_over_tap() {
 /// device on the other reactor), zero errors, every byte read back.
 #[test]
 fn fio_verify_over_tap_two_targets() {
+    fio_verify_two_targets("tap-fio", Wire::Tap { dev: "ttap2" }, 82);
+}
+
+/// The same over DPDK (`net_af_packet` on a veth pair).
+#[test]
+fn fio_verify_over_dpdk_two_targets() {
+    let wire = Wire::DpdkVeth {
+        kernel: "dveth2",
+        dpdk: "dveth2p",
+    };
+    fio_verify_two_targets("dpdk-fio", wire, 85);
+}
+
+fn fio_verify_two_targets(label: &str, wire: Wire, net: u8) {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let Some((ns, mut t)) = setup("tap-fio", "ttap2", 82) else {
+    let Some((ns, mut t)) = setup(label, wire, net) else {
         return;
     };
-    let dir = artifacts_dir().join("tap-fio");
+    let portal = format!("10.{net}.0.2:3260");
+    let dir = artifacts_dir().join(label);
     let _ = fs::remove_dir_all(&dir);
     fs::create_dir_all(&dir).unwrap();
     let per_job: u64 = 32 << 20;
@@ -172,7 +205,7 @@ fn fio_verify_over_tap_two_targets() {
             .arg("--ioengine=libiscsi")
             .arg(format!(
                 "--filename={}",
-                e2e::fio_iscsi_filename("10.82.0.2:3260", iqn, 0)
+                e2e::fio_iscsi_filename(&portal, iqn, 0)
             ))
             .args([
                 "--numjobs=2",
