@@ -365,6 +365,11 @@ impl Connection {
         self.close.as_ref()
     }
 
+    /// Whether the connection is on its way out (it takes no more input).
+    pub fn closing(&self) -> bool {
+        self.close.is_some()
+    }
+
     /// Marks the connection closed from outside (peer hung up, session reinstated).
     pub fn force_close(&mut self, why: CloseReason) {
         self.phase = Phase::Closing;

@@ -1272,6 +1272,14 @@ impl crate::net::stack::Phy for DpdkQueue {
     fn describe(&self) -> String {
         format!("dpdk port {} queue {}", self.port_id(), self.queue_id())
     }
+
+    fn counters(&self) -> String {
+        let q = self.stats();
+        format!(
+            "queue: rx {} packets {} bytes {} dropped, tx {} packets {} bytes {} dropped",
+            q.rx_packets, q.rx_bytes, q.rx_dropped, q.tx_packets, q.tx_bytes, q.tx_dropped
+        )
+    }
 }
 
 #[cfg(test)]

@@ -69,6 +69,7 @@ pub struct Accepted {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct StackStats {
     pub accepted: u64,
+    /// Times the stack was at `max_connections` with no listener left on a portal.
     pub refused_full: u64,
     pub polls: u64,
 }
@@ -97,6 +98,11 @@ pub trait UserStack: Send {
     /// device must be polled (DPDK).
     fn fd(&self) -> Option<RawFd>;
     fn stats(&self) -> StackStats;
+    /// The stack's and its device's counters in one line, for the log.
+    fn counters(&self) -> String;
+    /// Stops: waits up to `grace` for closing connections to finish, then resets every
+    /// socket still open and sends the resets.
+    fn shutdown(&mut self, grace: Duration);
 }
 
 /// One portal on the stack: its endpoint and its ready listening sockets.
@@ -112,6 +118,10 @@ pub trait Phy: Device + Send {
     /// Pushes out packets the device batched during a poll.
     fn flush(&mut self) {}
     fn describe(&self) -> String;
+    /// The device's counters in one line, for the log.
+    fn counters(&self) -> String {
+        String::new()
+    }
 }
 
 /// The TAP backend: a kernel TAP interface read and written frame by frame, with one
@@ -193,7 +203,9 @@ impl TapPhy {
             fd,
             name: name.to_string(),
             frame,
-            rx: vec![0; frame],
+            // Whole frames even beyond the MTU (VLAN tags, an MTU raised later) are read,
+            // so nothing is truncated into garbage.
+            rx: vec![0; 65_536],
             tx: vec![0; frame],
             tx_dropped: 0,
         })
@@ -303,6 +315,10 @@ impl Phy for TapPhy {
     fn describe(&self) -> String {
         format!("tap {}", self.name)
     }
+
+    fn counters(&self) -> String {
+        format!("{} frames refused by the kernel", self.tx_dropped)
+    }
 }
 
 /// A locally administered, unicast Ethernet address derived from a device name.
@@ -350,8 +366,16 @@ pub struct Stack<D: Phy> {
     stats: StackStats,
 }
 
-/// How long a closed connection may linger (FIN handshake, TIME-WAIT) before it is dropped.
+/// Egress passes per poll: segments a socket may send before the stack looks at input again.
+const MAX_EGRESS_PASSES: usize = 256;
+
+/// How long a closed connection may linger (FIN handshake, TIME-WAIT) before it is reset.
 const CLOSE_LINGER: Duration = Duration::from_secs(5);
+/// A listener whose handshake stalls this long is given back.
+const LISTEN_TIMEOUT: SmolDuration = SmolDuration::from_secs(5);
+/// TCP keepalive on connections, and how long a silent peer is kept.
+const KEEPALIVE: SmolDuration = SmolDuration::from_secs(15);
+const CONN_TIMEOUT: SmolDuration = SmolDuration::from_secs(60);
 
 impl<D: Phy> Stack<D> {
     /// A stack with the settings of `net` on `phy`, listening on `portals` (portal, group tag).
@@ -418,9 +442,9 @@ impl<D: Phy> Stack<D> {
         let mut s = tcp::Socket::new(rx, tx);
         s.set_nagle_enabled(false);
         s.set_ack_delay(None);
-        // Dead peers are found by the iSCSI NOP-In keepalive; this only bounds a TCP
-        // connection whose peer vanished without a trace mid-transfer.
-        s.set_timeout(Some(SmolDuration::from_secs(60)));
+        // A listener's handshake that does not complete (lost or spoofed SYNs) gives the
+        // listener back soon; `accepted` sets the connection's own timeouts.
+        s.set_timeout(Some(LISTEN_TIMEOUT));
         s
     }
 
@@ -433,12 +457,20 @@ impl<D: Phy> Stack<D> {
                 let s = self.sockets.get::<tcp::Socket>(h);
                 match s.state() {
                     tcp::State::Listen | tcp::State::SynReceived => still.push(h),
-                    tcp::State::Established => {
+                    // CloseWait: the peer already sent its data and FIN (all acknowledged):
+                    // the connection still gets it.
+                    tcp::State::Established | tcp::State::CloseWait => {
                         let (Some(peer), Some(local)) = (s.remote_endpoint(), s.local_endpoint())
                         else {
                             self.sockets.remove(h);
                             continue;
                         };
+                        // smoltcp's timeout counts from the last segment received, whatever
+                        // is queued: keepalive probes make an idle but live peer answer, so
+                        // only a peer gone silent is dropped.
+                        let s = self.sockets.get_mut::<tcp::Socket>(h);
+                        s.set_keep_alive(Some(KEEPALIVE));
+                        s.set_timeout(Some(CONN_TIMEOUT));
                         self.open += 1;
                         self.stats.accepted += 1;
                         self.accepted.push_back(Accepted {
@@ -448,17 +480,25 @@ impl<D: Phy> Stack<D> {
                             pg_tag: self.portals[p].pg_tag,
                         });
                     }
-                    // Reset during the handshake, or closed by the peer at once: only a
-                    // fresh listener is useful now.
+                    // Reset during the handshake, or closed at once: a fresh listener is what
+                    // is useful now; this one is reset and reaped.
                     _ => {
-                        self.sockets.remove(h);
+                        self.sockets.get_mut::<tcp::Socket>(h).abort();
+                        self.closing.push((h, Instant::now()));
                     }
                 }
             }
             self.portals[p].listening = still;
-            let room = self.max_connections.saturating_sub(self.open);
+        }
+        // Every listener may become a connection: together with the open ones they stay
+        // within max_connections.
+        for p in 0..self.portals.len() {
+            let listening: usize = self.portals.iter().map(|q| q.listening.len()).sum();
+            let room = self
+                .max_connections
+                .saturating_sub(self.open + listening - self.portals[p].listening.len());
             let want = self.backlog.min(room);
-            if self.portals[p].listening.len() < want && room == 0 {
+            if room == 0 && self.portals[p].listening.is_empty() {
                 self.stats.refused_full += 1;
             }
             while self.portals[p].listening.len() < want {
@@ -473,21 +513,23 @@ impl<D: Phy> Stack<D> {
         Ok(())
     }
 
+    /// Forgets closed connections. One that lingered too long is reset first and forgotten
+    /// on a later call, after a poll has sent the reset.
     fn reap(&mut self, now: Instant) {
         let mut i = 0;
         while i < self.closing.len() {
             let (h, since) = self.closing[i];
             let s = self.sockets.get_mut::<tcp::Socket>(h);
             let done = matches!(s.state(), tcp::State::Closed | tcp::State::TimeWait);
-            if done || now.duration_since(since) > CLOSE_LINGER {
-                if !done {
-                    s.abort();
-                }
+            if done {
                 self.sockets.remove(h);
                 self.closing.swap_remove(i);
-            } else {
-                i += 1;
+                continue;
             }
+            if now.saturating_duration_since(since) > CLOSE_LINGER {
+                s.abort();
+            }
+            i += 1;
         }
     }
 }
@@ -517,18 +559,29 @@ impl<D: Phy> UserStack for Stack<D> {
     fn poll(&mut self, now: Instant) -> bool {
         self.stats.polls += 1;
         let t = self.smol_now(now);
-        let changed = matches!(
+        use smoltcp::iface::PollResult;
+        let mut changed = matches!(
             self.iface.poll(t, &mut self.phy, &mut self.sockets),
-            smoltcp::iface::PollResult::SocketStateChanged
+            PollResult::SocketStateChanged
         );
+        // smoltcp emits at most one segment per socket per egress pass: keep passing while
+        // segments leave (a 128 KiB Data-In is ~90 of them), bounded for fairness.
+        for _ in 0..MAX_EGRESS_PASSES {
+            match self.iface.poll_egress(t, &mut self.phy, &mut self.sockets) {
+                PollResult::SocketStateChanged => changed = true,
+                PollResult::None => break,
+            }
+        }
         self.phy.flush();
+        // Reap before replenishing: a socket reset now is forgotten only after the next
+        // poll has sent its reset.
+        if !self.closing.is_empty() {
+            self.reap(now);
+        }
         if changed {
             if let Err(e) = self.replenish() {
                 log::warn!("{}: {e}", self.phy.describe());
             }
-        }
-        if !self.closing.is_empty() {
-            self.reap(now);
         }
         changed
     }
@@ -605,6 +658,30 @@ impl<D: Phy> UserStack for Stack<D> {
     fn stats(&self) -> StackStats {
         self.stats
     }
+
+    fn shutdown(&mut self, grace: Duration) {
+        let deadline = Instant::now() + grace;
+        while !self.closing.is_empty() && Instant::now() < deadline {
+            self.poll(Instant::now());
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let handles: Vec<SocketHandle> = self.sockets.iter().map(|(h, _)| h).collect();
+        for h in handles {
+            self.sockets.get_mut::<tcp::Socket>(h).abort();
+        }
+        for _ in 0..3 {
+            self.poll(Instant::now());
+        }
+    }
+
+    fn counters(&self) -> String {
+        format!(
+            "{} connections accepted, {} refused at the limit; {}",
+            self.stats.accepted,
+            self.stats.refused_full,
+            self.phy.counters()
+        )
+    }
 }
 
 #[cfg(test)]
@@ -652,6 +729,7 @@ mod tests {
             socket_buffer: 64 * 1024,
             listen_backlog: backlog,
             max_connections: max,
+            mtu: 1500,
         }
     }
 

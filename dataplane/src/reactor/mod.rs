@@ -596,14 +596,31 @@ impl Reactor {
             let conn = Connection::new(uid, a.peer, a.local, a.pg_tag, self.keepalive, now);
             self.insert(Link::User(a.handle), conn);
         }
-        if let Some(u) = self.user.as_ref() {
+        if let Some(u) = self.user.as_mut() {
+            let mut scratch = [0u8; 512];
             for e in self.conns.values_mut() {
-                if let Link::User(h) = e.link {
-                    if u.readable(h) {
-                        e.read_pending = true;
-                        changed = true;
-                    }
+                let Link::User(h) = e.link else { continue };
+                if !u.readable(h) {
+                    continue;
                 }
+                if e.conn.closing() {
+                    // It takes no more input while its last PDUs drain: discard what
+                    // arrives (so the socket does not stay readable and spin the reactor),
+                    // and let it go at once if the peer is gone.
+                    loop {
+                        match u.recv(h, &mut scratch) {
+                            Ok(Some(0)) | Err(_) => {
+                                e.conn.force_close(CloseReason::PeerClosed);
+                                break;
+                            }
+                            Ok(Some(_)) => continue,
+                            Ok(None) => break,
+                        }
+                    }
+                    continue;
+                }
+                e.read_pending = true;
+                changed = true;
             }
         }
         changed
@@ -866,11 +883,10 @@ impl Reactor {
             e.conn.teardown(&mut self.env);
         }
         if let Some(u) = self.user.as_mut() {
-            // Let the userspace stack send what was queued and the FINs.
-            for _ in 0..10 {
-                u.poll(Instant::now());
-                std::thread::sleep(Duration::from_millis(1));
-            }
+            // Let the userspace stack send what was queued and the FINs; whatever has not
+            // finished by then is reset.
+            u.shutdown(Duration::from_millis(200));
+            log::info!("{}: {}", u.describe(), u.counters());
         }
         self.env.flush_devices();
     }
@@ -962,7 +978,7 @@ fn build_dpdk_stack(
     let eal = dpdk::eal_init(&args);
     restore_affinity(affinity);
     eal.map_err(|e| err(e.to_string()))?;
-    let port = dpdk::DpdkPort::open(&net.device, 1, d.mbufs, 1500).map_err(|e| {
+    let port = dpdk::DpdkPort::open(&net.device, 1, d.mbufs, net.mtu).map_err(|e| {
         err(format!(
             "port {:?}: {e} (is it bound to a DPDK driver, or given with --vdev?)",
             net.device

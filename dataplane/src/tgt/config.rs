@@ -50,6 +50,7 @@
 //! socket_buffer = "512KiB"          # receive and transmit window per connection, 16KiB..=64MiB
 //! listen_backlog = 16               # listening sockets kept ready per portal, 1..=256
 //! max_connections = 1024            # connections on this stack, 1..=65535
+//! mtu = 1500                        # DPDK port's IP MTU, 576..=9600 (TAP: the interface's)
 //!
 //! [dpdk]                            # optional; EAL settings for transport = "dpdk"
 //! eal_args = ["--vdev=net_tap0,iface=dtap0"]   # extra EAL arguments
@@ -302,6 +303,13 @@ pub fn parse_cidr(s: &str) -> Result<(IpAddr, u8), String> {
     let bad = || format!("{s:?} is not an address/prefix (e.g. \"10.0.0.2/24\")");
     let (a, p) = s.trim().split_once('/').ok_or_else(bad)?;
     let addr: IpAddr = a.parse().map_err(|_| bad())?;
+    let unicast = match addr {
+        IpAddr::V4(v4) => !(v4.is_multicast() || v4.is_broadcast() || v4.is_unspecified()),
+        IpAddr::V6(v6) => !(v6.is_multicast() || v6.is_unspecified()),
+    };
+    if !unicast {
+        return Err(format!("{s:?}: the stack's address must be unicast"));
+    }
     let max = if addr.is_ipv4() { 32 } else { 128 };
     match p.parse::<u8>() {
         Ok(p) if (1..=max).contains(&p) => Ok((addr, p)),
@@ -435,6 +443,7 @@ struct RawUserspace {
     socket_buffer: Option<S<toml::Value>>,
     listen_backlog: Option<S<i64>>,
     max_connections: Option<S<i64>>,
+    mtu: Option<S<i64>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -1120,7 +1129,9 @@ impl Cx<'_> {
             65_535,
             1024,
         )?;
+        let mtu = self.u32_or(&raw.mtu, &format!("{base}.mtu"), 576, 9600, 1500)? as u16;
         Ok(UserspaceNet {
+            mtu,
             device: device.get_ref().clone(),
             addresses,
             gateways,
@@ -1696,6 +1707,7 @@ mappings = [ { portal_group = 1, initiator_group = 1 } ]
                 socket_buffer: 512 * 1024,
                 listen_backlog: 16,
                 max_connections: 1024,
+                mtu: 1500,
             })
         );
         assert_eq!(
@@ -1863,6 +1875,10 @@ mappings = [ { portal_group = 1, initiator_group = 1 } ]
         expect(
             &tap("[portal_group.userspace]\ndevice = \"t0\"\naddresses = [\"10.0.0.2\"]\n"),
             "t.toml:26: portal_group[1].userspace.addresses[0]: \"10.0.0.2\" is not an address/prefix",
+        );
+        expect(
+            &tap("[portal_group.userspace]\ndevice = \"t0\"\naddresses = [\"10.0.0.2/24\", \"224.0.0.1/4\"]\n"),
+            "t.toml:26: portal_group[1].userspace.addresses[1]: \"224.0.0.1/4\": the stack's address must be unicast",
         );
         expect(
             &tap("[portal_group.userspace]\ndevice = \"t0\"\naddresses = [\"10.0.0.2/24\"]\nmac = \"01:00:5e:00:00:01\"\n"),

@@ -144,6 +144,8 @@ pub struct UserspaceNet {
     pub listen_backlog: u16,
     /// Connections at most on this stack (each packet scans the stack's sockets).
     pub max_connections: u32,
+    /// IP MTU of a DPDK port (jumbo frames: up to 9600). A TAP stack uses its interface's.
+    pub mtu: u16,
 }
 
 /// DPDK's environment (EAL), for portal groups with `transport = "dpdk"`.
