@@ -621,9 +621,12 @@ pub enum Wire {
     Tap { dev: &'static str },
     /// A veth pair: `kernel` carries the kernel side's address, DPDK's `net_af_packet`
     /// drives `dpdk` (`transport = "dpdk"`).
+    /// `queues` > 1: AF_PACKET fanout spreads flows over that many queues, one stack per
+    /// reactor.
     DpdkVeth {
         kernel: &'static str,
         dpdk: &'static str,
+        queues: u8,
     },
 }
 
@@ -632,7 +635,7 @@ impl NetNs {
     pub fn add_wire(&self, wire: &Wire, host_cidr: &str) -> Result<(), String> {
         match *wire {
             Wire::Tap { dev } => self.add_tap(dev, host_cidr),
-            Wire::DpdkVeth { kernel, dpdk } => {
+            Wire::DpdkVeth { kernel, dpdk, .. } => {
                 self.exec_ok(&[
                     "ip", "link", "add", kernel, "type", "veth", "peer", "name", dpdk,
                 ])?;
@@ -655,12 +658,12 @@ impl NetNs {
 pub fn userspace_portal_group(wire: &Wire, net: u8, extra: &str) -> String {
     let (transport, device, dpdk) = match *wire {
         Wire::Tap { dev } => ("tap", dev.to_string(), String::new()),
-        Wire::DpdkVeth { dpdk, .. } => (
+        Wire::DpdkVeth { dpdk, queues, .. } => (
             "dpdk",
             "net_af_packet0".to_string(),
             format!(
                 "\n[dpdk]\nno_huge = true\nmemory_mib = 256\n\
-                 eal_args = [\"--no-pci\", \"--vdev=net_af_packet0,iface={dpdk}\"]\n"
+                 eal_args = [\"--no-pci\", \"--vdev=net_af_packet0,iface={dpdk},qpairs={queues}\"]\n"
             ),
         ),
     };

@@ -87,6 +87,7 @@ fn iscsi_test_cu_all_dpdk() {
     let wire = Wire::DpdkVeth {
         kernel: "cuveth0",
         dpdk: "cuveth0p",
+        queues: 1,
     };
     run_suite_userspace("compliance-dpdk", wire, 79);
 }

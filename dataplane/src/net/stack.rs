@@ -348,6 +348,143 @@ fn to_std(ep: IpEndpoint) -> SocketAddr {
     SocketAddr::new(ip, ep.port)
 }
 
+/// Address resolution shared by the stacks of one multi-queue port. Each queue's stack has
+/// its own neighbour cache, and smoltcp learns neighbours from ARP and NDP only, but the NIC
+/// (RSS, AF_PACKET fanout) delivers an ARP reply or neighbour advertisement to one queue,
+/// not necessarily that of the stack which asked. So every stack hands a copy of each such
+/// frame it receives to the others, which take it in before their own queue.
+pub struct NeighbourShare {
+    inboxes: Vec<crossbeam_queue::ArrayQueue<Vec<u8>>>,
+    /// Copies dropped because a stack's inbox was full.
+    pub dropped: std::sync::atomic::AtomicU64,
+}
+
+impl NeighbourShare {
+    /// For `stacks` stacks.
+    pub fn new(stacks: usize) -> std::sync::Arc<NeighbourShare> {
+        std::sync::Arc::new(NeighbourShare {
+            inboxes: (0..stacks)
+                .map(|_| crossbeam_queue::ArrayQueue::new(256))
+                .collect(),
+            dropped: std::sync::atomic::AtomicU64::new(0),
+        })
+    }
+
+    fn share(&self, from: usize, frame: &[u8]) {
+        for (i, q) in self.inboxes.iter().enumerate() {
+            if i != from && q.push(frame.to_vec()).is_err() {
+                self.dropped
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+/// Whether an Ethernet frame is ARP, or an IPv6 neighbour solicitation or advertisement.
+pub fn is_neighbour_frame(f: &[u8]) -> bool {
+    if f.len() < 14 {
+        return false;
+    }
+    match u16::from_be_bytes([f[12], f[13]]) {
+        0x0806 => true,
+        // IPv6 without extension headers, next header ICMPv6, type 135 or 136.
+        0x86DD => f.len() > 54 && f[20] == 58 && matches!(f[54], 135 | 136),
+        _ => false,
+    }
+}
+
+/// A device whose neighbour frames are shared with the other stacks of its port.
+pub struct Sharing<D: Phy> {
+    inner: D,
+    share: std::sync::Arc<NeighbourShare>,
+    me: usize,
+    injected: Option<Vec<u8>>,
+}
+
+impl<D: Phy> Sharing<D> {
+    pub fn new(inner: D, share: std::sync::Arc<NeighbourShare>, me: usize) -> Self {
+        Sharing {
+            inner,
+            share,
+            me,
+            injected: None,
+        }
+    }
+}
+
+/// A frame from the device, or one another stack shared.
+pub enum SharingRx<'a, R> {
+    Device(R, &'a NeighbourShare, usize),
+    Shared(Vec<u8>),
+}
+
+impl<R: smoltcp::phy::RxToken> smoltcp::phy::RxToken for SharingRx<'_, R> {
+    fn consume<T, F: FnOnce(&[u8]) -> T>(self, f: F) -> T {
+        match self {
+            SharingRx::Device(r, share, me) => r.consume(|frame| {
+                if is_neighbour_frame(frame) {
+                    share.share(me, frame);
+                }
+                f(frame)
+            }),
+            SharingRx::Shared(v) => f(&v),
+        }
+    }
+}
+
+impl<D: Phy> Device for Sharing<D> {
+    type RxToken<'a>
+        = SharingRx<'a, D::RxToken<'a>>
+    where
+        D: 'a;
+    type TxToken<'a>
+        = D::TxToken<'a>
+    where
+        D: 'a;
+
+    fn receive(&mut self, t: SmolInstant) -> Option<(Self::RxToken<'_>, Self::TxToken<'_>)> {
+        self.injected = self.share.inboxes[self.me].pop();
+        if let Some(v) = self.injected.take() {
+            let tx = self.inner.transmit(t)?;
+            return Some((SharingRx::Shared(v), tx));
+        }
+        let (rx, tx) = self.inner.receive(t)?;
+        Some((SharingRx::Device(rx, &self.share, self.me), tx))
+    }
+
+    fn transmit(&mut self, t: SmolInstant) -> Option<Self::TxToken<'_>> {
+        self.inner.transmit(t)
+    }
+
+    fn capabilities(&self) -> smoltcp::phy::DeviceCapabilities {
+        self.inner.capabilities()
+    }
+}
+
+impl<D: Phy> Phy for Sharing<D> {
+    fn raw_fd(&self) -> Option<RawFd> {
+        self.inner.raw_fd()
+    }
+
+    fn flush(&mut self) {
+        self.inner.flush();
+    }
+
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+
+    fn counters(&self) -> String {
+        format!(
+            "{}; {} shared neighbour frames dropped",
+            self.inner.counters(),
+            self.share
+                .dropped
+                .load(std::sync::atomic::Ordering::Relaxed)
+        )
+    }
+}
+
 /// A smoltcp interface, its sockets and its device.
 pub struct Stack<D: Phy> {
     phy: D,
@@ -816,6 +953,90 @@ mod tests {
         // Closing the first makes room again.
         st.close(a.handle);
         assert_eq!(st.portals[0].listening.len(), 1);
+    }
+
+    /// A device that yields queued frames and records what is sent.
+    struct Frames {
+        rx: std::collections::VecDeque<Vec<u8>>,
+        sent: Vec<Vec<u8>>,
+    }
+    struct FrameRx(Vec<u8>);
+    struct FrameTx<'a>(&'a mut Vec<Vec<u8>>);
+    impl RxToken for FrameRx {
+        fn consume<R, F: FnOnce(&[u8]) -> R>(self, f: F) -> R {
+            f(&self.0)
+        }
+    }
+    impl TxToken for FrameTx<'_> {
+        fn consume<R, F: FnOnce(&mut [u8]) -> R>(self, len: usize, f: F) -> R {
+            let mut v = vec![0; len];
+            let r = f(&mut v);
+            self.0.push(v);
+            r
+        }
+    }
+    impl Device for Frames {
+        type RxToken<'a> = FrameRx;
+        type TxToken<'a> = FrameTx<'a>;
+        fn receive(&mut self, _: SmolInstant) -> Option<(FrameRx, FrameTx<'_>)> {
+            let f = self.rx.pop_front()?;
+            Some((FrameRx(f), FrameTx(&mut self.sent)))
+        }
+        fn transmit(&mut self, _: SmolInstant) -> Option<FrameTx<'_>> {
+            Some(FrameTx(&mut self.sent))
+        }
+        fn capabilities(&self) -> smoltcp::phy::DeviceCapabilities {
+            smoltcp::phy::DeviceCapabilities::default()
+        }
+    }
+    impl Phy for Frames {
+        fn raw_fd(&self) -> Option<RawFd> {
+            None
+        }
+        fn describe(&self) -> String {
+            "frames".into()
+        }
+    }
+
+    fn frame(ethertype: u16, len: usize) -> Vec<u8> {
+        let mut f = vec![0u8; len];
+        f[12..14].copy_from_slice(&ethertype.to_be_bytes());
+        f
+    }
+
+    #[test]
+    fn neighbour_frames_reach_every_stack_of_the_port() {
+        let arp = frame(0x0806, 42);
+        let mut na = frame(0x86DD, 86);
+        na[20] = 58;
+        na[54] = 136;
+        let mut tcp6 = na.clone();
+        tcp6[20] = 6;
+        let ip4 = frame(0x0800, 60);
+        assert!(is_neighbour_frame(&arp) && is_neighbour_frame(&na));
+        assert!(!is_neighbour_frame(&tcp6) && !is_neighbour_frame(&ip4));
+        assert!(!is_neighbour_frame(&arp[..10]));
+
+        let share = NeighbourShare::new(2);
+        let dev = |frames: Vec<Vec<u8>>| Frames {
+            rx: frames.into(),
+            sent: Vec::new(),
+        };
+        let mut q0 = Sharing::new(dev(vec![ip4.clone(), arp.clone()]), share.clone(), 0);
+        let mut q1 = Sharing::new(dev(vec![]), share.clone(), 1);
+        let t = SmolInstant::from_micros(0);
+        // Queue 0 takes in its own frames; only the ARP one is copied to queue 1.
+        let mut seen0 = Vec::new();
+        while let Some((rx, _)) = q0.receive(t) {
+            seen0.push(rx.consume(|f| f.to_vec()));
+        }
+        assert_eq!(seen0, vec![ip4, arp.clone()]);
+        let (rx, _) = q1.receive(t).expect("the shared ARP frame");
+        assert_eq!(rx.consume(|f| f.to_vec()), arp);
+        assert!(q1.receive(t).is_none());
+        // Nothing comes back to the queue that shared it.
+        assert!(q0.receive(t).is_none());
+        assert_eq!(share.dropped.load(std::sync::atomic::Ordering::Relaxed), 0);
     }
 
     #[test]

@@ -177,25 +177,28 @@ impl Dataplane {
         );
         let (park_tx, park_rx) = crossbeam_channel::bounded(INBOX_CAPACITY);
 
-        // Listeners belong to reactor 0, and so do the userspace stacks.
+        // Kernel listeners belong to reactor 0. A userspace portal group gets one stack per
+        // queue of its device: one on reactor 0, or one per reactor on a multi-queue port.
         let mut portals = Vec::new();
         let mut user_addrs = Vec::new();
-        let mut stacks: Vec<Box<dyn UserStack>> = Vec::new();
+        let mut stacks: Vec<Vec<Box<dyn UserStack>>> = Vec::new();
         for pg in &config.portal_groups {
             if pg.transport != Transport::Kernel {
-                let st = build_stack(pg, &config)?;
-                log::info!(
-                    "portal group {}: userspace TCP on {}, listening on {}",
-                    pg.tag,
-                    st.describe(),
-                    pg.portals
-                        .iter()
-                        .map(|p| p.to_string())
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                );
+                let sts = build_stack(pg, &config, cpus.len())?;
+                for st in &sts {
+                    log::info!(
+                        "portal group {}: userspace TCP on {}, listening on {}",
+                        pg.tag,
+                        st.describe(),
+                        pg.portals
+                            .iter()
+                            .map(|p| p.to_string())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    );
+                }
                 user_addrs.extend(pg.portals.iter().copied());
-                stacks.push(st);
+                stacks.push(sts);
                 continue;
             }
             for addr in &pg.portals {
@@ -223,7 +226,11 @@ impl Dataplane {
                 "one userspace portal group per dataplane for now".into(),
             ));
         }
-        let mut user = stacks.pop();
+        // Stack i goes to reactor i.
+        let mut user: Vec<Option<Box<dyn UserStack>>> = (0..n).map(|_| None).collect();
+        for (i, st) in stacks.pop().unwrap_or_default().into_iter().enumerate() {
+            user[i % n] = Some(st);
+        }
 
         let g = &config.global;
         let keepalive = Keepalive {
@@ -284,7 +291,7 @@ impl Dataplane {
             } else {
                 Vec::new()
             };
-            let my_user = if i == 0 { user.take() } else { None };
+            let my_user = user[i].take();
             let handle = std::thread::Builder::new()
                 .name(format!("reactor-{i}"))
                 .spawn(move || {
@@ -926,11 +933,12 @@ fn no_dpdk(tag: u16) -> StartError {
     ))
 }
 
-/// Builds the userspace stack of a portal group on its packet device.
+/// Builds the userspace stacks of a portal group on its packet device: one per queue.
 fn build_stack(
     pg: &crate::tgt::PortalGroup,
     config: &Config,
-) -> Result<Box<dyn UserStack>, StartError> {
+    reactors: usize,
+) -> Result<Vec<Box<dyn UserStack>>, StartError> {
     let net = pg
         .userspace
         .as_ref()
@@ -940,22 +948,24 @@ fn build_stack(
     match pg.transport {
         Transport::Tap => {
             let phy = stack::TapPhy::open(&net.device).map_err(err)?;
-            Ok(Box::new(Stack::new(phy, net, &portals).map_err(err)?))
+            Ok(vec![Box::new(Stack::new(phy, net, &portals).map_err(err)?)])
         }
-        Transport::Dpdk => build_dpdk_stack(pg, net, &portals, config),
+        Transport::Dpdk => build_dpdk_stack(pg, net, &portals, config, reactors),
         Transport::Kernel => Err(StartError::Io("not a userspace portal group".into())),
     }
 }
 
-/// Starts DPDK's EAL (once per process) and opens the portal group's port with one queue,
-/// for reactor 0's stack.
+/// Starts DPDK's EAL (once per process) and opens the portal group's port with one queue
+/// per reactor when it has that many (RSS, or AF_PACKET's fanout, spreads flows over them;
+/// each reactor runs a stack on its queue), else with one queue for reactor 0's stack.
 #[cfg(feature = "dpdk")]
 fn build_dpdk_stack(
     pg: &crate::tgt::PortalGroup,
     net: &crate::tgt::UserspaceNet,
     portals: &[(SocketAddr, u16)],
     config: &Config,
-) -> Result<Box<dyn UserStack>, StartError> {
+    reactors: usize,
+) -> Result<Vec<Box<dyn UserStack>>, StartError> {
     use crate::net::dpdk;
     let err = |m: String| StartError::Io(format!("portal group {}: DPDK: {m}", pg.tag));
     let d = config.dpdk.clone().unwrap_or_default();
@@ -978,12 +988,25 @@ fn build_dpdk_stack(
     let eal = dpdk::eal_init(&args);
     restore_affinity(affinity);
     eal.map_err(|e| err(e.to_string()))?;
-    let port = dpdk::DpdkPort::open(&net.device, 1, d.mbufs, net.mtu).map_err(|e| {
-        err(format!(
-            "port {:?}: {e} (is it bound to a DPDK driver, or given with --vdev?)",
-            net.device
-        ))
-    })?;
+    let want = u16::try_from(reactors).unwrap_or(1).max(1);
+    let port = match dpdk::DpdkPort::open(&net.device, want, d.mbufs, net.mtu) {
+        Ok(p) => p,
+        Err(e @ dpdk::DpdkError::InvalidQueueCount { .. }) if want > 1 => {
+            log::warn!(
+                "DPDK port {:?}: {e}; one queue, served by reactor 0 (one queue per reactor \
+                 needs {want} queues, e.g. net_af_packet's qpairs={want})",
+                net.device
+            );
+            dpdk::DpdkPort::open(&net.device, 1, d.mbufs, net.mtu)
+                .map_err(|e| err(format!("port {:?}: {e}", net.device)))?
+        }
+        Err(e) => {
+            return Err(err(format!(
+                "port {:?}: {e} (is it bound to a DPDK driver, or given with --vdev?)",
+                net.device
+            )))
+        }
+    };
     if !port.link_up() {
         log::warn!("DPDK port {:?}: link is down", net.device);
     }
@@ -991,10 +1014,19 @@ fn build_dpdk_stack(
     if net.mac.is_none() {
         net.mac = Some(port.mac());
     }
-    let q = port.queue(0).map_err(|e| err(e.to_string()))?;
-    let st = Stack::new(q, &net, portals)
-        .map_err(|e| StartError::Io(format!("portal group {}: {e}", pg.tag)))?;
-    Ok(Box::new(st))
+    let mut stacks: Vec<Box<dyn UserStack>> = Vec::new();
+    let share = stack::NeighbourShare::new(usize::from(port.queues()));
+    for qid in 0..port.queues() {
+        let q = port.queue(qid).map_err(|e| err(e.to_string()))?;
+        let cfg_err = |e| StartError::Io(format!("portal group {}: {e}", pg.tag));
+        if port.queues() == 1 {
+            stacks.push(Box::new(Stack::new(q, &net, portals).map_err(cfg_err)?));
+        } else {
+            let q = stack::Sharing::new(q, share.clone(), usize::from(qid));
+            stacks.push(Box::new(Stack::new(q, &net, portals).map_err(cfg_err)?));
+        }
+    }
+    Ok(stacks)
 }
 
 #[cfg(feature = "dpdk")]
@@ -1021,7 +1053,8 @@ fn build_dpdk_stack(
     _net: &crate::tgt::UserspaceNet,
     _portals: &[(SocketAddr, u16)],
     _config: &Config,
-) -> Result<Box<dyn UserStack>, StartError> {
+    _reactors: usize,
+) -> Result<Vec<Box<dyn UserStack>>, StartError> {
     Err(no_dpdk(pg.tag))
 }
 
