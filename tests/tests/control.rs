@@ -71,7 +71,11 @@ fn status_and_stats_match_fio() {
     for _ in 0..50 {
         let v = json(&ctl(&instance, &["--json", "stats"]));
         total = v["total"].clone();
-        if total["write_commands"].as_u64().unwrap_or(0) >= fio_writes {
+        // Counters are published every 100 ms: wait for the last publication to cover
+        // the whole run (writes and the verify reads).
+        if total["write_commands"].as_u64().unwrap_or(0) >= fio_writes
+            && total["read_commands"].as_u64().unwrap_or(0) >= fio_reads
+        {
             break;
         }
         std::thread::sleep(Duration::from_millis(100));

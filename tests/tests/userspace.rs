@@ -101,7 +101,12 @@ fn discovery_and_login_over_dpdk() {
         dpdk: "dveth1p",
         queues: 1,
     };
-    discovery_and_login("dpdk-disc", wire, 84, "dpdk port 0 queue 0");
+    discovery_and_login(
+        "dpdk-disc",
+        wire,
+        84,
+        "dpdk port 0 queue 0 stack 0 of 2 (software steering)",
+    );
 }
 
 fn discovery_and_login(label: &str, wire: Wire, net: u8, described: &str) {
@@ -304,27 +309,45 @@ addresses = ["10.83.0.2/24"]
 /// would find no socket there and reset the connection, failing fio.
 #[test]
 fn dpdk_two_queues_keep_each_flow_on_its_reactor() {
+    flows_over_two_reactors("dpdk-2q", "dveth3", "dveth3p", 2, 86);
+}
+
+/// The same with a single-queue port: reactor 0 steers each flow to its reactor's stack in
+/// software, and sends for the other stack.
+#[test]
+fn dpdk_one_queue_steers_each_flow_to_its_reactor() {
+    flows_over_two_reactors("dpdk-1q", "dveth4", "dveth4p", 1, 87);
+}
+
+fn flows_over_two_reactors(
+    label: &str,
+    kernel: &'static str,
+    dpdk: &'static str,
+    queues: u8,
+    net: u8,
+) {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let wire = Wire::DpdkVeth {
-        kernel: "dveth3",
-        dpdk: "dveth3p",
-        queues: 2,
+        kernel,
+        dpdk,
+        queues,
     };
-    let Some((ns, mut t)) = setup("dpdk-2q", wire, 86) else {
+    let Some((ns, mut t)) = setup(label, wire, net) else {
         return;
     };
-    let dir = artifacts_dir().join("dpdk-2q");
+    let portal = format!("10.{net}.0.2:3260");
+    let dir = artifacts_dir().join(label);
     let _ = fs::remove_dir_all(&dir);
     fs::create_dir_all(&dir).unwrap();
     let terse = dir.join("fio.terse");
     let per_job: u64 = 8 << 20;
     let mut cmd = ns.command(fio_bin().to_str().unwrap());
     cmd.current_dir(&dir)
-        .arg("--name=q2")
+        .arg("--name=flows")
         .arg("--ioengine=libiscsi")
         .arg(format!(
             "--filename={}",
-            e2e::fio_iscsi_filename("10.86.0.2:3260", IQN_A, 0)
+            e2e::fio_iscsi_filename(&portal, IQN_A, 0)
         ))
         .args([
             "--numjobs=12",
@@ -355,21 +378,21 @@ fn dpdk_two_queues_keep_each_flow_on_its_reactor() {
     let (status, _) = t.stop().expect("stopped");
     assert!(status.success(), "{status:?}");
     let log = t.log_contents();
-    // Each queue's stack accepted some of the connections (reported at exit).
-    let accepted = |q: u32| -> u64 {
-        let tag = format!("dpdk port 0 queue {q} (10.86.0.2/24): ");
-        let line = log
-            .lines()
-            .find(|l| l.contains(&tag) && l.contains("connections accepted"))
-            .unwrap_or_else(|| panic!("no counters for queue {q}:\n{log}"));
-        let rest = &line[line.find(&tag).unwrap() + tag.len()..];
-        rest.split_whitespace().next().unwrap().parse().unwrap()
-    };
-    let (a0, a1) = (accepted(0), accepted(1));
+    // Each reactor's stack accepted some of the connections (counters logged at exit).
+    let tag = format!("(10.{net}.0.2/24): ");
+    let accepted: Vec<u64> = log
+        .lines()
+        .filter(|l| l.contains(&tag) && l.contains("connections accepted"))
+        .map(|l| {
+            let rest = &l[l.find(&tag).unwrap() + tag.len()..];
+            rest.split_whitespace().next().unwrap().parse().unwrap()
+        })
+        .collect();
+    assert_eq!(accepted.len(), 2, "one stack per reactor:\n{log}");
     assert!(
-        a0 > 0 && a1 > 0,
-        "connections per queue {a0} / {a1}:\n{log}"
+        accepted.iter().all(|&n| n > 0),
+        "connections per stack {accepted:?}:\n{log}"
     );
     // 12 fio sessions (and the start-up probe).
-    assert!(a0 + a1 >= 12, "{log}");
+    assert!(accepted.iter().sum::<u64>() >= 12, "{log}");
 }

@@ -485,6 +485,288 @@ impl<D: Phy> Phy for Sharing<D> {
     }
 }
 
+/// Software steering for a port with one queue and several reactors: reactor 0 owns the
+/// queue and passes each TCP segment to the reactor that owns its flow (a symmetric hash of
+/// the two endpoints, so both directions agree), over bounded rings; the other reactors'
+/// stacks send through reactor 0. ARP and NDP frames go to every stack. Costs one copy per
+/// steered frame each way, and a frame waits for the next poll of the reactor it goes to.
+pub struct Steering {
+    /// Frames for stack i (index 0 unused).
+    rx: Vec<crossbeam_queue::ArrayQueue<Vec<u8>>>,
+    /// Frames the other stacks send, for reactor 0 to put on the queue.
+    tx: crossbeam_queue::ArrayQueue<Vec<u8>>,
+    /// Frames dropped because a ring was full (TCP retransmits them).
+    pub dropped: std::sync::atomic::AtomicU64,
+}
+
+/// Frames a steering ring holds (per stack, and for the shared transmit ring).
+const STEER_RING: usize = 4096;
+
+impl Steering {
+    pub fn new(stacks: usize) -> std::sync::Arc<Steering> {
+        std::sync::Arc::new(Steering {
+            rx: (0..stacks.max(1))
+                .map(|_| crossbeam_queue::ArrayQueue::new(STEER_RING))
+                .collect(),
+            tx: crossbeam_queue::ArrayQueue::new(STEER_RING),
+            dropped: std::sync::atomic::AtomicU64::new(0),
+        })
+    }
+
+    fn stacks(&self) -> usize {
+        self.rx.len()
+    }
+
+    fn push(&self, q: &crossbeam_queue::ArrayQueue<Vec<u8>>, frame: Vec<u8>) {
+        if q.push(frame).is_err() {
+            self.dropped
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+}
+
+/// The stack that owns the TCP flow of an Ethernet frame among `n`: a hash of its two
+/// (address, port) endpoints taken in a fixed order, so both directions of a connection
+/// give the same answer. None for frames that are not TCP over IPv4 or IPv6.
+pub fn flow_owner(f: &[u8], n: usize) -> Option<usize> {
+    if f.len() < 14 || n == 0 {
+        return None;
+    }
+    let (src, dst, l4) = match u16::from_be_bytes([f[12], f[13]]) {
+        0x0800 => {
+            let ihl = usize::from(*f.get(14)? & 0x0f) * 4;
+            if *f.get(23)? != 6 || ihl < 20 {
+                return None;
+            }
+            (f.get(26..30)?, f.get(30..34)?, 14 + ihl)
+        }
+        0x86DD => {
+            if *f.get(20)? != 6 {
+                return None;
+            }
+            (f.get(22..38)?, f.get(38..54)?, 54)
+        }
+        _ => return None,
+    };
+    let ports = f.get(l4..l4 + 4)?;
+    let a = (src, &ports[0..2]);
+    let b = (dst, &ports[2..4]);
+    let (lo, hi) = if a <= b { (a, b) } else { (b, a) };
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in lo.0.iter().chain(lo.1).chain(hi.0).chain(hi.1) {
+        h ^= u64::from(*byte);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    Some((h % n as u64) as usize)
+}
+
+/// Reactor 0's device under steering: the port's queue.
+pub struct SteerHead<D: Phy> {
+    inner: D,
+    steer: std::sync::Arc<Steering>,
+}
+
+impl<D: Phy> SteerHead<D> {
+    pub fn new(inner: D, steer: std::sync::Arc<Steering>) -> Self {
+        SteerHead { inner, steer }
+    }
+
+    /// Puts what the other stacks sent on the queue.
+    fn send_for_others(&mut self, t: SmolInstant) {
+        while let Some(frame) = self.steer.tx.pop() {
+            match self.inner.transmit(t) {
+                Some(tok) => {
+                    use smoltcp::phy::TxToken as _;
+                    tok.consume(frame.len(), |buf| buf.copy_from_slice(&frame));
+                }
+                None => {
+                    self.steer
+                        .dropped
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+            }
+        }
+    }
+}
+
+/// A frame from the queue: given to this stack, or passed on (this stack then sees an empty
+/// frame, which smoltcp discards).
+pub struct SteerRx<'a, R> {
+    inner: R,
+    steer: &'a Steering,
+}
+
+impl<R: smoltcp::phy::RxToken> smoltcp::phy::RxToken for SteerRx<'_, R> {
+    fn consume<T, F: FnOnce(&[u8]) -> T>(self, f: F) -> T {
+        let steer = self.steer;
+        self.inner.consume(|frame| {
+            let n = steer.stacks();
+            if is_neighbour_frame(frame) {
+                for i in 1..n {
+                    steer.push(&steer.rx[i], frame.to_vec());
+                }
+                return f(frame);
+            }
+            match flow_owner(frame, n) {
+                Some(owner) if owner != 0 => {
+                    steer.push(&steer.rx[owner], frame.to_vec());
+                    f(&[])
+                }
+                _ => f(frame),
+            }
+        })
+    }
+}
+
+impl<D: Phy> Device for SteerHead<D> {
+    type RxToken<'a>
+        = SteerRx<'a, D::RxToken<'a>>
+    where
+        D: 'a;
+    type TxToken<'a>
+        = D::TxToken<'a>
+    where
+        D: 'a;
+
+    fn receive(&mut self, t: SmolInstant) -> Option<(Self::RxToken<'_>, Self::TxToken<'_>)> {
+        self.send_for_others(t);
+        let (rx, tx) = self.inner.receive(t)?;
+        Some((
+            SteerRx {
+                inner: rx,
+                steer: &self.steer,
+            },
+            tx,
+        ))
+    }
+
+    fn transmit(&mut self, t: SmolInstant) -> Option<Self::TxToken<'_>> {
+        self.inner.transmit(t)
+    }
+
+    fn capabilities(&self) -> smoltcp::phy::DeviceCapabilities {
+        self.inner.capabilities()
+    }
+}
+
+impl<D: Phy> Phy for SteerHead<D> {
+    fn raw_fd(&self) -> Option<RawFd> {
+        self.inner.raw_fd()
+    }
+
+    fn flush(&mut self) {
+        self.send_for_others(SmolInstant::from_micros(0));
+        self.inner.flush();
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "{} stack 0 of {} (software steering)",
+            self.inner.describe(),
+            self.steer.stacks()
+        )
+    }
+
+    fn counters(&self) -> String {
+        format!(
+            "{}; {} steered frames dropped",
+            self.inner.counters(),
+            self.steer
+                .dropped
+                .load(std::sync::atomic::Ordering::Relaxed)
+        )
+    }
+}
+
+/// Another reactor's device under steering: frames come from and go to reactor 0.
+pub struct SteerTail {
+    steer: std::sync::Arc<Steering>,
+    me: usize,
+    caps: smoltcp::phy::DeviceCapabilities,
+    name: String,
+    tx: Vec<u8>,
+}
+
+impl SteerTail {
+    /// Stack `me` (1..) of a port whose reactor-0 device has `caps` and is called `name`.
+    pub fn new(
+        steer: std::sync::Arc<Steering>,
+        me: usize,
+        caps: smoltcp::phy::DeviceCapabilities,
+        name: String,
+    ) -> Self {
+        SteerTail {
+            steer,
+            me,
+            caps,
+            name,
+            tx: Vec::new(),
+        }
+    }
+}
+
+/// A frame reactor 0 passed on.
+pub struct OwnedRx(Vec<u8>);
+
+impl smoltcp::phy::RxToken for OwnedRx {
+    fn consume<T, F: FnOnce(&[u8]) -> T>(self, f: F) -> T {
+        f(&self.0)
+    }
+}
+
+/// A frame for reactor 0 to send.
+pub struct SteerTx<'a> {
+    steer: &'a Steering,
+    buf: &'a mut Vec<u8>,
+}
+
+impl smoltcp::phy::TxToken for SteerTx<'_> {
+    fn consume<T, F: FnOnce(&mut [u8]) -> T>(self, len: usize, f: F) -> T {
+        self.buf.clear();
+        self.buf.resize(len, 0);
+        let r = f(&mut self.buf[..]);
+        self.steer.push(&self.steer.tx, std::mem::take(self.buf));
+        r
+    }
+}
+
+impl Device for SteerTail {
+    type RxToken<'a> = OwnedRx;
+    type TxToken<'a> = SteerTx<'a>;
+
+    fn receive(&mut self, _t: SmolInstant) -> Option<(Self::RxToken<'_>, Self::TxToken<'_>)> {
+        let frame = self.steer.rx[self.me].pop()?;
+        Some((
+            OwnedRx(frame),
+            SteerTx {
+                steer: &self.steer,
+                buf: &mut self.tx,
+            },
+        ))
+    }
+
+    fn transmit(&mut self, _t: SmolInstant) -> Option<Self::TxToken<'_>> {
+        Some(SteerTx {
+            steer: &self.steer,
+            buf: &mut self.tx,
+        })
+    }
+
+    fn capabilities(&self) -> smoltcp::phy::DeviceCapabilities {
+        self.caps.clone()
+    }
+}
+
+impl Phy for SteerTail {
+    fn raw_fd(&self) -> Option<RawFd> {
+        None
+    }
+
+    fn describe(&self) -> String {
+        format!("{} stack {} of {}", self.name, self.me, self.steer.stacks())
+    }
+}
+
 /// A smoltcp interface, its sockets and its device.
 pub struct Stack<D: Phy> {
     phy: D,
@@ -1037,6 +1319,84 @@ mod tests {
         // Nothing comes back to the queue that shared it.
         assert!(q0.receive(t).is_none());
         assert_eq!(share.dropped.load(std::sync::atomic::Ordering::Relaxed), 0);
+    }
+
+    fn tcp4(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16) -> Vec<u8> {
+        let mut f = frame(0x0800, 54);
+        f[14] = 0x45;
+        f[23] = 6;
+        f[26..30].copy_from_slice(&src);
+        f[30..34].copy_from_slice(&dst);
+        f[34..36].copy_from_slice(&sport.to_be_bytes());
+        f[36..38].copy_from_slice(&dport.to_be_bytes());
+        f
+    }
+
+    #[test]
+    fn flow_owner_is_symmetric_and_spreads_flows() {
+        let mut seen = [0usize; 4];
+        for port in 40000..40064u16 {
+            let there = tcp4([10, 0, 0, 1], port, [10, 0, 0, 2], 3260);
+            let back = tcp4([10, 0, 0, 2], 3260, [10, 0, 0, 1], port);
+            let o = flow_owner(&there, 4).unwrap();
+            assert_eq!(Some(o), flow_owner(&back, 4));
+            seen[o] += 1;
+        }
+        assert!(seen.iter().all(|&n| n > 0), "{seen:?}");
+        assert_eq!(flow_owner(&frame(0x0806, 42), 4), None);
+        let mut udp = tcp4([10, 0, 0, 1], 1, [10, 0, 0, 2], 2);
+        udp[23] = 17;
+        assert_eq!(flow_owner(&udp, 4), None);
+        assert_eq!(flow_owner(&udp[..20], 4), None);
+        // Truncated TCP headers are not read past their end.
+        assert_eq!(flow_owner(&tcp4([1; 4], 1, [2; 4], 2)[..36], 2), None);
+    }
+
+    #[test]
+    fn steering_passes_flows_to_their_stack_and_sends_through_the_head() {
+        let steer = Steering::new(2);
+        // One flow for each stack.
+        let mut mine = None;
+        let mut theirs = None;
+        for port in 40000..40100u16 {
+            let f = tcp4([10, 0, 0, 1], port, [10, 0, 0, 2], 3260);
+            match flow_owner(&f, 2) {
+                Some(0) if mine.is_none() => mine = Some(f),
+                Some(1) if theirs.is_none() => theirs = Some(f),
+                _ => {}
+            }
+        }
+        let (mine, theirs) = (mine.unwrap(), theirs.unwrap());
+        let arp = frame(0x0806, 42);
+        let mut head = SteerHead::new(
+            Frames {
+                rx: vec![mine.clone(), theirs.clone(), arp.clone()].into(),
+                sent: Vec::new(),
+            },
+            steer.clone(),
+        );
+        let caps = head.capabilities();
+        let mut tail = SteerTail::new(steer.clone(), 1, caps, "frames".into());
+        let t = SmolInstant::from_micros(0);
+        let mut at_head = Vec::new();
+        while let Some((rx, _)) = head.receive(t) {
+            at_head.push(rx.consume(|f| f.to_vec()));
+        }
+        // The head's stack sees its own flow, an empty frame for the passed-on one, and ARP.
+        assert_eq!(at_head, vec![mine, Vec::new(), arp.clone()]);
+        let mut at_tail = Vec::new();
+        while let Some((rx, _)) = tail.receive(t) {
+            at_tail.push(rx.consume(|f| f.to_vec()));
+        }
+        assert_eq!(at_tail, vec![theirs, arp]);
+        // The tail's transmissions leave through the head's device.
+        tail.transmit(t)
+            .unwrap()
+            .consume(3, |b| b.copy_from_slice(&[1, 2, 3]));
+        head.flush();
+        assert_eq!(head.inner.sent, vec![vec![1, 2, 3]]);
+        assert_eq!(steer.dropped.load(std::sync::atomic::Ordering::Relaxed), 0);
+        assert!(tail.describe().ends_with("stack 1 of 2"));
     }
 
     #[test]

@@ -993,8 +993,8 @@ fn build_dpdk_stack(
         Ok(p) => p,
         Err(e @ dpdk::DpdkError::InvalidQueueCount { .. }) if want > 1 => {
             log::warn!(
-                "DPDK port {:?}: {e}; one queue, served by reactor 0 (one queue per reactor \
-                 needs {want} queues, e.g. net_af_packet's qpairs={want})",
+                "DPDK port {:?}: {e}; one queue, steered in software by reactor 0 (one \
+                 queue per reactor needs {want} queues, e.g. net_af_packet's qpairs={want})",
                 net.device
             );
             dpdk::DpdkPort::open(&net.device, 1, d.mbufs, net.mtu)
@@ -1015,6 +1015,21 @@ fn build_dpdk_stack(
         net.mac = Some(port.mac());
     }
     let mut stacks: Vec<Box<dyn UserStack>> = Vec::new();
+    if port.queues() == 1 && reactors > 1 {
+        // One queue, several reactors: reactor 0 steers each flow to its reactor's stack.
+        let steer = stack::Steering::new(reactors);
+        let q = port.queue(0).map_err(|e| err(e.to_string()))?;
+        let name = crate::net::stack::Phy::describe(&q);
+        let head = stack::SteerHead::new(q, steer.clone());
+        let caps = smoltcp::phy::Device::capabilities(&head);
+        let cfg_err = |e| StartError::Io(format!("portal group {}: {e}", pg.tag));
+        stacks.push(Box::new(Stack::new(head, &net, portals).map_err(cfg_err)?));
+        for i in 1..reactors {
+            let tail = stack::SteerTail::new(steer.clone(), i, caps.clone(), name.clone());
+            stacks.push(Box::new(Stack::new(tail, &net, portals).map_err(cfg_err)?));
+        }
+        return Ok(stacks);
+    }
     let share = stack::NeighbourShare::new(usize::from(port.queues()));
     for qid in 0..port.queues() {
         let q = port.queue(qid).map_err(|e| err(e.to_string()))?;
