@@ -8,18 +8,23 @@
 //! never makes the dataplane wait. Everything a reader maps is validated before use: a
 //! foreign, truncated, stale or half-written segment is an error, never a crash.
 //!
-//! Commands (target add/del, ...) travel through a command ring in a later ABI version.
+//! Commands travel through a command ring and answers through a response ring (fixed slots,
+//! a generation per slot): `iscsictl` writes a record (JSON) and then its generation, and
+//! advances the head; the dataplane takes records in order between reactor iterations,
+//! validates each, and writes the answer in the response slot of the same number. Several
+//! `iscsictl` are serialised by an exclusive lock on the segment file.
 
 pub mod segment;
 
 pub use segment::{
-    segment_path, AbiError, Header, ReactorStats, Segment, StatsWriter, LATENCY_BUCKETS,
+    segment_path, AbiError, Header, Incoming, ReactorStats, Segment, StatsWriter, LATENCY_BUCKETS,
+    MAX_RECORD, RING_SLOTS,
 };
 
 /// Magic at the start of the control segment ("ISCSICTL" little-endian).
 pub const ABI_MAGIC: u64 = u64::from_le_bytes(*b"ISCSICTL");
 /// Bumped on every incompatible change of the segment layout.
-pub const ABI_VERSION: u32 = 1;
+pub const ABI_VERSION: u32 = 2;
 
 #[cfg(test)]
 mod tests {

@@ -1,8 +1,9 @@
 //! `iscsictl`: the control-plane process. It reads the dataplane's control segment; it never
 //! makes the dataplane wait.
 //!
-//! Commands today: `status` and `stats` (with `--json`, and `--watch SECONDS` for stats).
-//! Changing targets, LUNs and access rules arrives with the command ring.
+//! `status` and `stats` read the segment directly (`stats --watch SECONDS`); `ping`,
+//! `targets`, `sessions` and `lun resize` go through the command ring and wait for the
+//! dataplane's answer. Every read command takes `--json`; human output is aligned tables.
 
 use control::{segment_path, ReactorStats, Segment, LATENCY_BUCKETS};
 use serde_json::json;
@@ -14,8 +15,14 @@ const USAGE: &str = "\
 usage: iscsictl [--instance NAME] [--json] COMMAND
 
 commands:
-  status                 the dataplane: pid, uptime, heartbeat, reactors
+  status                 the dataplane: pid, uptime, heartbeat, reactors, bad records
   stats [--watch SECS]   commands, bytes, errors and latency, per reactor and in total
+  ping                   a round trip through the command ring
+  targets | target list  the targets, their LUNs and mappings
+  sessions               the logged-in sessions (TSIH, initiator, ISID, target)
+  lun resize TARGET LUN SIZE
+                         a LUN's new size (bytes, or 512M, 10GiB, ...); the initiators get
+                         CAPACITY DATA HAS CHANGED
   version                this tool's version and control ABI
 
 --instance NAME selects the dataplane started with the same --instance (default: default).
@@ -25,6 +32,7 @@ struct Args {
     instance: String,
     json: bool,
     command: String,
+    rest: Vec<String>,
     watch: Option<u64>,
 }
 
@@ -33,6 +41,7 @@ fn parse_args() -> Result<Args, String> {
         instance: "default".into(),
         json: false,
         command: String::new(),
+        rest: Vec::new(),
         watch: None,
     };
     let mut it = std::env::args().skip(1);
@@ -54,6 +63,7 @@ fn parse_args() -> Result<Args, String> {
                 std::process::exit(0);
             }
             c if !c.starts_with('-') && a.command.is_empty() => a.command = c.to_string(),
+            c if !c.starts_with('-') => a.rest.push(c.to_string()),
             other => return Err(format!("unexpected argument {other:?}\n{USAGE}")),
         }
     }
@@ -97,6 +107,8 @@ fn status(seg: &Segment, as_json: bool) {
                 "heartbeat_age_ms": beat_age_ms,
                 "reactors": seg.reactors(),
                 "abi_version": control::ABI_VERSION,
+                "commands_taken": h.cmd_tail.load(Ordering::Relaxed),
+                "bad_records": h.bad_records.load(Ordering::Relaxed),
             })
         );
     } else {
@@ -107,6 +119,14 @@ fn status(seg: &Segment, as_json: bool) {
             ("uptime", format!("{:.1} s", uptime_ms as f64 / 1000.0)),
             ("heartbeat", format!("{beat_age_ms} ms ago")),
             ("reactors", seg.reactors().to_string()),
+            (
+                "commands",
+                format!(
+                    "{} taken, {} bad records",
+                    h.cmd_tail.load(Ordering::Relaxed),
+                    h.bad_records.load(Ordering::Relaxed)
+                ),
+            ),
         ];
         for (k, v) in rows {
             println!("{k:<10} {v}");
@@ -238,8 +258,155 @@ fn run() -> Result<(), String> {
                 },
             }
         }
+        "ping" | "targets" | "sessions" | "target" | "lun" => ring_command(&a),
         other => Err(format!("unknown command {other:?}\n{USAGE}")),
     }
+}
+
+/// Bytes from "4096", "512M", "10GiB", ... (K, M, G, T powers of 1024).
+fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num.parse().map_err(|_| format!("{s:?} is not a size"))?;
+    let shift = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "k" | "kib" | "kb" => 10,
+        "m" | "mib" | "mb" => 20,
+        "g" | "gib" | "gb" => 30,
+        "t" | "tib" | "tb" => 40,
+        _ => return Err(format!("{s:?}: unknown unit")),
+    };
+    n.checked_mul(1u64 << shift)
+        .ok_or_else(|| format!("{s:?} is too large"))
+}
+
+/// The record for a ring command.
+fn ring_request(a: &Args) -> Result<serde_json::Value, String> {
+    let rest: Vec<&str> = a.rest.iter().map(String::as_str).collect();
+    match (a.command.as_str(), rest.as_slice()) {
+        ("ping", []) => Ok(json!({"op": "ping"})),
+        ("targets", []) | ("target", ["list"]) => Ok(json!({"op": "targets"})),
+        ("sessions", []) => Ok(json!({"op": "sessions"})),
+        ("lun", ["resize", target, lun, size]) => Ok(json!({
+            "op": "lun-resize",
+            "target": target,
+            "lun": lun.parse::<u64>().map_err(|_| format!("LUN {lun:?} is not a number"))?,
+            "size": parse_size(size)?,
+        })),
+        _ => Err(format!(
+            "{} {}: wrong arguments\n{USAGE}",
+            a.command,
+            a.rest.join(" ")
+        )),
+    }
+}
+
+/// Sends a command through the ring and prints the answer.
+fn ring_command(a: &Args) -> Result<(), String> {
+    let req = ring_request(a)?;
+    let seg = open(&a.instance)?;
+    let raw = seg
+        .submit(req.to_string().as_bytes(), Duration::from_secs(10))
+        .map_err(|e| e.to_string())?;
+    let answer: serde_json::Value =
+        serde_json::from_slice(&raw).map_err(|e| format!("unreadable answer: {e}"))?;
+    if answer["ok"] != json!(true) {
+        return Err(answer["error"]
+            .as_str()
+            .unwrap_or("the dataplane refused the command")
+            .to_string());
+    }
+    if a.json {
+        println!("{answer}");
+        return Ok(());
+    }
+    match req["op"].as_str().unwrap_or("") {
+        "ping" => println!("dataplane pid {} answered", answer["pid"]),
+        "targets" => print_targets(&answer),
+        "sessions" => print_sessions(&answer),
+        "lun-resize" => println!("LUN {} is now {} bytes", answer["lun"], answer["size"]),
+        _ => println!("{answer}"),
+    }
+    Ok(())
+}
+
+fn text(v: &serde_json::Value) -> String {
+    match v {
+        serde_json::Value::String(s) => s.clone(),
+        serde_json::Value::Null => "-".into(),
+        other => other.to_string(),
+    }
+}
+
+/// Prints rows as a table with columns as wide as their widest cell.
+fn table(head: &[&str], rows: &[Vec<String>]) {
+    let mut w: Vec<usize> = head.iter().map(|h| h.len()).collect();
+    for r in rows {
+        for (i, c) in r.iter().enumerate() {
+            w[i] = w[i].max(c.len());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        let parts: Vec<String> = cells
+            .iter()
+            .enumerate()
+            .map(|(i, c)| format!("{c:<width$}", width = w[i]))
+            .collect();
+        println!("{}", parts.join("  ").trim_end());
+    };
+    line(head.iter().map(|h| h.to_string()).collect());
+    for r in rows {
+        line(r.clone());
+    }
+}
+
+fn print_targets(answer: &serde_json::Value) {
+    let mut rows = Vec::new();
+    for t in answer["targets"].as_array().into_iter().flatten() {
+        let maps: Vec<String> = t["mappings"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|m| format!("pg{}/ig{}", m["portal_group"], m["initiator_group"]))
+            .collect();
+        for l in t["luns"].as_array().into_iter().flatten() {
+            rows.push(vec![
+                text(&t["name"]),
+                text(&l["lun"]),
+                text(&l["bdev"]),
+                text(&l["type"]),
+                text(&l["block_size"]),
+                maps.join(","),
+            ]);
+        }
+    }
+    table(
+        &["target", "lun", "bdev", "type", "block", "mappings"],
+        &rows,
+    );
+}
+
+fn print_sessions(answer: &serde_json::Value) {
+    let rows: Vec<Vec<String>> = answer["sessions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|s| {
+            vec![
+                text(&s["tsih"]),
+                text(&s["type"]),
+                text(&s["initiator"]),
+                text(&s["isid"]),
+                text(&s["target"]),
+                text(&s["connection"]),
+            ]
+        })
+        .collect();
+    table(
+        &["tsih", "type", "initiator", "isid", "target", "conn"],
+        &rows,
+    );
 }
 
 fn main() -> ExitCode {
@@ -255,6 +422,31 @@ fn main() -> ExitCode {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sizes_and_requests() {
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("512M"), Ok(512 << 20));
+        assert_eq!(parse_size("2GiB"), Ok(2 << 30));
+        assert!(parse_size("12X").is_err() && parse_size("G").is_err());
+        let args = |c: &str, rest: &[&str]| Args {
+            instance: "x".into(),
+            json: false,
+            command: c.into(),
+            rest: rest.iter().map(|s| s.to_string()).collect(),
+            watch: None,
+        };
+        assert_eq!(
+            ring_request(&args("lun", &["resize", "iqn.x:t", "1", "1G"])).unwrap(),
+            json!({"op": "lun-resize", "target": "iqn.x:t", "lun": 1, "size": 1u64 << 30})
+        );
+        assert_eq!(
+            ring_request(&args("target", &["list"])).unwrap(),
+            json!({"op": "targets"})
+        );
+        assert!(ring_request(&args("lun", &["resize", "t", "x", "1G"])).is_err());
+        assert!(ring_request(&args("sessions", &["extra"])).is_err());
+    }
 
     #[test]
     fn percentiles_from_the_histogram() {

@@ -18,6 +18,13 @@ const HEADER_SIZE: usize = 4096;
 const STATS_STRIDE: usize = 512;
 /// Most reactors a segment describes.
 const MAX_REACTORS: usize = 256;
+/// Slots in the command ring and in the response ring.
+pub const RING_SLOTS: usize = 8;
+/// Bytes per ring slot: its 16-byte header (generation, length) and the record.
+pub const SLOT_SIZE: usize = 64 * 1024;
+/// Largest record a slot carries.
+pub const MAX_RECORD: usize = SLOT_SIZE - SLOT_HEADER;
+const SLOT_HEADER: usize = 16;
 
 /// The segment header. Every field is atomic: a reader may look at it while the dataplane
 /// writes it, and the magic is stored last, so a half-created segment never looks valid.
@@ -34,6 +41,36 @@ pub struct Header {
     pub heartbeat_ms: AtomicU64,
     pub stats_offset: AtomicU64,
     pub stats_stride: AtomicU64,
+    /// The command ring's slots, then the response ring's, `ring_slots` of `slot_size` each.
+    pub ring_offset: AtomicU64,
+    pub ring_slots: AtomicU32,
+    pub slot_size: AtomicU32,
+    /// Commands submitted so far (written by `iscsictl`, one at a time under a file lock).
+    pub cmd_head: AtomicU64,
+    /// Commands the dataplane has taken so far (written by the dataplane).
+    pub cmd_tail: AtomicU64,
+    /// Records the dataplane refused as malformed.
+    pub bad_records: AtomicU64,
+}
+
+/// One ring slot's header; the record follows it.
+#[repr(C)]
+struct SlotHeader {
+    /// Command number + 1 once the record of that command is complete (0: never written).
+    generation: AtomicU64,
+    len: AtomicU32,
+    _pad: AtomicU32,
+}
+
+const _: () = assert!(std::mem::size_of::<SlotHeader>() == SLOT_HEADER);
+
+/// What the dataplane found at the next command slot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Incoming {
+    /// Command number `seq` and its record.
+    Record { seq: u64, record: Vec<u8> },
+    /// Command number `seq` was malformed (`why`); the dataplane answers it with an error.
+    Bad { seq: u64, why: String },
 }
 
 /// One reactor's statistics block (behind its seqlock sequence).
@@ -164,6 +201,7 @@ pub struct Segment {
     reactors: usize,
     stats_offset: usize,
     stats_stride: usize,
+    ring_offset: usize,
 }
 
 // SAFETY: all shared access goes through atomics inside the mapping.
@@ -187,7 +225,8 @@ impl Segment {
         // A stale or foreign file: replace it (unlink first so a reader still mapping the
         // old one keeps a consistent view of it).
         let _ = std::fs::remove_file(path);
-        let size = HEADER_SIZE + reactors * STATS_STRIDE;
+        let ring_offset = HEADER_SIZE + reactors * STATS_STRIDE;
+        let size = ring_offset + 2 * RING_SLOTS * SLOT_SIZE;
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -207,6 +246,7 @@ impl Segment {
             reactors,
             stats_offset: HEADER_SIZE,
             stats_stride: STATS_STRIDE,
+            ring_offset,
         };
         let h = seg.header();
         let now_ms = SystemTime::now()
@@ -221,6 +261,12 @@ impl Segment {
         h.heartbeat_ms.store(0, Ordering::Relaxed);
         h.stats_offset.store(HEADER_SIZE as u64, Ordering::Relaxed);
         h.stats_stride.store(STATS_STRIDE as u64, Ordering::Relaxed);
+        h.ring_offset.store(ring_offset as u64, Ordering::Relaxed);
+        h.ring_slots.store(RING_SLOTS as u32, Ordering::Relaxed);
+        h.slot_size.store(SLOT_SIZE as u32, Ordering::Relaxed);
+        h.cmd_head.store(0, Ordering::Relaxed);
+        h.cmd_tail.store(0, Ordering::Relaxed);
+        h.bad_records.store(0, Ordering::Relaxed);
         // Last: the magic makes the segment valid for readers.
         h.magic.store(ABI_MAGIC, Ordering::Release);
         Ok(seg)
@@ -257,11 +303,13 @@ impl Segment {
             reactors: 0,
             stats_offset: 0,
             stats_stride: 0,
+            ring_offset: 0,
         };
         let (reactors, off, stride) = seg.validate(size)?;
         seg.reactors = reactors;
         seg.stats_offset = off;
         seg.stats_stride = stride;
+        seg.ring_offset = seg.validate_ring(size, off + stride * reactors)?;
         Ok(seg)
     }
 
@@ -305,8 +353,177 @@ impl Segment {
         Ok((n as usize, off as usize, stride as usize))
     }
 
+    /// Checks the rings' layout: this version's slot count and size, after the statistics.
+    fn validate_ring(&self, size: u64, stats_end: usize) -> Result<usize, AbiError> {
+        let h = self.header();
+        let off = h.ring_offset.load(Ordering::Relaxed);
+        if h.ring_slots.load(Ordering::Relaxed) as usize != RING_SLOTS
+            || h.slot_size.load(Ordering::Relaxed) as usize != SLOT_SIZE
+        {
+            return Err(AbiError::Corrupt("ring geometry"));
+        }
+        let end = off.checked_add((2 * RING_SLOTS * SLOT_SIZE) as u64);
+        if off < stats_end as u64 || !off.is_multiple_of(8) || end.is_none_or(|e| e > size) {
+            return Err(AbiError::Corrupt("rings beyond the segment"));
+        }
+        Ok(off as usize)
+    }
+
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Slot `i` of the command ring (`response` false) or the response ring.
+    fn slot(&self, response: bool, i: usize) -> (&SlotHeader, *mut u8) {
+        let idx = i % RING_SLOTS + if response { RING_SLOTS } else { 0 };
+        let off = self.ring_offset + idx * SLOT_SIZE;
+        debug_assert!(off + SLOT_SIZE <= self.map.len());
+        // SAFETY: the ring layout was created or validated to lie inside the mapping, slots
+        // are 8-byte aligned, SlotHeader is repr(C) of atomics; the record area follows it
+        // and is only accessed by byte copies.
+        unsafe {
+            let base = self.map.as_ptr().add(off) as *mut u8;
+            (&*(base as *const SlotHeader), base.add(SLOT_HEADER))
+        }
+    }
+
+    /// Writes a record and its generation into a slot (the record first, then, released,
+    /// the generation that makes it valid).
+    fn put(&self, response: bool, seq: u64, record: &[u8]) -> Result<(), AbiError> {
+        if record.len() > MAX_RECORD {
+            return Err(AbiError::Io(format!(
+                "record of {} bytes exceeds {MAX_RECORD}",
+                record.len()
+            )));
+        }
+        let (h, data) = self.slot(response, seq as usize);
+        h.generation.store(0, Ordering::Relaxed);
+        fence(Ordering::Release);
+        // SAFETY: data has MAX_RECORD bytes (slot layout); the source is our own buffer.
+        unsafe { std::ptr::copy_nonoverlapping(record.as_ptr(), data, record.len()) };
+        h.len.store(record.len() as u32, Ordering::Relaxed);
+        h.generation.store(seq + 1, Ordering::Release);
+        Ok(())
+    }
+
+    /// Reads the record of command `seq` from a slot, if its generation says it is there.
+    /// Never trusts the length: another process may have scribbled anything.
+    fn take(&self, response: bool, seq: u64) -> Result<Option<Vec<u8>>, String> {
+        let (h, data) = self.slot(response, seq as usize);
+        let generation = h.generation.load(Ordering::Acquire);
+        if generation != seq + 1 {
+            return if response {
+                Ok(None)
+            } else {
+                Err(format!(
+                    "slot generation {generation}, expected {}",
+                    seq + 1
+                ))
+            };
+        }
+        let len = h.len.load(Ordering::Relaxed) as usize;
+        if len > MAX_RECORD {
+            return Err(format!("record length {len} beyond {MAX_RECORD}"));
+        }
+        let mut out = vec![0u8; len];
+        // SAFETY: len is within the slot's record area (checked); the destination is ours.
+        unsafe { std::ptr::copy_nonoverlapping(data, out.as_mut_ptr(), len) };
+        fence(Ordering::Acquire);
+        if h.generation.load(Ordering::Relaxed) != generation {
+            return Err("slot rewritten while read".into());
+        }
+        Ok(Some(out))
+    }
+
+    /// The next command for the dataplane (the segment's owner), which keeps its own count
+    /// `next` of commands taken and never trusts the shared one. A head that went backwards
+    /// or jumped beyond the ring is garbage: the count resynchronises to it and the jump is
+    /// reported as one bad record.
+    pub fn next_command(&self, next: &mut u64) -> Option<Incoming> {
+        let h = self.header();
+        let head = h.cmd_head.load(Ordering::Acquire);
+        if head == *next {
+            return None;
+        }
+        let seq = *next;
+        if head < seq || head - seq > RING_SLOTS as u64 {
+            *next = head;
+            h.cmd_tail.store(head, Ordering::Release);
+            h.bad_records.fetch_add(1, Ordering::Relaxed);
+            return Some(Incoming::Bad {
+                seq: head.wrapping_sub(1),
+                why: format!("command head {head} out of step with {seq}: resynchronised"),
+            });
+        }
+        *next = seq + 1;
+        h.cmd_tail.store(seq + 1, Ordering::Release);
+        match self.take(false, seq) {
+            Ok(Some(record)) => Some(Incoming::Record { seq, record }),
+            Ok(None) => None,
+            Err(why) => {
+                h.bad_records.fetch_add(1, Ordering::Relaxed);
+                Some(Incoming::Bad { seq, why })
+            }
+        }
+    }
+
+    /// Answers command `seq` (the dataplane).
+    pub fn respond(&self, seq: u64, record: &[u8]) {
+        if let Err(e) = self.put(true, seq, record) {
+            let msg = format!("{{\"ok\":false,\"error\":\"response too large: {e}\"}}");
+            let _ = self.put(true, seq, msg.as_bytes());
+        }
+    }
+
+    /// Sends one command and waits for its answer (`iscsictl`). Commands from several
+    /// processes are serialised by an exclusive lock on the segment file; a process killed
+    /// mid-command leaves at most an unanswered command, which the next one skips.
+    pub fn submit(&self, record: &[u8], timeout: std::time::Duration) -> Result<Vec<u8>, AbiError> {
+        let lock = File::open(&self.path)
+            .map_err(|e| AbiError::Io(format!("open {}: {e}", self.path.display())))?;
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            // SAFETY: flock on an fd we own; released when the file is closed.
+            let r = unsafe {
+                libc::flock(
+                    std::os::fd::AsRawFd::as_raw_fd(&lock),
+                    libc::LOCK_EX | libc::LOCK_NB,
+                )
+            };
+            if r == 0 {
+                break;
+            }
+            if std::time::Instant::now() > deadline {
+                return Err(AbiError::Io(
+                    "another iscsictl holds the command lock".into(),
+                ));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        let h = self.header();
+        // Let the dataplane take whatever an earlier (killed) iscsictl left.
+        while h.cmd_tail.load(Ordering::Acquire) < h.cmd_head.load(Ordering::Acquire) {
+            if std::time::Instant::now() > deadline {
+                return Err(AbiError::Io("the dataplane does not take commands".into()));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        let seq = h.cmd_head.load(Ordering::Acquire);
+        self.put(false, seq, record)?;
+        h.cmd_head.store(seq + 1, Ordering::Release);
+        loop {
+            match self.take(true, seq) {
+                Ok(Some(answer)) => return Ok(answer),
+                Ok(None) => {}
+                Err(why) => return Err(AbiError::Io(format!("bad response: {why}"))),
+            }
+            if std::time::Instant::now() > deadline {
+                return Err(AbiError::Io(format!(
+                    "no answer from the dataplane within {timeout:?}"
+                )));
+            }
+            std::thread::sleep(std::time::Duration::from_micros(200));
+        }
     }
 
     pub fn header(&self) -> &Header {
@@ -492,6 +709,125 @@ mod tests {
             .stats_offset
             .store(u64::MAX - 10, Ordering::Relaxed);
         assert!(matches!(Segment::open(&p), Err(AbiError::Corrupt(_))));
+    }
+
+    /// A dataplane stand-in: answers every command by echoing it, until told to stop.
+    fn echo_owner(seg: &Segment, stop: &std::sync::atomic::AtomicBool) -> Vec<Incoming> {
+        let mut next = 0;
+        let mut seen = Vec::new();
+        while !stop.load(Ordering::Relaxed) {
+            match seg.next_command(&mut next) {
+                Some(Incoming::Record { seq, record }) => {
+                    seg.respond(seq, &record);
+                    seen.push(Incoming::Record { seq, record });
+                }
+                Some(bad) => seen.push(bad),
+                None => std::thread::sleep(std::time::Duration::from_micros(100)),
+            }
+        }
+        seen
+    }
+
+    #[test]
+    fn commands_and_answers_go_round_in_order_through_the_rings() {
+        let p = temp("ring");
+        let seg = Segment::create(&p, 1).unwrap();
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        std::thread::scope(|sc| {
+            let owner = sc.spawn(|| echo_owner(&seg, &stop));
+            let client = Segment::open(&p).unwrap();
+            let t = std::time::Duration::from_secs(5);
+            // More commands than slots: the ring wraps.
+            for i in 0..(3 * RING_SLOTS) {
+                let rec = format!("{{\"n\":{i}}}");
+                assert_eq!(client.submit(rec.as_bytes(), t).unwrap(), rec.as_bytes());
+            }
+            // Two clients at once are serialised by the file lock.
+            let other = Segment::open(&p).unwrap();
+            std::thread::scope(|c2| {
+                let a = c2.spawn(|| {
+                    (0..20)
+                        .map(|_| client.submit(b"a", t).unwrap())
+                        .collect::<Vec<_>>()
+                });
+                let b = c2.spawn(|| {
+                    (0..20)
+                        .map(|_| other.submit(b"b", t).unwrap())
+                        .collect::<Vec<_>>()
+                });
+                assert!(a.join().unwrap().iter().all(|r| r == b"a"));
+                assert!(b.join().unwrap().iter().all(|r| r == b"b"));
+            });
+            // Too large a record is refused before it is written.
+            assert!(client.submit(&vec![b'x'; MAX_RECORD + 1], t).is_err());
+            stop.store(true, Ordering::Relaxed);
+            let seen = owner.join().unwrap();
+            assert_eq!(seen.len(), 3 * RING_SLOTS + 40);
+            assert!(seen.iter().all(|i| matches!(i, Incoming::Record { .. })));
+        });
+        assert_eq!(seg.header().bad_records.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn malformed_records_and_heads_are_reported_not_trusted() {
+        let p = temp("ringbad");
+        let seg = Segment::create(&p, 1).unwrap();
+        let h = seg.header();
+        let mut next = 0;
+        // A head that advanced over a slot never written (a killed or lying producer).
+        h.cmd_head.store(1, Ordering::Release);
+        assert!(matches!(
+            seg.next_command(&mut next),
+            Some(Incoming::Bad { seq: 0, .. })
+        ));
+        // A record whose length lies.
+        let (slot, _) = seg.slot(false, 1);
+        slot.len.store(u32::MAX, Ordering::Relaxed);
+        slot.generation.store(2, Ordering::Release);
+        h.cmd_head.store(2, Ordering::Release);
+        assert!(matches!(
+            seg.next_command(&mut next),
+            Some(Incoming::Bad { seq: 1, .. })
+        ));
+        // A head far ahead: resynchronised, reported once.
+        h.cmd_head.store(1_000_000, Ordering::Release);
+        assert!(matches!(
+            seg.next_command(&mut next),
+            Some(Incoming::Bad { .. })
+        ));
+        assert_eq!(next, 1_000_000);
+        assert_eq!(seg.next_command(&mut next), None);
+        // A head that went backwards.
+        h.cmd_head.store(5, Ordering::Release);
+        assert!(matches!(
+            seg.next_command(&mut next),
+            Some(Incoming::Bad { .. })
+        ));
+        assert_eq!(next, 5);
+        assert_eq!(h.bad_records.load(Ordering::Relaxed), 4);
+        // Random bytes over the whole ring area never panic the owner.
+        let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+        for round in 0..200 {
+            for i in 0..(2 * RING_SLOTS * SLOT_SIZE / 8) {
+                if (i + round) % 97 != 0 {
+                    continue;
+                }
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                let off = seg.ring_offset + i * 8;
+                // SAFETY: inside the mapping, 8-byte aligned.
+                unsafe {
+                    (*(seg.map.as_ptr().add(off) as *const AtomicU64)).store(x, Ordering::Relaxed)
+                };
+            }
+            h.cmd_head.store(x % 64, Ordering::Release);
+            while let Some(i) = seg.next_command(&mut next) {
+                if let Incoming::Record { seq, .. } = i {
+                    seg.respond(seq, b"{}");
+                }
+            }
+        }
     }
 
     #[test]

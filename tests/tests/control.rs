@@ -128,3 +128,161 @@ fn missing_and_garbage_segments_get_clear_errors() {
         "{out}"
     );
 }
+
+/// Two targets; fio with verify runs against the first while `iscsictl` works on the second
+/// through the command ring: targets, sessions, a LUN resize the initiator sees, and then
+/// random bytes over the ring and its head. fio finishes with zero errors, the dataplane
+/// reports the bad records and still answers.
+#[test]
+fn ring_commands_and_garbage_while_io_runs() {
+    let second = "iqn.2026-11.io.iscsi-tgt:second";
+    let toml = format!(
+        r#"
+[[portal_group]]
+tag = 1
+portals = ["127.0.0.1:1"]
+[[initiator_group]]
+tag = 1
+initiators = ["ANY"]
+netmasks = ["ANY"]
+[[bdev]]
+name = "A"
+type = "malloc"
+size = "256MiB"
+[[bdev]]
+name = "B"
+type = "malloc"
+size = "64MiB"
+[[target]]
+name = "{}"
+luns = [ {{ lun = 0, bdev = "A" }} ]
+mappings = [ {{ portal_group = 1, initiator_group = 1 }} ]
+[[target]]
+name = "{second}"
+luns = [ {{ lun = 0, bdev = "B" }} ]
+mappings = [ {{ portal_group = 1, initiator_group = 1 }} ]
+"#,
+        e2e::DEFAULT_IQN
+    );
+    let mut t = Target::start_with_config("control-ring", &toml, e2e::DEFAULT_IQN, 0);
+    let instance = format!("e2e-{}", t.port());
+    let dir = artifacts_dir().join(format!("control-ring-{}", t.port()));
+    fs::create_dir_all(&dir).unwrap();
+    let terse = dir.join("fio.terse");
+    let mut fio = Command::new(fio_bin());
+    fio.current_dir(&dir)
+        .arg("--name=ring")
+        .arg("--ioengine=libiscsi")
+        .arg(format!("--filename={}", t.fio_filename()))
+        .args([
+            "--rw=randwrite",
+            "--bs=4k",
+            "--size=64M",
+            "--numjobs=2",
+            "--offset_increment=64M",
+            "--iodepth=8",
+            "--verify=crc32c",
+            "--do_verify=1",
+            "--verify_fatal=1",
+            // Slow enough that the commands below happen while it runs.
+            "--rate_iops=4000",
+            "--output-format=terse",
+            "--terse-version=3",
+        ])
+        .arg(format!("--output={}", terse.display()));
+    let fio = std::thread::spawn(move || run_with_timeout(&mut fio, Duration::from_secs(120)));
+    std::thread::sleep(Duration::from_millis(500));
+
+    let ping = json(&ctl(&instance, &["--json", "ping"]));
+    assert_eq!(ping["ok"], true, "{ping}");
+    let targets = json(&ctl(&instance, &["--json", "targets"]));
+    let names: Vec<&str> = targets["targets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, [e2e::DEFAULT_IQN, second]);
+    let sessions = json(&ctl(&instance, &["--json", "sessions"]));
+    let on_first = sessions["sessions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["target"] == e2e::DEFAULT_IQN && s["type"] == "normal")
+        .count();
+    assert_eq!(on_first, 2, "fio's two sessions: {sessions}");
+    let human = ctl(&instance, &["targets"]);
+    human.assert_success();
+    assert!(human.stdout.starts_with("target "), "{human}");
+
+    // Resize the second target's LUN: the initiator reads the new capacity.
+    let url = format!("iscsi://{}/{second}/0", t.portal());
+    let out = json(&ctl(
+        &instance,
+        &["--json", "lun", "resize", second, "0", "128MiB"],
+    ));
+    assert_eq!(out["size"], 128u64 << 20, "{out}");
+    let cap = run_with_timeout(
+        Command::new("iscsi-readcapacity16").arg(&url),
+        Duration::from_secs(30),
+    );
+    assert!(
+        cap.stdout.contains(&format!(
+            "RETURNED LOGICAL BLOCK ADDRESS:{}",
+            (128u64 << 20) / 512 - 1
+        )),
+        "{cap}"
+    );
+    // Refusals are errors with exit status 2.
+    let bad = ctl(&instance, &["lun", "resize", second, "7", "1G"]);
+    assert_eq!(bad.code(), Some(2), "{bad}");
+    assert!(bad.stderr.contains("has no LUN 7"), "{bad}");
+    let bad = ctl(&instance, &["lun", "resize", second, "0", "1000"]);
+    assert_eq!(bad.code(), Some(2), "{bad}");
+
+    // Random bytes over the command ring, the response ring and the command head.
+    let path = control::segment_path(&instance);
+    let file = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)
+        .unwrap();
+    use std::os::unix::fs::FileExt;
+    let mut word = [0u8; 8];
+    file.read_at(&mut word, 64).unwrap();
+    let ring_offset = u64::from_le_bytes(word);
+    let ring_len = 2 * control::RING_SLOTS as u64 * 64 * 1024;
+    let mut x: u64 = 0x2545_F491_4F6C_DD1D ^ u64::from(std::process::id());
+    let mut next = || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    for _ in 0..50 {
+        let chunk: Vec<u8> = (0..4096).map(|_| next() as u8).collect();
+        let off = ring_offset + next() % (ring_len - 4096);
+        file.write_at(&chunk, off).unwrap();
+        file.write_at(&next().to_le_bytes(), 80).unwrap();
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    // The dataplane resynchronises and answers the next command.
+    std::thread::sleep(Duration::from_millis(200));
+    let st = json(&ctl(&instance, &["--json", "status"]));
+    assert!(st["bad_records"].as_u64().unwrap() > 0, "{st}");
+    let ping = json(&ctl(&instance, &["--json", "ping"]));
+    assert_eq!(ping["ok"], true, "{ping}");
+    t.assert_running();
+    assert!(t.log_contents().contains("control: bad command record"));
+
+    let out = fio.join().unwrap();
+    let text = fs::read_to_string(&terse).unwrap_or_default();
+    assert!(out.success(), "fio:\n{out}\n{text}");
+    let jobs = parse_fio_terse(&text).unwrap();
+    assert_eq!(jobs.len(), 2, "{text}");
+    for j in &jobs {
+        assert_eq!(j.error, 0, "{j:?}");
+        assert_eq!(j.write_kib, 64 * 1024, "{j:?}");
+        assert_eq!(j.read_kib, 64 * 1024, "{j:?}");
+    }
+}

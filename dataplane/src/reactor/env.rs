@@ -142,8 +142,38 @@ impl ReactorEnv {
             Msg::LunReset { target, lun, by } => self.lun_reset(target, lun, by),
             Msg::TargetReset { target, by, cold } => self.target_reset(target, by, cold),
             Msg::Close(uid) => self.close_local.push(uid),
-            Msg::Accepted { .. } | Msg::Adopt(_) => {}
+            Msg::Resize {
+                target,
+                lun,
+                blocks,
+                seq,
+                reply_to,
+            } => {
+                let result = self.resize_local(target, lun, blocks);
+                let size = blocks * self.block_size_of(target, lun);
+                let answer = super::commands::resize_answer(result, lun, size).to_string();
+                self.send(reply_to, Msg::ControlDone { seq, answer });
+            }
+            Msg::Accepted { .. } | Msg::Adopt(_) | Msg::ControlDone { .. } => {}
         }
+    }
+
+    /// Resizes a LUN of a device homed here.
+    pub fn resize_local(&mut self, target: TargetId, lun: u64, blocks: u64) -> Result<(), String> {
+        self.devices
+            .get_mut(&target)
+            .ok_or_else(|| format!("target {target} is not homed here"))?
+            .resize_lun(lun, blocks)
+    }
+
+    /// The block size of a target's LUN, from the configuration.
+    fn block_size_of(&self, target: TargetId, lun: u64) -> u64 {
+        let cfg = self.shared.model.config();
+        cfg.targets
+            .get(target)
+            .and_then(|t| t.luns.iter().find(|l| l.lun == lun))
+            .and_then(|l| cfg.bdevs.iter().find(|b| b.name == l.bdev))
+            .map_or(512, |b| u64::from(b.block_size))
     }
 
     /// Flushes every local device (shutdown).

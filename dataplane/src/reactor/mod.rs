@@ -19,6 +19,7 @@
 //! Sessions have one connection each (MaxConnections settles at 1), so CmdSN ordering is a
 //! per-connection matter and never spans reactors.
 
+mod commands;
 mod env;
 pub mod park;
 pub mod shared;
@@ -330,6 +331,7 @@ impl Dataplane {
                         spin,
                         stats: control::ReactorStats::default(),
                         user: my_user,
+                        cmd_next: 0,
                     };
                     r.run()
                 })
@@ -411,8 +413,10 @@ struct Reactor {
     spin: Duration,
     /// This reactor's counters, published to the control segment every tick.
     stats: control::ReactorStats,
-    /// The userspace TCP stack this reactor runs (reactor 0 only).
+    /// The userspace TCP stack this reactor runs, if any.
     user: Option<Box<dyn UserStack>>,
+    /// Control commands taken so far (reactor 0; the segment's own count is not trusted).
+    cmd_next: u64,
 }
 
 impl Reactor {
@@ -516,6 +520,9 @@ impl Reactor {
                 }
             }
             self.drain_inbox(now);
+            if self.env.me == 0 {
+                self.poll_commands();
+            }
             if self.poll_user(now) {
                 last_work = now;
             }
@@ -566,6 +573,11 @@ impl Reactor {
                 Msg::Adopt(m) => {
                     let m = *m;
                     self.adopt(m.stream, m.conn);
+                }
+                Msg::ControlDone { seq, answer } => {
+                    if let Some(seg) = self.env.shared.segment.as_ref() {
+                        seg.respond(seq, answer.as_bytes());
+                    }
                 }
                 other => self.env.device_msg(other),
             }

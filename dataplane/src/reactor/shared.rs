@@ -64,6 +64,19 @@ pub enum Msg {
     },
     /// Close this connection (its session was reinstated by a newer login).
     Close(u64),
+    /// Resize a LUN of a device homed on the receiving reactor (control command `seq`).
+    Resize {
+        target: TargetId,
+        lun: u64,
+        blocks: u64,
+        seq: u64,
+        reply_to: usize,
+    },
+    /// The answer to control command `seq`, for reactor 0 to write on the response ring.
+    ControlDone {
+        seq: u64,
+        answer: String,
+    },
 }
 
 /// Messages to the parking lot.

@@ -355,6 +355,17 @@ impl Registry {
         Ok(Registered { tsih, reinstated })
     }
 
+    /// Every session: TSIH, key, connection.
+    pub fn list(&self) -> Vec<(u16, SessionKey, u64)> {
+        let mut v: Vec<_> = self
+            .sessions
+            .iter()
+            .map(|(t, s)| (*t, s.key.clone(), s.conn_uid))
+            .collect();
+        v.sort_by_key(|(t, _, _)| *t);
+        v
+    }
+
     pub fn exists(&self, tsih: u16) -> bool {
         self.sessions.contains_key(&tsih)
     }
