@@ -20,6 +20,11 @@ commands:
   ping                   a round trip through the command ring
   targets | target list  the targets, their LUNs and mappings
   sessions               the logged-in sessions (TSIH, initiator, ISID, target)
+  target add NAME --pg TAG --ig TAG --lun SPEC [--lun SPEC ...] [--alias A] [--queue-depth N]
+                         a new target on an existing portal group and initiator group, one
+                         new bdev per LUN; SPEC: N:malloc:SIZE[:BLOCK], N:null:SIZE[:BLOCK],
+                         N:file:PATH[:SIZE]
+  target del NAME        removes a target: its sessions are closed, its LUNs released
   lun resize TARGET LUN SIZE
                          a LUN's new size (bytes, or 512M, 10GiB, ...); the initiators get
                          CAPACITY DATA HAS CHANGED
@@ -34,6 +39,17 @@ struct Args {
     command: String,
     rest: Vec<String>,
     watch: Option<u64>,
+    /// `target add` options.
+    opts: TargetOpts,
+}
+
+#[derive(Default)]
+struct TargetOpts {
+    pg: Option<String>,
+    ig: Option<String>,
+    luns: Vec<String>,
+    alias: Option<String>,
+    queue_depth: Option<String>,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -43,12 +59,20 @@ fn parse_args() -> Result<Args, String> {
         command: String::new(),
         rest: Vec::new(),
         watch: None,
+        opts: TargetOpts::default(),
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
         match arg.as_str() {
             "--instance" => a.instance = it.next().ok_or("--instance needs a name")?,
             "--json" => a.json = true,
+            "--pg" => a.opts.pg = Some(it.next().ok_or("--pg needs a tag")?),
+            "--ig" => a.opts.ig = Some(it.next().ok_or("--ig needs a tag")?),
+            "--lun" => a.opts.luns.push(it.next().ok_or("--lun needs a spec")?),
+            "--alias" => a.opts.alias = Some(it.next().ok_or("--alias needs a value")?),
+            "--queue-depth" => {
+                a.opts.queue_depth = Some(it.next().ok_or("--queue-depth needs a number")?)
+            }
             "--watch" => {
                 let v = it.next().ok_or("--watch needs seconds")?;
                 a.watch = Some(
@@ -288,6 +312,8 @@ fn ring_request(a: &Args) -> Result<serde_json::Value, String> {
         ("ping", []) => Ok(json!({"op": "ping"})),
         ("targets", []) | ("target", ["list"]) => Ok(json!({"op": "targets"})),
         ("sessions", []) => Ok(json!({"op": "sessions"})),
+        ("target", ["add", name]) => target_add_request(name, &a.opts),
+        ("target", ["del", name]) => Ok(json!({"op": "target-del", "target": name})),
         ("lun", ["resize", target, lun, size]) => Ok(json!({
             "op": "lun-resize",
             "target": target,
@@ -300,6 +326,63 @@ fn ring_request(a: &Args) -> Result<serde_json::Value, String> {
             a.rest.join(" ")
         )),
     }
+}
+
+fn number(what: &str, v: &str) -> Result<u64, String> {
+    v.parse()
+        .map_err(|_| format!("{what} {v:?} is not a number"))
+}
+
+/// A LUN spec: N:malloc:SIZE[:BLOCK], N:null:SIZE[:BLOCK] or N:file:PATH[:SIZE].
+fn lun_spec(spec: &str) -> Result<serde_json::Value, String> {
+    let parts: Vec<&str> = spec.split(':').collect();
+    let bad = || {
+        format!("--lun {spec:?}: expected N:malloc:SIZE[:BLOCK], N:null:SIZE[:BLOCK] or N:file:PATH[:SIZE]")
+    };
+    match parts.as_slice() {
+        [n, kind @ ("malloc" | "null"), size, rest @ ..] if rest.len() <= 1 => {
+            let mut v = json!({"lun": number("LUN", n)?, "type": kind, "size": parse_size(size)?});
+            if let [bs] = rest {
+                v["block_size"] = json!(number("block size", bs)?);
+            }
+            Ok(v)
+        }
+        [n, "file", path, rest @ ..] if rest.len() <= 1 && !path.is_empty() => {
+            let mut v = json!({"lun": number("LUN", n)?, "type": "file", "path": path});
+            if let [size] = rest {
+                v["size"] = json!(parse_size(size)?);
+            }
+            Ok(v)
+        }
+        _ => Err(bad()),
+    }
+}
+
+fn target_add_request(name: &str, o: &TargetOpts) -> Result<serde_json::Value, String> {
+    let pg = o.pg.as_deref().ok_or("target add needs --pg TAG")?;
+    let ig = o.ig.as_deref().ok_or("target add needs --ig TAG")?;
+    if o.luns.is_empty() {
+        return Err("target add needs at least one --lun".into());
+    }
+    let luns = o
+        .luns
+        .iter()
+        .map(|s| lun_spec(s))
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut v = json!({
+        "op": "target-add",
+        "name": name,
+        "portal_group": number("portal group", pg)?,
+        "initiator_group": number("initiator group", ig)?,
+        "luns": luns,
+    });
+    if let Some(a) = &o.alias {
+        v["alias"] = json!(a);
+    }
+    if let Some(q) = &o.queue_depth {
+        v["queue_depth"] = json!(number("queue depth", q)?);
+    }
+    Ok(v)
 }
 
 /// Sends a command through the ring and prints the answer.
@@ -326,6 +409,8 @@ fn ring_command(a: &Args) -> Result<(), String> {
         "targets" => print_targets(&answer),
         "sessions" => print_sessions(&answer),
         "lun-resize" => println!("LUN {} is now {} bytes", answer["lun"], answer["size"]),
+        "target-add" => println!("target {} added", text(&answer["target"])),
+        "target-del" => println!("target {} removed", text(&answer["target"])),
         _ => println!("{answer}"),
     }
     Ok(())
@@ -435,7 +520,23 @@ mod tests {
             command: c.into(),
             rest: rest.iter().map(|s| s.to_string()).collect(),
             watch: None,
+            opts: TargetOpts::default(),
         };
+        assert_eq!(
+            lun_spec("1:malloc:64M:4096").unwrap(),
+            json!({"lun": 1, "type": "malloc", "size": 64u64 << 20, "block_size": 4096})
+        );
+        assert_eq!(
+            lun_spec("0:file:/tmp/x.img:1G").unwrap(),
+            json!({"lun": 0, "type": "file", "path": "/tmp/x.img", "size": 1u64 << 30})
+        );
+        assert!(lun_spec("0:floppy:1M").is_err() && lun_spec("x:malloc:1M").is_err());
+        let mut a = args("target", &["add", "iqn.2026-11.x:new"]);
+        assert!(ring_request(&a).is_err(), "no --pg");
+        a.opts.pg = Some("1".into());
+        a.opts.ig = Some("1".into());
+        a.opts.luns = vec!["0:malloc:1M".into()];
+        assert_eq!(ring_request(&a).unwrap()["op"], "target-add");
         assert_eq!(
             ring_request(&args("lun", &["resize", "iqn.x:t", "1", "1G"])).unwrap(),
             json!({"op": "lun-resize", "target": "iqn.x:t", "lun": 1, "size": 1u64 << 30})

@@ -75,6 +75,8 @@ pub enum CloseReason {
     NopTimeout,
     Reinstated,
     PeerClosed,
+    /// The control plane removed the session's target.
+    TargetRemoved,
 }
 
 /// The data part of an outgoing PDU.
@@ -363,6 +365,11 @@ impl Connection {
             return None;
         }
         self.close.as_ref()
+    }
+
+    /// The target of the session, once logged in to one.
+    pub fn target(&self) -> Option<TargetId> {
+        self.target
     }
 
     /// Whether the connection is on its way out (it takes no more input).

@@ -8,7 +8,12 @@
 //!
 //! Ops: `ping`, `targets` (the targets with their LUNs and mappings), `sessions` (the
 //! registry: TSIH, initiator, ISID, target), `lun-resize` (a LUN's new size in bytes; done on
-//! the reactor where the target's device lives, which answers back through reactor 0).
+//! the reactor where the target's device lives, which answers back through reactor 0),
+//! `target-add` (a target with new bdevs for its LUNs, mapped to existing portal and
+//! initiator groups: the device is built here and installed on its home reactor, which then
+//! hands every reactor the new model and answers), `target-del` (every reactor closes the
+//! target's connections when it gets the new model; the home reactor drops the device once
+//! its commands in flight have finished).
 
 use super::shared::Msg;
 use super::Reactor;
@@ -75,6 +80,8 @@ impl Reactor {
             "targets" => Some(self.targets()),
             "sessions" => Some(self.sessions()),
             "lun-resize" => self.lun_resize(seq, &req),
+            "target-add" => self.target_add(seq, &req),
+            "target-del" => Some(self.target_del(&req)),
             "" => Some(error("missing \"op\"")),
             other => {
                 log::warn!("control: command {seq}: unknown op {other:?}");
@@ -84,11 +91,12 @@ impl Reactor {
     }
 
     fn targets(&self) -> Value {
-        let cfg = self.env.shared.model.config();
-        let targets: Vec<Value> = cfg
-            .targets
-            .iter()
-            .map(|t| {
+        let cfg = self.env.model.config();
+        let targets: Vec<Value> = self
+            .env
+            .model
+            .live_targets()
+            .map(|(_, t)| {
                 let luns: Vec<Value> = t
                     .luns
                     .iter()
@@ -125,7 +133,7 @@ impl Reactor {
     }
 
     fn sessions(&self) -> Value {
-        let cfg = self.env.shared.model.config();
+        let cfg = self.env.model.config();
         // The registry lock is the login/logout lock: never taken per command.
         let list = self
             .env
@@ -142,7 +150,11 @@ impl Reactor {
                     "tsih": tsih,
                     "initiator": key.initiator,
                     "isid": isid,
-                    "target": key.target.and_then(|t| cfg.targets.get(t)).map(|t| t.name.clone()),
+                    "target": key
+                        .target
+                        .filter(|t| self.env.model.is_live(*t))
+                        .and_then(|t| cfg.targets.get(t))
+                        .map(|t| t.name.clone()),
                     "type": if key.target.is_some() { "normal" } else { "discovery" },
                     "connection": conn,
                 })
@@ -152,7 +164,7 @@ impl Reactor {
     }
 
     fn lun_resize(&mut self, seq: u64, req: &Value) -> Option<Value> {
-        let cfg = self.env.shared.model.config();
+        let cfg = self.env.model.config();
         let (Some(name), Some(lun), Some(size)) = (
             req["target"].as_str(),
             req["lun"].as_u64(),
@@ -162,8 +174,7 @@ impl Reactor {
                 "lun-resize needs \"target\", \"lun\" and \"size\" (bytes)",
             ));
         };
-        let name = name.to_ascii_lowercase();
-        let Some(target) = cfg.targets.iter().position(|t| t.name == name) else {
+        let Some((target, _)) = self.env.model.find_target(name) else {
             return Some(error(format!("no target {name:?}")));
         };
         let Some(l) = cfg.targets[target].luns.iter().find(|l| l.lun == lun) else {
@@ -202,6 +213,174 @@ impl Reactor {
             None
         }
     }
+}
+
+impl Reactor {
+    fn target_add(&mut self, seq: u64, req: &Value) -> Option<Value> {
+        let (node, bdevs) = match new_target(&self.env.model, req) {
+            Ok(x) => x,
+            Err(e) => return Some(error(e)),
+        };
+        let mut opened = std::collections::HashMap::new();
+        for b in &bdevs {
+            match crate::tgt::live::open_bdev(b) {
+                Ok(dev) => {
+                    opened.insert(b.name.clone(), dev);
+                }
+                Err(e) => return Some(error(format!("bdev {}: {e}", b.name))),
+            }
+        }
+        let device = match crate::tgt::live::build_device(&node, &mut opened) {
+            Ok(d) => d,
+            Err(e) => return Some(error(e)),
+        };
+        let (model, id) = self.env.model.with_target(node, bdevs);
+        let model = std::sync::Arc::new(model);
+        // Reactor 0 takes the model at once, so the next command builds on it; the home
+        // reactor installs the device, then gives the model to the others and answers.
+        self.env.adopt_model(model.clone());
+        let home = self.env.shared.home_of(id);
+        self.env.send(
+            home,
+            Msg::AddDevice {
+                target: id,
+                device: Box::new(device),
+                model,
+                seq,
+            },
+        );
+        None
+    }
+
+    fn target_del(&mut self, req: &Value) -> Value {
+        let Some(name) = req["target"].as_str() else {
+            return error("target-del needs \"target\"");
+        };
+        let Some((id, node)) = self.env.model.find_target(name) else {
+            return error(format!("no target {name:?}"));
+        };
+        let name = node.name.clone();
+        let model = std::sync::Arc::new(self.env.model.without_target(id));
+        self.env.adopt_model(model.clone());
+        self.close_removed_targets();
+        for to in 0..self.env.shared.mailboxes.len() {
+            if to != self.env.me {
+                self.env.send(to, Msg::Model(model.clone()));
+            }
+        }
+        let home = self.env.shared.home_of(id);
+        self.env.send(home, Msg::RemoveDevice(id));
+        log::info!("control: target {name} removed (id {id})");
+        json!({ "ok": true, "target": name })
+    }
+}
+
+/// Validates a `target-add` request against the current model: the target (name, alias,
+/// queue depth, mappings to existing groups) and one new bdev per LUN.
+fn new_target(
+    model: &crate::tgt::live::Model,
+    req: &Value,
+) -> Result<(crate::tgt::TargetNode, Vec<crate::tgt::BdevConfig>), String> {
+    use crate::tgt::{config, BdevConfig, FileEngine, LunMapping, PortGroupMapping, TargetNode};
+    let cfg = model.config();
+    let name = req["name"].as_str().ok_or("target-add needs \"name\"")?;
+    let name = config::check_iscsi_name(name)?;
+    if model.find_target(&name).is_some() {
+        return Err(format!("target {name:?} exists"));
+    }
+    let alias = req["alias"].as_str().map(str::to_string);
+    let queue_depth = match req.get("queue_depth") {
+        None | Some(Value::Null) => 128,
+        Some(v) => v
+            .as_u64()
+            .filter(|q| (1..=4096).contains(q))
+            .ok_or("queue_depth must be 1..=4096")? as u32,
+    };
+    let pg = req["portal_group"]
+        .as_u64()
+        .ok_or("target-add needs \"portal_group\"")?;
+    let ig = req["initiator_group"]
+        .as_u64()
+        .ok_or("target-add needs \"initiator_group\"")?;
+    if !cfg.portal_groups.iter().any(|p| u64::from(p.tag) == pg) {
+        return Err(format!("no portal group with tag {pg}"));
+    }
+    if !cfg.initiator_groups.iter().any(|g| u64::from(g.tag) == ig) {
+        return Err(format!("no initiator group with tag {ig}"));
+    }
+    let luns = req["luns"].as_array().ok_or("target-add needs \"luns\"")?;
+    if luns.is_empty() || luns.len() > 256 {
+        return Err("a target needs 1 to 256 LUNs".into());
+    }
+    let mut maps = Vec::new();
+    let mut bdevs = Vec::new();
+    for l in luns {
+        let lun = l["lun"]
+            .as_u64()
+            .filter(|n| *n <= 16383)
+            .ok_or("each LUN needs \"lun\" 0..=16383")?;
+        if maps.iter().any(|m: &LunMapping| m.lun == lun) {
+            return Err(format!("LUN {lun} given twice"));
+        }
+        let block_size = match l.get("block_size") {
+            None | Some(Value::Null) => 512,
+            Some(v) => match v.as_u64() {
+                Some(512) => 512,
+                Some(4096) => 4096,
+                _ => return Err(format!("LUN {lun}: block_size must be 512 or 4096")),
+            },
+        };
+        let size = l["size"].as_u64();
+        if let Some(s) = size {
+            if s == 0 || s % u64::from(block_size) != 0 {
+                return Err(format!(
+                    "LUN {lun}: size {s} is not a positive multiple of {block_size}"
+                ));
+            }
+        }
+        let kind = match l["type"].as_str().unwrap_or("malloc") {
+            "malloc" => crate::tgt::BdevKind::Malloc {
+                size: size.ok_or(format!("LUN {lun}: a malloc bdev needs a size"))?,
+            },
+            "null" => crate::tgt::BdevKind::Null {
+                size: size.ok_or(format!("LUN {lun}: a null bdev needs a size"))?,
+            },
+            "file" => crate::tgt::BdevKind::File {
+                path: l["path"]
+                    .as_str()
+                    .ok_or(format!("LUN {lun}: a file bdev needs a path"))?
+                    .into(),
+                size,
+                engine: FileEngine::Uring,
+                direct: true,
+            },
+            other => return Err(format!("LUN {lun}: unknown bdev type {other:?}")),
+        };
+        let bdev = format!("{name}/lun{lun}");
+        if cfg.bdevs.iter().any(|b| b.name == bdev) {
+            return Err(format!("bdev {bdev:?} exists"));
+        }
+        maps.push(LunMapping {
+            lun,
+            bdev: bdev.clone(),
+        });
+        bdevs.push(BdevConfig {
+            name: bdev,
+            block_size,
+            kind,
+        });
+    }
+    let node = TargetNode {
+        name,
+        alias,
+        luns: maps,
+        mappings: vec![PortGroupMapping {
+            portal_group: pg as u16,
+            initiator_group: ig as u16,
+        }],
+        queue_depth,
+    };
+    Ok((node, bdevs))
 }
 
 /// The answer to a resize, done here or on the device's reactor.

@@ -15,6 +15,11 @@ use std::sync::Arc;
 pub struct ReactorEnv {
     pub me: usize,
     pub shared: Arc<Shared>,
+    /// The current model (targets, access rules): the start one, then whatever the control
+    /// plane sent.
+    pub model: Arc<crate::tgt::live::Model>,
+    /// Devices of removed targets, dropped once their commands in flight are done.
+    removing: Vec<TargetId>,
     /// Devices whose home is this reactor.
     pub devices: HashMap<TargetId, Device>,
     /// Messages waiting for room in another reactor's inbox, per destination.
@@ -33,6 +38,8 @@ impl ReactorEnv {
         let n = shared.mailboxes.len();
         ReactorEnv {
             me,
+            model: shared.model.clone(),
+            removing: Vec::new(),
             shared,
             devices,
             outbox: (0..n).map(|_| VecDeque::new()).collect(),
@@ -154,7 +161,40 @@ impl ReactorEnv {
                 let answer = super::commands::resize_answer(result, lun, size).to_string();
                 self.send(reply_to, Msg::ControlDone { seq, answer });
             }
-            Msg::Accepted { .. } | Msg::Adopt(_) | Msg::ControlDone { .. } => {}
+            Msg::AddDevice {
+                target,
+                device,
+                model,
+                seq,
+            } => {
+                self.devices.insert(target, *device);
+                for to in 0..self.outbox.len() {
+                    if to != self.me {
+                        self.send(to, Msg::Model(model.clone()));
+                    }
+                }
+                self.adopt_model(model.clone());
+                let name = model
+                    .config()
+                    .targets
+                    .get(target)
+                    .map(|t| t.name.clone())
+                    .unwrap_or_default();
+                log::info!(
+                    "control: target {name} added (id {target}, reactor {})",
+                    self.me
+                );
+                let answer = serde_json::json!({ "ok": true, "target": name, "id": target });
+                self.send(
+                    0,
+                    Msg::ControlDone {
+                        seq,
+                        answer: answer.to_string(),
+                    },
+                );
+            }
+            Msg::RemoveDevice(target) => self.removing.push(target),
+            Msg::Accepted { .. } | Msg::Adopt(_) | Msg::ControlDone { .. } | Msg::Model(_) => {}
         }
     }
 
@@ -168,12 +208,53 @@ impl ReactorEnv {
 
     /// The block size of a target's LUN, from the configuration.
     fn block_size_of(&self, target: TargetId, lun: u64) -> u64 {
-        let cfg = self.shared.model.config();
+        let cfg = self.model.config();
         cfg.targets
             .get(target)
             .and_then(|t| t.luns.iter().find(|l| l.lun == lun))
             .and_then(|l| cfg.bdevs.iter().find(|b| b.name == l.bdev))
             .map_or(512, |b| u64::from(b.block_size))
+    }
+
+    /// Sends a message for a target's device to its home reactor. When this reactor is the
+    /// home and has no such device, the target was removed: the message has nowhere to go
+    /// (its connection is being closed) and is dropped, never sent round to ourselves.
+    fn forward(&mut self, target: TargetId, msg: Msg) {
+        let home = self.shared.home_of(target);
+        if home == self.me {
+            log::debug!("target {target} is gone: dropping a message for its device");
+            return;
+        }
+        self.send(home, msg);
+    }
+
+    /// Takes a model from the control plane unless this reactor already has a newer one.
+    /// Returns whether it was taken.
+    pub fn adopt_model(&mut self, model: Arc<crate::tgt::live::Model>) -> bool {
+        if model.version > self.model.version {
+            self.model = model;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Drops the devices of removed targets whose commands have all finished.
+    pub fn reap_removed_devices(&mut self) {
+        let mut i = 0;
+        while i < self.removing.len() {
+            let t = self.removing[i];
+            let done = self.devices.get(&t).is_none_or(|d| d.in_flight() == 0);
+            if done {
+                if let Some(mut d) = self.devices.remove(&t) {
+                    d.flush_all();
+                    log::info!("control: device of removed target {t} released");
+                }
+                self.removing.swap_remove(i);
+            } else {
+                i += 1;
+            }
+        }
     }
 
     /// Flushes every local device (shutdown).
@@ -186,7 +267,7 @@ impl ReactorEnv {
 
 impl TargetEnv for ReactorEnv {
     fn global(&self) -> &crate::tgt::Global {
-        self.shared.model.global()
+        self.model.global()
     }
 
     fn login_target(
@@ -196,9 +277,7 @@ impl TargetEnv for ReactorEnv {
         peer: SocketAddr,
         pg_tag: u16,
     ) -> Result<TargetInfo, LoginStatus> {
-        self.shared
-            .model
-            .login_target(name, initiator, peer, pg_tag)
+        self.model.login_target(name, initiator, peer, pg_tag)
     }
 
     fn discover(
@@ -208,7 +287,7 @@ impl TargetEnv for ReactorEnv {
         local: SocketAddr,
         only: Option<&str>,
     ) -> Vec<DiscoveryEntry> {
-        self.shared.model.discover(initiator, peer, local, only)
+        self.model.discover(initiator, peer, local, only)
     }
 
     fn register_session(
@@ -216,7 +295,7 @@ impl TargetEnv for ReactorEnv {
         key: SessionKey,
         conn_uid: u64,
     ) -> Result<Registered, LoginStatus> {
-        let max = self.shared.model.global().max_sessions;
+        let max = self.model.global().max_sessions;
         let reg = self
             .shared
             .registry
@@ -254,17 +333,16 @@ impl TargetEnv for ReactorEnv {
     }
 
     fn lun_exists(&self, target: TargetId, lun: u64) -> bool {
-        self.shared.model.lun_exists(target, lun)
+        self.model.lun_exists(target, lun)
     }
 
     fn scsi_submit(&mut self, target: TargetId, task: ScsiTask) {
         if let Some(d) = self.devices.get_mut(&target) {
             d.submit(task);
         } else {
-            let home = self.shared.home_of(target);
             let me = self.me;
-            self.send(
-                home,
+            self.forward(
+                target,
                 Msg::Scsi {
                     target,
                     task,
@@ -277,40 +355,28 @@ impl TargetEnv for ReactorEnv {
     fn nexus_added(&mut self, target: TargetId, nexus: NexusId) {
         match self.devices.get_mut(&target) {
             Some(d) => d.nexus_added(nexus),
-            None => self.send(
-                self.shared.home_of(target),
-                Msg::NexusAdded { target, nexus },
-            ),
+            None => self.forward(target, Msg::NexusAdded { target, nexus }),
         }
     }
 
     fn nexus_removed(&mut self, target: TargetId, nexus: NexusId) {
         match self.devices.get_mut(&target) {
             Some(d) => d.nexus_removed(nexus),
-            None => self.send(
-                self.shared.home_of(target),
-                Msg::NexusRemoved { target, nexus },
-            ),
+            None => self.forward(target, Msg::NexusRemoved { target, nexus }),
         }
     }
 
     fn lun_reset(&mut self, target: TargetId, lun: u64, by: NexusId) {
         match self.devices.get_mut(&target) {
             Some(d) => d.lun_reset(lun, by),
-            None => self.send(
-                self.shared.home_of(target),
-                Msg::LunReset { target, lun, by },
-            ),
+            None => self.forward(target, Msg::LunReset { target, lun, by }),
         }
     }
 
     fn target_reset(&mut self, target: TargetId, by: NexusId, cold: bool) {
         match self.devices.get_mut(&target) {
             Some(d) => d.target_reset(by, cold),
-            None => self.send(
-                self.shared.home_of(target),
-                Msg::TargetReset { target, by, cold },
-            ),
+            None => self.forward(target, Msg::TargetReset { target, by, cold }),
         }
     }
 }

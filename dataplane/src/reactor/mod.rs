@@ -579,6 +579,25 @@ impl Reactor {
                         seg.respond(seq, answer.as_bytes());
                     }
                 }
+                Msg::Model(m) => {
+                    if self.env.adopt_model(m) {
+                        self.close_removed_targets();
+                    }
+                }
+                Msg::AddDevice { ref device, .. } => {
+                    // A device finishing I/O in the kernel wakes this reactor like the
+                    // others (its eventfd leaves epoll by itself when the device closes it).
+                    for fd in device.completion_fds() {
+                        if let Err(e) = self.poll.registry().register(
+                            &mut mio::unix::SourceFd(&fd),
+                            COMPLETION_TOKEN,
+                            Interest::READABLE,
+                        ) {
+                            log::warn!("cannot watch a new device's completions: {e}");
+                        }
+                    }
+                    self.env.device_msg(msg);
+                }
                 other => self.env.device_msg(other),
             }
         }
@@ -645,7 +664,23 @@ impl Reactor {
         changed
     }
 
-    fn insert(&mut self, link: Link, conn: Connection) {
+    /// Closes the connections whose target the current model no longer has.
+    fn close_removed_targets(&mut self) {
+        for e in self.conns.values_mut() {
+            if let Some(t) = e.conn.target() {
+                if !self.env.model.is_live(t) && !e.conn.closing() {
+                    log::info!("conn {}: its target was removed", e.conn.uid());
+                    e.conn.force_close(CloseReason::TargetRemoved);
+                }
+            }
+        }
+    }
+
+    fn insert(&mut self, link: Link, mut conn: Connection) {
+        // A connection woken from the parking lot may belong to a target removed meanwhile.
+        if conn.target().is_some_and(|t| !self.env.model.is_live(t)) {
+            conn.force_close(CloseReason::TargetRemoved);
+        }
         let token = Token(self.next_token);
         self.next_token += 1;
         log::debug!(
@@ -749,6 +784,7 @@ impl Reactor {
 
     fn complete_scsi(&mut self) {
         self.env.poll_devices();
+        self.env.reap_removed_devices();
         for r in std::mem::take(&mut self.env.responses) {
             let uid = r.tag >> 32;
             if let Some(token) = self.uid_to_token.get(&uid) {

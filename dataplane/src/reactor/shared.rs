@@ -77,6 +77,20 @@ pub enum Msg {
         seq: u64,
         answer: String,
     },
+    /// The control plane changed the model: use this one from now on (and close the
+    /// connections of targets it removed).
+    Model(Arc<Model>),
+    /// A new target's device, for its home reactor, which installs it, then gives every
+    /// reactor the model that has the target (so no command can reach the home before the
+    /// device), then answers control command `seq`.
+    AddDevice {
+        target: TargetId,
+        device: Box<crate::scsi::Device>,
+        model: Arc<Model>,
+        seq: u64,
+    },
+    /// A removed target's device: drop it once its commands in flight have finished.
+    RemoveDevice(TargetId),
 }
 
 /// Messages to the parking lot.
@@ -97,7 +111,9 @@ pub struct Mailbox {
 
 /// State shared by every reactor and the parking lot.
 pub struct Shared {
-    pub model: Model,
+    /// The model the dataplane started with; each reactor keeps its own current copy
+    /// (`ReactorEnv::model`), replaced by [`Msg::Model`] when the control plane changes it.
+    pub model: Arc<Model>,
     /// Login and logout only: the lock is never taken on the I/O path.
     pub registry: Mutex<Registry>,
     pub mailboxes: Vec<Mailbox>,
@@ -122,7 +138,7 @@ impl Shared {
         segment: Option<control::Segment>,
     ) -> Self {
         Shared {
-            model,
+            model: Arc::new(model),
             registry: Mutex::new(Registry::new()),
             mailboxes,
             park_tx,

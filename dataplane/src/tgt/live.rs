@@ -160,8 +160,19 @@ pub fn build_devices(config: &Config) -> Result<Vec<Device>, BuildError> {
     for b in &config.bdevs {
         bdevs.insert(b.name.clone(), open_bdev(b)?);
     }
-    let mut devices = Vec::new();
-    for node in &config.targets {
+    config
+        .targets
+        .iter()
+        .map(|node| build_device(node, &mut bdevs))
+        .collect()
+}
+
+/// Builds the SCSI device of one target from opened bdevs (taking the ones it uses).
+pub fn build_device(
+    node: &TargetNode,
+    bdevs: &mut HashMap<String, Box<dyn BlockDevice>>,
+) -> Result<Device, BuildError> {
+    {
         let mut device = Device::new();
         let pg_tag = node.mappings.first().map_or(1, |m| m.portal_group);
         for l in &node.luns {
@@ -179,21 +190,81 @@ pub fn build_devices(config: &Config) -> Result<Vec<Device>, BuildError> {
                     error,
                 })?;
         }
-        devices.push(device);
+        Ok(device)
     }
-    Ok(devices)
 }
 
 /// What every reactor needs to know about targets and access rules. Immutable once built,
 /// so reactors share it without locks.
+///
+/// Targets are never renumbered: a removed target stays in `config.targets` as a tombstone
+/// (its [`TargetId`] is the index, and the id picks the reactor its device lives on), and
+/// every lookup skips it.
 #[derive(Debug, Clone)]
 pub struct Model {
     config: Config,
+    removed: Vec<bool>,
+    /// Bumped by every change: a reactor never replaces its model by an older one (changes
+    /// reach it from different reactors, in any order).
+    pub version: u64,
 }
 
 impl Model {
     pub fn new(config: Config) -> Self {
-        Model { config }
+        let removed = vec![false; config.targets.len()];
+        Model {
+            config,
+            removed,
+            version: 0,
+        }
+    }
+
+    /// Whether target `id` exists (and was not removed).
+    pub fn is_live(&self, id: TargetId) -> bool {
+        id < self.config.targets.len() && !self.removed.get(id).copied().unwrap_or(false)
+    }
+
+    /// The targets that exist, with their ids.
+    pub fn live_targets(&self) -> impl Iterator<Item = (TargetId, &TargetNode)> {
+        self.config
+            .targets
+            .iter()
+            .enumerate()
+            .filter(|(id, _)| self.is_live(*id))
+    }
+
+    /// The live target named `name` (case-insensitive).
+    pub fn find_target(&self, name: &str) -> Option<(TargetId, &TargetNode)> {
+        self.live_targets()
+            .find(|(_, t)| t.name.eq_ignore_ascii_case(name))
+    }
+
+    /// This model plus a target and its bdevs; the new target's id.
+    pub fn with_target(
+        &self,
+        node: TargetNode,
+        bdevs: Vec<super::BdevConfig>,
+    ) -> (Model, TargetId) {
+        let mut m = self.clone();
+        m.config.bdevs.extend(bdevs);
+        m.config.targets.push(node);
+        m.removed.push(false);
+        m.version += 1;
+        (m, self.config.targets.len())
+    }
+
+    /// This model without target `id` (its bdevs go with it).
+    pub fn without_target(&self, id: TargetId) -> Model {
+        let mut m = self.clone();
+        m.version += 1;
+        if let Some(r) = m.removed.get_mut(id) {
+            *r = true;
+        }
+        if let Some(t) = m.config.targets.get(id) {
+            let gone: Vec<String> = t.luns.iter().map(|l| l.bdev.clone()).collect();
+            m.config.bdevs.retain(|b| !gone.contains(&b.name));
+        }
+        m
     }
 
     pub fn config(&self) -> &Config {
@@ -260,13 +331,7 @@ impl Model {
         peer: SocketAddr,
         pg_tag: u16,
     ) -> Result<TargetInfo, LoginStatus> {
-        let (id, node) = self
-            .config
-            .targets
-            .iter()
-            .enumerate()
-            .find(|(_, t)| t.name.eq_ignore_ascii_case(name))
-            .ok_or(LoginStatus::NOT_FOUND)?;
+        let (id, node) = self.find_target(name).ok_or(LoginStatus::NOT_FOUND)?;
         if !node.mappings.iter().any(|m| m.portal_group == pg_tag) {
             // Not exposed on this portal: indistinguishable from not existing.
             return Err(LoginStatus::NOT_FOUND);
@@ -290,9 +355,8 @@ impl Model {
         local: SocketAddr,
         only: Option<&str>,
     ) -> Vec<DiscoveryEntry> {
-        self.config
-            .targets
-            .iter()
+        self.live_targets()
+            .map(|(_, t)| t)
             .filter(|t| only.is_none_or(|n| t.name.eq_ignore_ascii_case(n)))
             .filter(|t| self.may_access(t, initiator, peer.ip(), None))
             .map(|t| DiscoveryEntry {
@@ -303,10 +367,12 @@ impl Model {
     }
 
     pub fn lun_exists(&self, target: TargetId, lun: u64) -> bool {
-        self.config
-            .targets
-            .get(target)
-            .is_some_and(|t| t.luns.iter().any(|l| l.lun == lun))
+        self.is_live(target)
+            && self
+                .config
+                .targets
+                .get(target)
+                .is_some_and(|t| t.luns.iter().any(|l| l.lun == lun))
     }
 }
 
