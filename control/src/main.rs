@@ -25,6 +25,8 @@ commands:
                          new bdev per LUN; SPEC: N:malloc:SIZE[:BLOCK], N:null:SIZE[:BLOCK],
                          N:file:PATH[:SIZE]
   target del NAME        removes a target: its sessions are closed, its LUNs released
+  save FILE.toml          writes the running configuration (run-time changes included) for
+                         --config at the next start
   lun resize TARGET LUN SIZE
                          a LUN's new size (bytes, or 512M, 10GiB, ...); the initiators get
                          CAPACITY DATA HAS CHANGED
@@ -282,7 +284,7 @@ fn run() -> Result<(), String> {
                 },
             }
         }
-        "ping" | "targets" | "sessions" | "target" | "lun" => ring_command(&a),
+        "ping" | "targets" | "sessions" | "target" | "lun" | "save" => ring_command(&a),
         other => Err(format!("unknown command {other:?}\n{USAGE}")),
     }
 }
@@ -312,6 +314,7 @@ fn ring_request(a: &Args) -> Result<serde_json::Value, String> {
         ("ping", []) => Ok(json!({"op": "ping"})),
         ("targets", []) | ("target", ["list"]) => Ok(json!({"op": "targets"})),
         ("sessions", []) => Ok(json!({"op": "sessions"})),
+        ("save", [_]) => Ok(json!({"op": "config"})),
         ("target", ["add", name]) => target_add_request(name, &a.opts),
         ("target", ["del", name]) => Ok(json!({"op": "target-del", "target": name})),
         ("lun", ["resize", target, lun, size]) => Ok(json!({
@@ -400,7 +403,7 @@ fn ring_command(a: &Args) -> Result<(), String> {
             .unwrap_or("the dataplane refused the command")
             .to_string());
     }
-    if a.json {
+    if a.json && req["op"] != "config" {
         println!("{answer}");
         return Ok(());
     }
@@ -410,6 +413,18 @@ fn ring_command(a: &Args) -> Result<(), String> {
         "sessions" => print_sessions(&answer),
         "lun-resize" => println!("LUN {} is now {} bytes", answer["lun"], answer["size"]),
         "target-add" => println!("target {} added", text(&answer["target"])),
+        "config" => {
+            let path = std::path::Path::new(&a.rest[0]);
+            let toml = answer["toml"]
+                .as_str()
+                .ok_or("no configuration in the answer")?;
+            // Write beside it, then rename: a crash never leaves half a file.
+            let tmp = path.with_extension("toml.tmp");
+            std::fs::write(&tmp, toml)
+                .and_then(|()| std::fs::rename(&tmp, path))
+                .map_err(|e| format!("{}: {e}", path.display()))?;
+            println!("configuration written to {}", path.display());
+        }
         "target-del" => println!("target {} removed", text(&answer["target"])),
         _ => println!("{answer}"),
     }

@@ -402,6 +402,24 @@ fn target_add_and_del_while_io_runs() {
         "{jobs:?}"
     );
 
+    // Saved, the configuration starts a dataplane that has the added target.
+    let saved = dir.join("saved.toml");
+    let out = ctl(&instance, &["save", saved.to_str().unwrap()]);
+    out.assert_success();
+    let text = fs::read_to_string(&saved).unwrap();
+    assert!(text.contains(&format!("name = \"{new}\"")), "{text}");
+    let mut again = Target::start_with_config("control-saved", &text, new, 3);
+    let ls = run_with_timeout(
+        Command::new("iscsi-ls").args(["-s", &again.portal_url()]),
+        Duration::from_secs(30),
+    );
+    assert!(ls.stdout.contains(&format!("Target:{new} ")), "{ls}");
+    assert!(
+        ls.stdout.contains("Lun:3    Type:DIRECT_ACCESS (Size:15M)"),
+        "{ls}"
+    );
+    again.stop();
+
     // (A session busy on the target while it is removed is closed by the dataplane, but
     // libiscsi then retries its login in a loop that fio cannot leave: that case is left
     // to a raw-socket test.)

@@ -82,6 +82,10 @@ impl Reactor {
             "lun-resize" => self.lun_resize(seq, &req),
             "target-add" => self.target_add(seq, &req),
             "target-del" => Some(self.target_del(&req)),
+            "config" => Some(json!({
+                "ok": true,
+                "toml": crate::tgt::save::to_toml(&self.env.model.current_config()),
+            })),
             "" => Some(error("missing \"op\"")),
             other => {
                 log::warn!("control: command {seq}: unknown op {other:?}");

@@ -233,6 +233,13 @@ impl Model {
             .filter(|(id, _)| self.is_live(*id))
     }
 
+    /// The configuration as it stands now: removed targets left out.
+    pub fn current_config(&self) -> Config {
+        let mut c = self.config.clone();
+        c.targets = self.live_targets().map(|(_, t)| t.clone()).collect();
+        c
+    }
+
     /// The live target named `name` (case-insensitive).
     pub fn find_target(&self, name: &str) -> Option<(TargetId, &TargetNode)> {
         self.live_targets()

@@ -6,6 +6,7 @@
 
 pub mod config;
 pub mod live;
+pub mod save;
 
 use std::net::SocketAddr;
 
