@@ -20,6 +20,8 @@ commands:
   ping                   a round trip through the command ring
   targets | target list  the targets, their LUNs and mappings
   sessions               the logged-in sessions (TSIH, initiator, ISID, target)
+  connections            every connection: reactor, transport, peer, initiator, target,
+                         phase, commands in progress, idle time (parked ones counted)
   target add NAME --pg TAG --ig TAG --lun SPEC [--lun SPEC ...] [--alias A] [--queue-depth N]
                          a new target on an existing portal group and initiator group, one
                          new bdev per LUN; SPEC: N:malloc:SIZE[:BLOCK], N:null:SIZE[:BLOCK],
@@ -284,7 +286,9 @@ fn run() -> Result<(), String> {
                 },
             }
         }
-        "ping" | "targets" | "sessions" | "target" | "lun" | "save" => ring_command(&a),
+        "ping" | "targets" | "sessions" | "connections" | "target" | "lun" | "save" => {
+            ring_command(&a)
+        }
         other => Err(format!("unknown command {other:?}\n{USAGE}")),
     }
 }
@@ -314,6 +318,7 @@ fn ring_request(a: &Args) -> Result<serde_json::Value, String> {
         ("ping", []) => Ok(json!({"op": "ping"})),
         ("targets", []) | ("target", ["list"]) => Ok(json!({"op": "targets"})),
         ("sessions", []) => Ok(json!({"op": "sessions"})),
+        ("connections", []) => Ok(json!({"op": "connections"})),
         ("save", [_]) => Ok(json!({"op": "config"})),
         ("target", ["add", name]) => target_add_request(name, &a.opts),
         ("target", ["del", name]) => Ok(json!({"op": "target-del", "target": name})),
@@ -411,6 +416,7 @@ fn ring_command(a: &Args) -> Result<(), String> {
         "ping" => println!("dataplane pid {} answered", answer["pid"]),
         "targets" => print_targets(&answer),
         "sessions" => print_sessions(&answer),
+        "connections" => print_connections(&answer),
         "lun-resize" => println!("LUN {} is now {} bytes", answer["lun"], answer["size"]),
         "target-add" => println!("target {} added", text(&answer["target"])),
         "config" => {
@@ -485,6 +491,47 @@ fn print_targets(answer: &serde_json::Value) {
         &["target", "lun", "bdev", "type", "block", "mappings"],
         &rows,
     );
+}
+
+fn print_connections(answer: &serde_json::Value) {
+    let rows: Vec<Vec<String>> = answer["connections"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|c| {
+            [
+                "id",
+                "reactor",
+                "transport",
+                "peer",
+                "initiator",
+                "target",
+                "tsih",
+                "phase",
+                "commands",
+                "idle_ms",
+            ]
+            .iter()
+            .map(|k| text(&c[*k]))
+            .collect()
+        })
+        .collect();
+    table(
+        &[
+            "id",
+            "reactor",
+            "transport",
+            "peer",
+            "initiator",
+            "target",
+            "tsih",
+            "phase",
+            "cmds",
+            "idle ms",
+        ],
+        &rows,
+    );
+    println!("parked: {}", text(&answer["parked"]));
 }
 
 fn print_sessions(answer: &serde_json::Value) {

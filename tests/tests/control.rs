@@ -211,6 +211,19 @@ mappings = [ {{ portal_group = 1, initiator_group = 1 }} ]
         .filter(|s| s["target"] == e2e::DEFAULT_IQN && s["type"] == "normal")
         .count();
     assert_eq!(on_first, 2, "fio's two sessions: {sessions}");
+    let conns = json(&ctl(&instance, &["--json", "connections"]));
+    let fio_conns: Vec<&serde_json::Value> = conns["connections"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["target"] == e2e::DEFAULT_IQN)
+        .collect();
+    assert_eq!(fio_conns.len(), 2, "{conns}");
+    for c in &fio_conns {
+        assert_eq!(c["phase"], "full feature", "{c}");
+        assert_eq!(c["transport"], "kernel", "{c}");
+        assert!(c["peer"].as_str().unwrap().starts_with("127.0.0.1:"), "{c}");
+    }
     let human = ctl(&instance, &["targets"]);
     human.assert_success();
     assert!(human.stdout.starts_with("target "), "{human}");

@@ -367,6 +367,23 @@ impl Connection {
         self.close.as_ref()
     }
 
+    /// A one-line description for the control plane: peer, local address, initiator name,
+    /// phase ("login", "full feature", "closing") and commands in progress.
+    pub fn describe(&self) -> (SocketAddr, SocketAddr, &str, &'static str, usize) {
+        let phase = match self.phase {
+            Phase::Login(_) => "login",
+            Phase::FullFeature => "full feature",
+            Phase::Closing => "closing",
+        };
+        (
+            self.peer,
+            self.local,
+            &self.initiator_name,
+            phase,
+            self.tasks.len(),
+        )
+    }
+
     /// The target of the session, once logged in to one.
     pub fn target(&self) -> Option<TargetId> {
         self.target

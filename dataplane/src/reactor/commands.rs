@@ -7,7 +7,8 @@
 //! error answer and a warning in the log, and the dataplane goes on serving.
 //!
 //! Ops: `ping`, `targets` (the targets with their LUNs and mappings), `sessions` (the
-//! registry: TSIH, initiator, ISID, target), `lun-resize` (a LUN's new size in bytes; done on
+//! registry: TSIH, initiator, ISID, target), `connections` (gathered from every reactor;
+//! parked ones only counted), `lun-resize` (a LUN's new size in bytes; done on
 //! the reactor where the target's device lives, which answers back through reactor 0),
 //! `target-add` (a target with new bdevs for its LUNs, mapped to existing portal and
 //! initiator groups: the device is built here and installed on its home reactor, which then
@@ -79,6 +80,7 @@ impl Reactor {
             "ping" => Some(json!({ "ok": true, "pid": std::process::id() })),
             "targets" => Some(self.targets()),
             "sessions" => Some(self.sessions()),
+            "connections" => self.connections(seq),
             "lun-resize" => self.lun_resize(seq, &req),
             "target-add" => self.target_add(seq, &req),
             "target-del" => Some(self.target_del(&req)),
@@ -220,6 +222,87 @@ impl Reactor {
 }
 
 impl Reactor {
+    /// Asks every reactor for its connections; the answer goes out when all have replied.
+    fn connections(&mut self, seq: u64) -> Option<Value> {
+        let n = self.env.shared.mailboxes.len();
+        let mine = self.connection_list(std::time::Instant::now());
+        self.gathering.insert(seq, (n - 1, mine));
+        for to in 1..n {
+            self.env.send(to, Msg::ListConnections { seq });
+        }
+        if n == 1 {
+            self.gathered(seq, Vec::new());
+        }
+        None
+    }
+
+    /// This reactor's connections, one JSON object each.
+    pub(super) fn connection_list(&self, now: std::time::Instant) -> Vec<String> {
+        let model = &self.env.model;
+        self.conns
+            .values()
+            .map(|e| {
+                let (peer, local, initiator, phase, tasks) = e.conn.describe();
+                let target = e
+                    .conn
+                    .target()
+                    .and_then(|t| model.config().targets.get(t))
+                    .map(|t| t.name.clone());
+                json!({
+                    "id": e.conn.uid(),
+                    "reactor": self.env.me,
+                    "transport": match e.link {
+                        super::Link::Kernel(_) => "kernel",
+                        super::Link::User(_) => "userspace",
+                    },
+                    "peer": peer.to_string(),
+                    "local": local.to_string(),
+                    "initiator": initiator,
+                    "target": target,
+                    "tsih": e.conn.tsih(),
+                    "phase": phase,
+                    "commands": tasks,
+                    "idle_ms": now.saturating_duration_since(e.conn.last_rx()).as_millis() as u64,
+                })
+                .to_string()
+            })
+            .collect()
+    }
+
+    /// One reactor's part of a `connections` answer arrived.
+    pub(super) fn gathered(&mut self, seq: u64, list: Vec<String>) {
+        let Some((left, rows)) = self.gathering.get_mut(&seq) else {
+            return;
+        };
+        rows.extend(list);
+        if *left > 0 {
+            *left -= 1;
+        }
+        if *left > 0 {
+            return;
+        }
+        let Some((_, rows)) = self.gathering.remove(&seq) else {
+            return;
+        };
+        let list: Vec<Value> = rows
+            .iter()
+            .filter_map(|r| serde_json::from_str(r).ok())
+            .collect();
+        let shared = &self.env.shared;
+        let parked = shared
+            .parked_total
+            .load(std::sync::atomic::Ordering::Relaxed)
+            .saturating_sub(
+                shared
+                    .woken_total
+                    .load(std::sync::atomic::Ordering::Relaxed),
+            );
+        self.answer(
+            seq,
+            &json!({ "ok": true, "connections": list, "parked": parked }),
+        );
+    }
+
     fn target_add(&mut self, seq: u64, req: &Value) -> Option<Value> {
         let (node, bdevs) = match new_target(&self.env.model, req) {
             Ok(x) => x,

@@ -194,7 +194,12 @@ impl ReactorEnv {
                 );
             }
             Msg::RemoveDevice(target) => self.removing.push(target),
-            Msg::Accepted { .. } | Msg::Adopt(_) | Msg::ControlDone { .. } | Msg::Model(_) => {}
+            Msg::Accepted { .. }
+            | Msg::Adopt(_)
+            | Msg::ControlDone { .. }
+            | Msg::Model(_)
+            | Msg::ListConnections { .. }
+            | Msg::Connections { .. } => {}
         }
     }
 

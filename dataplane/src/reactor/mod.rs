@@ -332,6 +332,7 @@ impl Dataplane {
                         stats: control::ReactorStats::default(),
                         user: my_user,
                         cmd_next: 0,
+                        gathering: HashMap::new(),
                     };
                     r.run()
                 })
@@ -417,6 +418,8 @@ struct Reactor {
     user: Option<Box<dyn UserStack>>,
     /// Control commands taken so far (reactor 0; the segment's own count is not trusted).
     cmd_next: u64,
+    /// `connections` answers being gathered from the reactors: parts still due, rows.
+    gathering: HashMap<u64, (usize, Vec<String>)>,
 }
 
 impl Reactor {
@@ -584,6 +587,11 @@ impl Reactor {
                         self.close_removed_targets();
                     }
                 }
+                Msg::ListConnections { seq } => {
+                    let list = self.connection_list(now);
+                    self.env.send(0, Msg::Connections { seq, list });
+                }
+                Msg::Connections { seq, list } => self.gathered(seq, list),
                 Msg::AddDevice { ref device, .. } => {
                     // A device finishing I/O in the kernel wakes this reactor like the
                     // others (its eventfd leaves epoll by itself when the device closes it).

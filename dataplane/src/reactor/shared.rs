@@ -91,6 +91,15 @@ pub enum Msg {
     },
     /// A removed target's device: drop it once its commands in flight have finished.
     RemoveDevice(TargetId),
+    /// List your connections for control command `seq` (answer to reactor 0).
+    ListConnections {
+        seq: u64,
+    },
+    /// One reactor's part of the answer to `seq`: JSON objects, one per connection.
+    Connections {
+        seq: u64,
+        list: Vec<String>,
+    },
 }
 
 /// Messages to the parking lot.
