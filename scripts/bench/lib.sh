@@ -69,17 +69,12 @@ wait_port() {
     die "${name} does not accept connections on 127.0.0.1:${port} after 20 s"
 }
 
-# start_ours PORT WORKDIR: sets OURS_PID. 1 GiB malloc bdev, 512-byte blocks, LUN 0.
-start_ours() {
-    local port="$1" dir="$2"
-    local cfg="${dir}/iscsi-tgt.toml"
-    cat >"${cfg}" <<TOML
+# ours_config: the benchmark target's configuration without its portal group (tag 1, which
+# the caller appends): 1 GiB malloc bdev, 512-byte blocks, LUN 0 of BENCH_IQN.
+ours_config() {
+    cat <<TOML
 [global]
 log_level = "warn"
-
-[[portal_group]]
-tag = 1
-portals = ["127.0.0.1:${port}"]
 
 [[initiator_group]]
 tag = 1
@@ -97,6 +92,16 @@ name = "${BENCH_IQN}"
 luns = [ { lun = 0, bdev = "Malloc0" } ]
 mappings = [ { portal_group = 1, initiator_group = 1 } ]
 TOML
+}
+
+# start_ours PORT WORKDIR: sets OURS_PID. ours_config on 127.0.0.1:PORT.
+start_ours() {
+    local port="$1" dir="$2"
+    local cfg="${dir}/iscsi-tgt.toml"
+    {
+        ours_config
+        printf '\n[[portal_group]]\ntag = 1\nportals = ["127.0.0.1:%s"]\n' "${port}"
+    } >"${cfg}"
     "${TGT_BIN}" --config "${cfg}" --check >/dev/null || die "iscsi-tgt rejects ${cfg}"
     local extra=()
     if "${TGT_BIN}" --help 2>&1 | grep -q -- '--cpumask'; then

@@ -71,30 +71,8 @@ for d in "${KDEV}" "${TDEV}"; do
     in_ns ip link set "${d}" up
 done
 
-common() {
-    cat <<TOML
-[global]
-log_level = "warn"
-
-[[initiator_group]]
-tag = 1
-initiators = ["ANY"]
-netmasks = ["ANY"]
-
-[[bdev]]
-name = "Malloc0"
-type = "malloc"
-size = "${BENCH_LUN_SIZE_MIB}MiB"
-block_size = 512
-
-[[target]]
-name = "${BENCH_IQN}"
-luns = [ { lun = 0, bdev = "Malloc0" } ]
-mappings = [ { portal_group = 1, initiator_group = 1 } ]
-TOML
-}
 {
-    common
+    ours_config
     cat <<TOML
 [[portal_group]]
 tag = 1
@@ -102,7 +80,7 @@ portals = ["10.91.0.3:3260"]
 TOML
 } >"${WORK}/kernel.toml"
 {
-    common
+    ours_config
     cat <<TOML
 [[portal_group]]
 tag = 1

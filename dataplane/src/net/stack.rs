@@ -88,8 +88,6 @@ pub trait UserStack: Send {
     fn send(&mut self, h: SocketHandle, iov: &[IoSlice<'_>]) -> io::Result<Option<usize>>;
     /// Whether `recv` has something to say (data or the end of the stream).
     fn readable(&self, h: SocketHandle) -> bool;
-    /// Whether `send` would take bytes now.
-    fn writable(&self, h: SocketHandle) -> bool;
     /// Closes a connection (FIN after what is queued) and forgets it once TCP is done.
     fn close(&mut self, h: SocketHandle);
     /// How long the stack can wait before its next poll (timers), None: until a packet.
@@ -97,7 +95,6 @@ pub trait UserStack: Send {
     /// A file descriptor that becomes readable when packets arrive, for epoll; None: the
     /// device must be polled (DPDK).
     fn fd(&self) -> Option<RawFd>;
-    fn stats(&self) -> StackStats;
     /// The stack's and its device's counters in one line, for the log.
     fn counters(&self) -> String;
     /// Stops: waits up to `grace` for closing connections to finish, then resets every
@@ -1054,10 +1051,6 @@ impl<D: Phy> UserStack for Stack<D> {
         s.can_recv() || !s.may_recv()
     }
 
-    fn writable(&self, h: SocketHandle) -> bool {
-        self.sockets.get::<tcp::Socket>(h).can_send()
-    }
-
     fn close(&mut self, h: SocketHandle) {
         self.sockets.get_mut::<tcp::Socket>(h).close();
         self.open = self.open.saturating_sub(1);
@@ -1077,10 +1070,6 @@ impl<D: Phy> UserStack for Stack<D> {
 
     fn fd(&self) -> Option<RawFd> {
         self.phy.raw_fd()
-    }
-
-    fn stats(&self) -> StackStats {
-        self.stats
     }
 
     fn shutdown(&mut self, grace: Duration) {
