@@ -23,15 +23,36 @@ commands:
   connections            every connection: reactor, transport, peer, initiator, target,
                          phase, commands in progress, idle time (parked ones counted)
   target add NAME --pg TAG --ig TAG --lun SPEC [--lun SPEC ...] [--alias A] [--queue-depth N]
-                         a new target on an existing portal group and initiator group, one
-                         new bdev per LUN; SPEC: N:malloc:SIZE[:BLOCK], N:null:SIZE[:BLOCK],
-                         N:file:PATH[:SIZE]
-  target del NAME        removes a target: its sessions are closed, its LUNs released
-  save FILE.toml          writes the running configuration (run-time changes included) for
-                         --config at the next start
+                         a new target on an existing portal group and initiator group;
+                         SPEC: N:malloc:SIZE[:BLOCK], N:null:SIZE[:BLOCK], N:file:PATH[:SIZE]
+                         (a new bdev TARGET/lunN) or N:bdev:NAME (an existing free bdev)
+  target del NAME [--keep-bdevs]
+                         removes a target: its sessions get an Async Message and are
+                         closed, its LUNs finish their commands, its bdevs close (or stay
+                         defined and free with --keep-bdevs)
+  lun add TARGET SPEC    a LUN on a running target (sessions get REPORTED LUNS DATA HAS
+                         CHANGED)
+  lun del TARGET LUN [--keep-bdev]
+                         removes a LUN once its commands have finished
   lun resize TARGET LUN SIZE
                          a LUN's new size (bytes, or 512M, 10GiB, ...); the initiators get
                          CAPACITY DATA HAS CHANGED
+  bdevs | bdev list      the bdevs: type, size, block size, the LUN using each
+  bdev add NAME KIND     a bdev no LUN uses yet; KIND: malloc:SIZE[:BLOCK],
+                         null:SIZE[:BLOCK], file:PATH[:SIZE]
+  bdev del NAME          removes a bdev no LUN uses
+  portal-group add TAG ADDRESS:PORT [ADDRESS:PORT ...]
+                         a kernel-TCP portal group, listening at once
+  portal-group del TAG   stops listening; refused while a target is mapped to it
+  initiator-group add TAG --initiator NAME|ANY [...] --netmask CIDR|ANY [...]
+  initiator-group del TAG
+                         initiator groups (refused while a target is mapped to one)
+  apply FILE.toml [--dry-run]
+                         brings the running configuration to the file's, as a diff, and
+                         prints each change (--dry-run: only prints them)
+  config                 prints the running configuration (the format --config reads)
+  save FILE.toml         writes the running configuration (run-time changes included) for
+                         --config at the next start
   version                this tool's version and control ABI
 
 --instance NAME selects the dataplane started with the same --instance (default: default).
@@ -54,6 +75,10 @@ struct TargetOpts {
     luns: Vec<String>,
     alias: Option<String>,
     queue_depth: Option<String>,
+    initiators: Vec<String>,
+    netmasks: Vec<String>,
+    keep_bdevs: bool,
+    dry_run: bool,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -73,6 +98,16 @@ fn parse_args() -> Result<Args, String> {
             "--pg" => a.opts.pg = Some(it.next().ok_or("--pg needs a tag")?),
             "--ig" => a.opts.ig = Some(it.next().ok_or("--ig needs a tag")?),
             "--lun" => a.opts.luns.push(it.next().ok_or("--lun needs a spec")?),
+            "--initiator" => a
+                .opts
+                .initiators
+                .push(it.next().ok_or("--initiator needs a name")?),
+            "--netmask" => a
+                .opts
+                .netmasks
+                .push(it.next().ok_or("--netmask needs a CIDR")?),
+            "--keep-bdevs" | "--keep-bdev" => a.opts.keep_bdevs = true,
+            "--dry-run" => a.opts.dry_run = true,
             "--alias" => a.opts.alias = Some(it.next().ok_or("--alias needs a value")?),
             "--queue-depth" => {
                 a.opts.queue_depth = Some(it.next().ok_or("--queue-depth needs a number")?)
@@ -286,9 +321,8 @@ fn run() -> Result<(), String> {
                 },
             }
         }
-        "ping" | "targets" | "sessions" | "connections" | "target" | "lun" | "save" => {
-            ring_command(&a)
-        }
+        "ping" | "targets" | "sessions" | "connections" | "target" | "lun" | "save" | "bdevs"
+        | "bdev" | "portal-group" | "initiator-group" | "apply" | "config" => ring_command(&a),
         other => Err(format!("unknown command {other:?}\n{USAGE}")),
     }
 }
@@ -319,15 +353,70 @@ fn ring_request(a: &Args) -> Result<serde_json::Value, String> {
         ("targets", []) | ("target", ["list"]) => Ok(json!({"op": "targets"})),
         ("sessions", []) => Ok(json!({"op": "sessions"})),
         ("connections", []) => Ok(json!({"op": "connections"})),
-        ("save", [_]) => Ok(json!({"op": "config"})),
+        ("save", [_]) | ("config", []) => Ok(json!({"op": "config"})),
         ("target", ["add", name]) => target_add_request(name, &a.opts),
-        ("target", ["del", name]) => Ok(json!({"op": "target-del", "target": name})),
+        ("target", ["del", name]) => Ok(json!({
+            "op": "target-del",
+            "target": name,
+            "keep_bdevs": a.opts.keep_bdevs,
+        })),
+        ("lun", ["add", target, spec]) => {
+            let mut v = lun_spec(spec)?;
+            v["op"] = json!("lun-add");
+            v["target"] = json!(target);
+            Ok(v)
+        }
+        ("lun", ["del", target, lun]) => Ok(json!({
+            "op": "lun-del",
+            "target": target,
+            "lun": number("LUN", lun)?,
+            "keep_bdev": a.opts.keep_bdevs,
+        })),
         ("lun", ["resize", target, lun, size]) => Ok(json!({
             "op": "lun-resize",
             "target": target,
-            "lun": lun.parse::<u64>().map_err(|_| format!("LUN {lun:?} is not a number"))?,
+            "lun": number("LUN", lun)?,
             "size": parse_size(size)?,
         })),
+        ("bdevs", []) | ("bdev", ["list"]) => Ok(json!({"op": "bdevs"})),
+        ("bdev", ["add", name, kind]) => {
+            let mut v = bdev_spec(kind).map_err(|e| format!("bdev add {name}: {e}"))?;
+            v["op"] = json!("bdev-add");
+            v["name"] = json!(name);
+            Ok(v)
+        }
+        ("bdev", ["del", name]) => Ok(json!({"op": "bdev-del", "name": name})),
+        ("portal-group", ["add", tag, portals @ ..]) if !portals.is_empty() => Ok(json!({
+            "op": "pg-add",
+            "tag": number("tag", tag)?,
+            "portals": portals,
+        })),
+        ("portal-group", ["del", tag]) => Ok(json!({"op": "pg-del", "tag": number("tag", tag)?})),
+        ("initiator-group", ["add", tag]) => Ok(json!({
+            "op": "ig-add",
+            "tag": number("tag", tag)?,
+            "initiators": a.opts.initiators,
+            "netmasks": a.opts.netmasks,
+        })),
+        ("initiator-group", ["del", tag]) => {
+            Ok(json!({"op": "ig-del", "tag": number("tag", tag)?}))
+        }
+        ("apply", [file]) => {
+            let text = std::fs::read_to_string(file).map_err(|e| format!("{file}: {e}"))?;
+            if text.len() > control::MAX_RECORD - 4096 {
+                return Err(format!(
+                    "{file}: {} bytes is more than a command record carries ({} bytes)",
+                    text.len(),
+                    control::MAX_RECORD - 4096
+                ));
+            }
+            Ok(json!({
+                "op": "apply",
+                "toml": text,
+                "origin": file,
+                "dry_run": a.opts.dry_run,
+            }))
+        }
         _ => Err(format!(
             "{} {}: wrong arguments\n{USAGE}",
             a.command,
@@ -341,29 +430,42 @@ fn number(what: &str, v: &str) -> Result<u64, String> {
         .map_err(|_| format!("{what} {v:?} is not a number"))
 }
 
-/// A LUN spec: N:malloc:SIZE[:BLOCK], N:null:SIZE[:BLOCK] or N:file:PATH[:SIZE].
-fn lun_spec(spec: &str) -> Result<serde_json::Value, String> {
+/// A bdev spec: malloc:SIZE[:BLOCK], null:SIZE[:BLOCK] or file:PATH[:SIZE].
+fn bdev_spec(spec: &str) -> Result<serde_json::Value, String> {
     let parts: Vec<&str> = spec.split(':').collect();
-    let bad = || {
-        format!("--lun {spec:?}: expected N:malloc:SIZE[:BLOCK], N:null:SIZE[:BLOCK] or N:file:PATH[:SIZE]")
-    };
     match parts.as_slice() {
-        [n, kind @ ("malloc" | "null"), size, rest @ ..] if rest.len() <= 1 => {
-            let mut v = json!({"lun": number("LUN", n)?, "type": kind, "size": parse_size(size)?});
+        [kind @ ("malloc" | "null"), size, rest @ ..] if rest.len() <= 1 => {
+            let mut v = json!({"type": kind, "size": parse_size(size)?});
             if let [bs] = rest {
                 v["block_size"] = json!(number("block size", bs)?);
             }
             Ok(v)
         }
-        [n, "file", path, rest @ ..] if rest.len() <= 1 && !path.is_empty() => {
-            let mut v = json!({"lun": number("LUN", n)?, "type": "file", "path": path});
+        ["file", path, rest @ ..] if rest.len() <= 1 && !path.is_empty() => {
+            let mut v = json!({"type": "file", "path": path});
             if let [size] = rest {
                 v["size"] = json!(parse_size(size)?);
             }
             Ok(v)
         }
-        _ => Err(bad()),
+        _ => Err(format!(
+            "{spec:?}: expected malloc:SIZE[:BLOCK], null:SIZE[:BLOCK] or file:PATH[:SIZE]"
+        )),
     }
+}
+
+/// A LUN spec: N:KIND (see [`bdev_spec`]) or N:bdev:NAME.
+fn lun_spec(spec: &str) -> Result<serde_json::Value, String> {
+    let (n, rest) = spec
+        .split_once(':')
+        .ok_or_else(|| format!("LUN spec {spec:?}: expected N:KIND or N:bdev:NAME"))?;
+    let lun = number("LUN", n)?;
+    let mut v = match rest.strip_prefix("bdev:") {
+        Some(name) if !name.is_empty() => json!({"bdev": name}),
+        _ => bdev_spec(rest).map_err(|e| format!("LUN spec {spec:?}: {e}"))?,
+    };
+    v["lun"] = json!(lun);
+    Ok(v)
 }
 
 fn target_add_request(name: &str, o: &TargetOpts) -> Result<serde_json::Value, String> {
@@ -403,6 +505,9 @@ fn ring_command(a: &Args) -> Result<(), String> {
     let answer: serde_json::Value =
         serde_json::from_slice(&raw).map_err(|e| format!("unreadable answer: {e}"))?;
     if answer["ok"] != json!(true) {
+        if answer["applied"] == json!(true) {
+            print_changes(&answer);
+        }
         return Err(answer["error"]
             .as_str()
             .unwrap_or("the dataplane refused the command")
@@ -417,8 +522,8 @@ fn ring_command(a: &Args) -> Result<(), String> {
         "targets" => print_targets(&answer),
         "sessions" => print_sessions(&answer),
         "connections" => print_connections(&answer),
-        "lun-resize" => println!("LUN {} is now {} bytes", answer["lun"], answer["size"]),
-        "target-add" => println!("target {} added", text(&answer["target"])),
+        "bdevs" => print_bdevs(&answer),
+        "config" if a.command == "config" => print!("{}", text(&answer["toml"])),
         "config" => {
             let path = std::path::Path::new(&a.rest[0]);
             let toml = answer["toml"]
@@ -431,10 +536,56 @@ fn ring_command(a: &Args) -> Result<(), String> {
                 .map_err(|e| format!("{}: {e}", path.display()))?;
             println!("configuration written to {}", path.display());
         }
-        "target-del" => println!("target {} removed", text(&answer["target"])),
+        _ if answer.get("changes").is_some() => print_changes(&answer),
         _ => println!("{answer}"),
     }
     Ok(())
+}
+
+/// What a configuration change did (or, with --dry-run, would do).
+fn print_changes(answer: &serde_json::Value) {
+    let list = |k: &str| -> Vec<String> {
+        answer[k]
+            .as_array()
+            .map(|a| a.iter().map(text).collect())
+            .unwrap_or_default()
+    };
+    let changes = list("changes");
+    if changes.is_empty() {
+        println!("no changes");
+    }
+    let verb = if answer["applied"] == json!(true) {
+        ""
+    } else {
+        "(dry run) "
+    };
+    for c in changes {
+        println!("{verb}{c}");
+    }
+}
+
+fn print_bdevs(answer: &serde_json::Value) {
+    let rows: Vec<Vec<String>> = answer["bdevs"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|b| {
+                    vec![
+                        text(&b["name"]),
+                        text(&b["type"]),
+                        text(&b["size"]),
+                        text(&b["block_size"]),
+                        text(&b["used_by"]),
+                        text(&b["path"]),
+                    ]
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    table(
+        &["bdev", "type", "bytes", "block", "used by", "path"],
+        &rows,
+    );
 }
 
 fn text(v: &serde_json::Value) -> String {

@@ -12,6 +12,8 @@
 //! does not spawn anything and points the tests at an already running target
 //! (e.g. tgtd). Target-specific exact assertions are relaxed in that mode.
 
+pub mod raw;
+
 use std::collections::{BTreeMap, HashSet};
 use std::fmt;
 use std::fs::{self, File};

@@ -1,5 +1,6 @@
 //! `iscsictl` against a running target: status, and statistics that match what fio did.
 
+use e2e::raw::RawSession;
 use e2e::{artifacts_dir, ctl_bin, fio_bin, parse_fio_terse, run_with_timeout, Target};
 use std::fs;
 use std::process::Command;
@@ -234,7 +235,13 @@ mappings = [ {{ portal_group = 1, initiator_group = 1 }} ]
         &instance,
         &["--json", "lun", "resize", second, "0", "128MiB"],
     ));
-    assert_eq!(out["size"], 128u64 << 20, "{out}");
+    // (Named after its target and LUN, from the configuration the test started with.)
+    assert!(
+        out["changes"][0]
+            .as_str()
+            .is_some_and(|c| c.ends_with("resized to 134217728 bytes")),
+        "{out}"
+    );
     let cap = run_with_timeout(
         Command::new("iscsi-readcapacity16").arg(&url),
         Duration::from_secs(30),
@@ -361,9 +368,15 @@ fn target_add_and_del_while_io_runs() {
             "3:malloc:16M:4096",
         ],
     ));
-    assert_eq!(out["target"], new, "{out}");
-    // Its id is 1: its device lives on reactor 1 of 2.
-    assert_eq!(out["id"], 1, "{out}");
+    assert_eq!(
+        out["changes"],
+        serde_json::json!([
+            format!("bdev {new}/lun0 added"),
+            format!("bdev {new}/lun3 added"),
+            format!("target {new} added"),
+        ]),
+        "{out}"
+    );
     let bad = ctl(
         &instance,
         &[
@@ -437,7 +450,15 @@ fn target_add_and_del_while_io_runs() {
     // libiscsi then retries its login in a loop that fio cannot leave: that case is left
     // to a raw-socket test.)
     let out = json(&ctl(&instance, &["--json", "target", "del", new]));
-    assert_eq!(out["target"], new, "{out}");
+    assert_eq!(
+        out["changes"],
+        serde_json::json!([
+            format!("bdev {new}/lun0 removed"),
+            format!("bdev {new}/lun3 removed"),
+            format!("target {new} removed"),
+        ]),
+        "{out}"
+    );
     let inq = run_with_timeout(
         Command::new("iscsi-inq").arg(format!("iscsi://{}/{new}/0", t.portal())),
         Duration::from_secs(30),
@@ -460,5 +481,361 @@ fn target_add_and_del_while_io_runs() {
     );
     t.assert_running();
     let log = t.log_contents();
+    // Its id was 1: its device lived on reactor 1 of 2, which released it.
     assert!(log.contains("device of removed target 1 released"), "{log}");
+    assert!(log.contains(&format!("bdev {new}/lun0 closed")), "{log}");
+}
+
+const IQN_A: &str = "iqn.2026-11.io.e2e:a";
+const IQN_B: &str = "iqn.2026-11.io.e2e:b";
+
+/// Targets A (reactor 0) and B (reactor 1) on two reactors, 64 MiB each.
+fn two_targets() -> String {
+    format!(
+        r#"
+[global]
+cpumask = "0x3"
+
+[[portal_group]]
+tag = 1
+portals = ["127.0.0.1:3260"]
+
+[[initiator_group]]
+tag = 1
+initiators = ["ANY"]
+netmasks = ["127.0.0.0/8"]
+
+[[bdev]]
+name = "MA"
+type = "malloc"
+size = "64MiB"
+
+[[bdev]]
+name = "MB"
+type = "malloc"
+size = "64MiB"
+
+[[target]]
+name = "{IQN_A}"
+luns = [ {{ lun = 0, bdev = "MA" }} ]
+mappings = [ {{ portal_group = 1, initiator_group = 1 }} ]
+
+[[target]]
+name = "{IQN_B}"
+luns = [ {{ lun = 0, bdev = "MB" }} ]
+mappings = [ {{ portal_group = 1, initiator_group = 1 }} ]
+"#
+    )
+}
+
+/// A rate-limited fio verify run on target B for the length of a test.
+fn verify_b(t: &Target, dir: &std::path::Path) -> std::thread::JoinHandle<e2e::CmdOutput> {
+    let mut job = fio_job(
+        dir,
+        "b",
+        &e2e::fio_iscsi_filename(&t.portal(), IQN_B, 0),
+        &[
+            "--rw=randwrite",
+            "--bs=4k",
+            "--size=32M",
+            "--iodepth=8",
+            "--verify=crc32c",
+            "--do_verify=1",
+            "--verify_fatal=1",
+            "--rate_iops=3000",
+        ],
+    );
+    std::thread::spawn(move || run_with_timeout(&mut job, Duration::from_secs(120)))
+}
+
+fn assert_verified(dir: &std::path::Path, out: e2e::CmdOutput) {
+    let text = fs::read_to_string(dir.join("b.terse")).unwrap_or_default();
+    assert!(out.success(), "{out}\n{text}");
+    let jobs = parse_fio_terse(&text).unwrap();
+    assert_eq!(
+        (jobs[0].error, jobs[0].read_kib),
+        (0, 32 * 1024),
+        "{jobs:?}"
+    );
+}
+
+fn changes(out: &serde_json::Value) -> Vec<String> {
+    out["changes"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no changes in {out}"))
+        .iter()
+        .map(|c| c.as_str().unwrap().to_string())
+        .collect()
+}
+
+/// LUNs added to and removed from a target while a session stays logged in to it: the
+/// session learns of each change through REPORTED LUNS DATA HAS CHANGED, sees the new
+/// LUNs and loses the removed ones; the target's removal ends it with an Async Message.
+/// Meanwhile fio verifies the other target (on the other reactor) without an error.
+#[test]
+fn luns_come_and_go_under_a_live_session() {
+    let mut t = Target::start_with_config("control-luns", &two_targets(), IQN_A, 0);
+    let instance = format!("e2e-{}", t.port());
+    let dir = artifacts_dir().join(format!("control-luns-{}", t.port()));
+    fs::create_dir_all(&dir).unwrap();
+    let fio = verify_b(&t, &dir);
+    let mut s = RawSession::login(&t.portal(), "iqn.2026-11.io.e2e:raw", IQN_A);
+    assert_eq!(s.tur(0).unwrap().status, 0);
+    let ua = Some((6, 0x3f, 0x0e));
+
+    let out = json(&ctl(
+        &instance,
+        &["--json", "lun", "add", IQN_A, "1:malloc:8M"],
+    ));
+    assert_eq!(
+        changes(&out),
+        [
+            format!("bdev {IQN_A}/lun1 added"),
+            format!("target {IQN_A}: LUN 1 added (bdev {IQN_A}/lun1)"),
+        ],
+        "{out}"
+    );
+    let r = s.tur(0).unwrap();
+    assert_eq!((r.status, r.key_asc_ascq()), (2, ua), "{r:?}");
+    assert_eq!(
+        s.tur(0).unwrap().status,
+        0,
+        "the attention is reported once"
+    );
+    assert_eq!(s.report_luns(), [0, 1]);
+    let cap = s.capacity(1).unwrap();
+    assert_eq!(cap.status, 0, "{cap:?}");
+    assert_eq!(
+        &cap.data[0..12],
+        &[0, 0, 0, 0, 0, 0, 0x3f, 0xff, 0, 0, 2, 0]
+    );
+
+    // A bdev on its own, then mapped as LUN 2.
+    json(&ctl(
+        &instance,
+        &["--json", "bdev", "add", "spare", "null:4M"],
+    ));
+    let out = json(&ctl(
+        &instance,
+        &["--json", "lun", "add", IQN_A, "2:bdev:spare"],
+    ));
+    assert_eq!(
+        changes(&out),
+        [format!("target {IQN_A}: LUN 2 added (bdev spare)")]
+    );
+    let bad = ctl(&instance, &["bdev", "del", "spare"]);
+    assert_eq!(bad.code(), Some(2), "{bad}");
+    assert!(bad.stderr.contains("backs a LUN of"), "{bad}");
+    assert_eq!(s.tur(0).unwrap().key_asc_ascq(), ua);
+    assert_eq!(s.report_luns(), [0, 1, 2]);
+
+    // LUN 2 removed, its bdev kept: the session loses the LUN, the bdev is free again.
+    let out = json(&ctl(
+        &instance,
+        &["--json", "lun", "del", IQN_A, "2", "--keep-bdev"],
+    ));
+    assert_eq!(changes(&out), [format!("target {IQN_A}: LUN 2 removed")]);
+    assert_eq!(s.tur(0).unwrap().key_asc_ascq(), ua);
+    let r = s.tur(2).unwrap();
+    assert_eq!(
+        (r.status, r.key_asc_ascq()),
+        (2, Some((5, 0x25, 0))),
+        "{r:?}"
+    );
+    let mut free = false;
+    for _ in 0..50 {
+        let b = json(&ctl(&instance, &["--json", "bdevs"]));
+        let spare = b["bdevs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|b| b["name"] == "spare")
+            .cloned()
+            .unwrap();
+        if spare["used_by"].is_null() && spare["open"] == true {
+            free = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(free, "the spare bdev came back to the pool");
+    json(&ctl(&instance, &["--json", "bdev", "del", "spare"]));
+
+    // The target goes: the session gets an Async Message (the target drops all its
+    // connections, Time2Wait 2, Time2Retain 0), then the connection closes.
+    let out = json(&ctl(&instance, &["--json", "target", "del", IQN_A]));
+    assert!(
+        changes(&out).contains(&format!("target {IQN_A} removed")),
+        "{out}"
+    );
+    let m = s.recv().expect("an Async Message");
+    assert_eq!(m.opcode(), 0x32);
+    assert_eq!(m.bhs[36], 3, "AsyncEvent: the target drops the session");
+    assert_eq!(&m.bhs[38..44], &[0, 0, 0, 2, 0, 0]);
+    assert!(s.recv().is_none(), "the connection closes after it");
+
+    assert_verified(&dir, fio.join().unwrap());
+    t.assert_running();
+    let log = t.log_contents();
+    assert!(log.contains("target 0 LUN 2 removed"), "{log}");
+    assert!(log.contains("bdev spare closed"), "{log}");
+    assert!(log.contains("device of removed target 0 released"), "{log}");
+}
+
+/// `apply` brings the running configuration to a file's, exactly as the dry run said,
+/// and back again, while fio verifies an untouched target.
+#[test]
+fn apply_makes_exactly_the_difference() {
+    let mut t = Target::start_with_config("control-apply", &two_targets(), IQN_B, 0);
+    let instance = format!("e2e-{}", t.port());
+    let dir = artifacts_dir().join(format!("control-apply-{}", t.port()));
+    fs::create_dir_all(&dir).unwrap();
+    let fio = verify_b(&t, &dir);
+
+    let running = ctl(&instance, &["config"]);
+    running.assert_success();
+    let before = running.stdout.clone();
+    let p2 = e2e::free_port();
+    let a_luns = "luns = [{ lun = 0, bdev = \"MA\" }]";
+    assert!(before.contains(a_luns), "{before}");
+    let after = before
+        .replace(
+            a_luns,
+            "luns = [{ lun = 0, bdev = \"MA\" }, { lun = 1, bdev = \"M1\" }]",
+        )
+        .replace("max_sessions = 1024", "max_sessions = 512")
+        .replace("cpumask = \"0x3\"", "cpumask = \"0x7\"")
+        + &format!(
+            r#"
+[[portal_group]]
+tag = 2
+portals = ["127.0.0.1:{p2}"]
+
+[[initiator_group]]
+tag = 2
+initiators = ["ANY"]
+netmasks = ["127.0.0.1/32"]
+
+[[bdev]]
+name = "M1"
+type = "malloc"
+size = "8MiB"
+
+[[bdev]]
+name = "MC"
+type = "malloc"
+size = "16MiB"
+
+[[target]]
+name = "iqn.2026-11.io.e2e:c"
+luns = [ {{ lun = 0, bdev = "MC" }} ]
+mappings = [ {{ portal_group = 2, initiator_group = 2 }} ]
+"#
+        );
+    let file = dir.join("after.toml");
+    fs::write(&file, &after).unwrap();
+    let file = file.to_str().unwrap();
+    let expected = [
+        "global.max_sessions: 1024 -> 512".to_string(),
+        format!("portal group 2 added (127.0.0.1:{p2})"),
+        "initiator group 2 added".into(),
+        "bdev M1 added".into(),
+        "bdev MC added".into(),
+        format!("target {IQN_A}: LUN 1 added (bdev M1)"),
+        "target iqn.2026-11.io.e2e:c added".into(),
+        "global.cpumask: 3 -> 7 (restart to apply)".into(),
+    ];
+    let dry = json(&ctl(&instance, &["--json", "apply", file, "--dry-run"]));
+    assert_eq!(dry["applied"], false, "{dry}");
+    assert_eq!(changes(&dry), expected);
+    let targets = json(&ctl(&instance, &["--json", "targets"]));
+    assert_eq!(targets["targets"].as_array().unwrap().len(), 2, "{targets}");
+
+    let out = json(&ctl(&instance, &["--json", "apply", file]));
+    assert_eq!(out["applied"], true, "{out}");
+    assert_eq!(changes(&out), expected);
+    // C answers on the new portal, A has its LUN 1.
+    let c_url = format!("iscsi://127.0.0.1:{p2}/iqn.2026-11.io.e2e:c/0");
+    let cap = run_with_timeout(
+        Command::new("iscsi-readcapacity16").arg(&c_url),
+        Duration::from_secs(30),
+    );
+    assert!(
+        cap.stdout.contains(&format!(
+            "RETURNED LOGICAL BLOCK ADDRESS:{}",
+            (16 << 11) - 1
+        )),
+        "{cap}"
+    );
+    let cap = run_with_timeout(
+        Command::new("iscsi-readcapacity16").arg(format!("iscsi://{}/{IQN_A}/1", t.portal())),
+        Duration::from_secs(30),
+    );
+    assert!(
+        cap.stdout
+            .contains(&format!("RETURNED LOGICAL BLOCK ADDRESS:{}", (8 << 11) - 1)),
+        "{cap}"
+    );
+    // C is not exposed on portal group 1.
+    let inq = run_with_timeout(
+        Command::new("iscsi-inq").arg(format!("iscsi://{}/iqn.2026-11.io.e2e:c/0", t.portal())),
+        Duration::from_secs(30),
+    );
+    assert!(
+        !inq.success() && inq.stderr.contains("Target not found"),
+        "{inq}"
+    );
+    // Once applied, only what needs a restart still differs.
+    let again = json(&ctl(&instance, &["--json", "apply", file]));
+    assert_eq!(
+        changes(&again),
+        ["global.cpumask: 3 -> 7 (restart to apply)"]
+    );
+    let human = ctl(&instance, &["apply", file, "--dry-run"]);
+    human.assert_success();
+    assert_eq!(
+        human.stdout,
+        "(dry run) global.cpumask: 3 -> 7 (restart to apply)\n"
+    );
+
+    // And back: everything added goes, the new portal stops listening.
+    let first = dir.join("before.toml");
+    fs::write(&first, &before).unwrap();
+    let out = json(&ctl(
+        &instance,
+        &["--json", "apply", first.to_str().unwrap()],
+    ));
+    assert_eq!(
+        changes(&out),
+        [
+            "global.max_sessions: 512 -> 1024".to_string(),
+            "portal group 2 removed".into(),
+            "initiator group 2 removed".into(),
+            "bdev M1 removed".into(),
+            "bdev MC removed".into(),
+            format!("target {IQN_A}: LUN 1 removed"),
+            "target iqn.2026-11.io.e2e:c removed".into(),
+        ]
+    );
+    let p2_addr: std::net::SocketAddr = format!("127.0.0.1:{p2}").parse().unwrap();
+    assert!(
+        std::net::TcpStream::connect(p2_addr).is_err(),
+        "port {p2} closed"
+    );
+    let now = ctl(&instance, &["config"]);
+    assert_eq!(now.stdout, before);
+
+    // A file with an error changes nothing and names the line.
+    let broken = dir.join("broken.toml");
+    fs::write(
+        &broken,
+        before.replace("size = 67108864", "size = \"lots\""),
+    )
+    .unwrap();
+    let bad = ctl(&instance, &["apply", broken.to_str().unwrap()]);
+    assert_eq!(bad.code(), Some(2), "{bad}");
+    assert!(bad.stderr.contains("broken.toml:"), "{bad}");
+
+    assert_verified(&dir, fio.join().unwrap());
+    t.assert_running();
 }

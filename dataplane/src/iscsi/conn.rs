@@ -77,6 +77,9 @@ pub enum CloseReason {
     PeerClosed,
     /// The control plane removed the session's target.
     TargetRemoved,
+    /// The control plane removed the portal group the session came through, or no longer
+    /// exposes its target there.
+    Unmapped,
 }
 
 /// The data part of an outgoing PDU.
@@ -276,6 +279,8 @@ pub struct Connection {
     nop_outstanding: Option<(u32, Instant)>,
     /// Close once the transmit queue is flushed.
     close_after_flush: bool,
+    /// The portal group the connection came in through.
+    pg_tag: u16,
 }
 
 impl Connection {
@@ -326,7 +331,31 @@ impl Connection {
             last_rx: now,
             nop_outstanding: None,
             close_after_flush: false,
+            pg_tag,
         }
+    }
+
+    /// The portal group the connection came in through.
+    pub fn pg_tag(&self) -> u16 {
+        self.pg_tag
+    }
+
+    /// Ends the session from the target's side (its target, LUN mapping or portal group
+    /// was removed): a session in full feature phase gets an Async Message saying the
+    /// target drops all its connections (event 3, Time2Wait 2 s, Time2Retain 0: nothing
+    /// to recover), then the connection closes once that is sent. It takes no more input;
+    /// commands already in the device finish there.
+    pub fn end_session(&mut self, why: CloseReason) {
+        if self.close.is_some() {
+            return;
+        }
+        if matches!(self.phase, Phase::FullFeature) {
+            let seq = self.seq_status();
+            let b = build::async_message(0, seq, 3, 0, 0, 2, 0, 0);
+            self.push(b, OutData::None);
+            self.close_after_flush = true;
+        }
+        self.close_with(why);
     }
 
     pub fn uid(&self) -> u64 {

@@ -6,21 +6,37 @@
 //! generations and lengths; this module bad JSON, unknown ops, missing or wrong fields) get an
 //! error answer and a warning in the log, and the dataplane goes on serving.
 //!
-//! Ops: `ping`, `targets` (the targets with their LUNs and mappings), `sessions` (the
-//! registry: TSIH, initiator, ISID, target), `connections` (gathered from every reactor;
-//! parked ones only counted), `lun-resize` (a LUN's new size in bytes; done on
-//! the reactor where the target's device lives, which answers back through reactor 0),
-//! `target-add` (a target with new bdevs for its LUNs, mapped to existing portal and
-//! initiator groups: the device is built here and installed on its home reactor, which then
-//! hands every reactor the new model and answers), `target-del` (every reactor closes the
-//! target's connections when it gets the new model; the home reactor drops the device once
-//! its commands in flight have finished).
+//! Read ops: `ping`, `targets` (targets with their LUNs and mappings), `bdevs`, `sessions`
+//! (the registry), `connections` (gathered from every reactor; parked ones only counted),
+//! `config` (the running configuration as TOML).
+//!
+//! Changing ops (`target-add`, `target-del`, `lun-add`, `lun-del`, `lun-resize`,
+//! `bdev-add`, `bdev-del`, `pg-add`, `pg-del`, `ig-add`, `ig-del`, `apply`) all work the
+//! same way: the running configuration with the edit made (or the file `apply` carries) is
+//! validated like a configuration file, [`live::plan`] works out the difference, and
+//! [`Reactor::change`] carries it out in two steps. First everything that can fail is done
+//! on reactor 0 (bdevs opened, portals bound): a failure there changes nothing. Then the
+//! home reactors install the new LUNs (a new target's device with its first), and only
+//! when all have answered does every reactor get the new model; each then retires the LUNs
+//! and devices the model no longer has (after their commands in flight) and ends the
+//! sessions it no longer carries (Async Message, then close). Removed LUNs' bdevs come back
+//! to reactor 0, which keeps them open while the model defines them (`--keep-bdev`, `bdev
+//! add`) and closes the others. `dry_run` answers with the changes without making them.
 
-use super::shared::Msg;
+use super::shared::{LunWork, Msg};
 use super::Reactor;
-use crate::tgt::BdevKind;
+use crate::iscsi::TargetId;
+use crate::tgt::live::{self, Model};
+use crate::tgt::{
+    config, save, BdevConfig, BdevKind, Config, FileEngine, LunMapping, PortGroupMapping,
+    TargetNode,
+};
 use control::Incoming;
+use mio::{Interest, Token};
 use serde_json::{json, Value};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
 
 /// Commands taken per reactor iteration (the rest wait for the next one).
 const PER_ITERATION: usize = 4;
@@ -79,11 +95,17 @@ impl Reactor {
         match op {
             "ping" => Some(json!({ "ok": true, "pid": std::process::id() })),
             "targets" => Some(self.targets()),
+            "bdevs" => Some(self.bdevs()),
             "sessions" => Some(self.sessions()),
             "connections" => self.connections(seq),
-            "lun-resize" => self.lun_resize(seq, &req),
-            "target-add" => self.target_add(seq, &req),
-            "target-del" => Some(self.target_del(&req)),
+            "target-add" | "target-del" | "lun-add" | "lun-del" | "lun-resize" | "bdev-add"
+            | "bdev-del" | "pg-add" | "pg-del" | "ig-add" | "ig-del" | "apply" => {
+                let dry_run = req["dry_run"].as_bool().unwrap_or(false);
+                match edit(&self.env.model, op, &req) {
+                    Ok(desired) => self.change(seq, desired, dry_run),
+                    Err(e) => Some(error(e)),
+                }
+            }
             "config" => Some(json!({
                 "ok": true,
                 "toml": crate::tgt::save::to_toml(&self.env.model.current_config()),
@@ -138,6 +160,40 @@ impl Reactor {
         json!({ "ok": true, "targets": targets })
     }
 
+    fn bdevs(&self) -> Value {
+        let m = &self.env.model;
+        let list: Vec<Value> = m
+            .config()
+            .bdevs
+            .iter()
+            .map(|b| {
+                let (kind, size, path) = match &b.kind {
+                    BdevKind::Malloc { size } => ("malloc", Some(*size), None),
+                    BdevKind::Null { size } => ("null", Some(*size), None),
+                    BdevKind::File { path, size, .. } => {
+                        ("file", *size, Some(path.display().to_string()))
+                    }
+                };
+                let used_by = m.live_targets().find_map(|(_, t)| {
+                    t.luns
+                        .iter()
+                        .find(|l| l.bdev == b.name)
+                        .map(|l| format!("{} LUN {}", t.name, l.lun))
+                });
+                json!({
+                    "name": b.name,
+                    "type": kind,
+                    "size": size,
+                    "block_size": b.block_size,
+                    "path": path,
+                    "used_by": used_by,
+                    "open": used_by.is_some() || self.env.pool.contains_key(&b.name),
+                })
+            })
+            .collect();
+        json!({ "ok": true, "bdevs": list })
+    }
+
     fn sessions(&self) -> Value {
         let cfg = self.env.model.config();
         // The registry lock is the login/logout lock: never taken per command.
@@ -167,57 +223,6 @@ impl Reactor {
             })
             .collect();
         json!({ "ok": true, "sessions": sessions })
-    }
-
-    fn lun_resize(&mut self, seq: u64, req: &Value) -> Option<Value> {
-        let cfg = self.env.model.config();
-        let (Some(name), Some(lun), Some(size)) = (
-            req["target"].as_str(),
-            req["lun"].as_u64(),
-            req["size"].as_u64(),
-        ) else {
-            return Some(error(
-                "lun-resize needs \"target\", \"lun\" and \"size\" (bytes)",
-            ));
-        };
-        let Some((target, _)) = self.env.model.find_target(name) else {
-            return Some(error(format!("no target {name:?}")));
-        };
-        let Some(l) = cfg.targets[target].luns.iter().find(|l| l.lun == lun) else {
-            return Some(error(format!("target {name:?} has no LUN {lun}")));
-        };
-        let bs = cfg
-            .bdevs
-            .iter()
-            .find(|b| b.name == l.bdev)
-            .map_or(512, |b| u64::from(b.block_size));
-        if size == 0 || size % bs != 0 {
-            return Some(error(format!(
-                "size {size} is not a positive multiple of the block size {bs}"
-            )));
-        }
-        let blocks = size / bs;
-        let home = self.env.shared.home_of(target);
-        if home == self.env.me {
-            Some(resize_answer(
-                self.env.resize_local(target, lun, blocks),
-                lun,
-                size,
-            ))
-        } else {
-            let me = self.env.me;
-            self.env.send(
-                home,
-                Msg::Resize {
-                    target,
-                    lun,
-                    blocks,
-                    seq,
-                    reply_to: me,
-                },
-            );
-            None
-        }
     }
 }
 
@@ -302,73 +307,508 @@ impl Reactor {
             &json!({ "ok": true, "connections": list, "parked": parked }),
         );
     }
+}
 
-    fn target_add(&mut self, seq: u64, req: &Value) -> Option<Value> {
-        let (node, bdevs) = match new_target(&self.env.model, req) {
-            Ok(x) => x,
+/// One home reactor's part of a change: LUNs to install, LUNs to resize (target, LUN,
+/// blocks).
+type HomeWork = (Vec<LunWork>, Vec<(TargetId, u64, u64)>);
+
+/// A configuration change waiting for its home reactors (reactor 0 holds one at a time).
+pub(super) struct PendingChange {
+    seq: u64,
+    model: Arc<Model>,
+    /// Home reactors that have not answered yet.
+    left: usize,
+    changes: Vec<String>,
+    restart: Vec<String>,
+    errors: Vec<String>,
+}
+
+impl Reactor {
+    /// Brings the running model to `desired`: works out the difference, does everything
+    /// that can fail first (opening bdevs, binding portals) so a failure changes nothing,
+    /// has the home reactors install new LUNs, then hands every reactor the new model, on
+    /// which they drop what it no longer has. Answers when the homes have done their part.
+    fn change(&mut self, seq: u64, desired: Config, dry_run: bool) -> Option<Value> {
+        if self.change.is_some() {
+            return Some(error("another change is in progress; try again"));
+        }
+        let plan = match live::plan(&self.env.model, &desired) {
+            Ok(p) => p,
             Err(e) => return Some(error(e)),
         };
-        let mut opened = std::collections::HashMap::new();
-        for b in &bdevs {
-            match crate::tgt::live::open_bdev(b) {
-                Ok(dev) => {
-                    opened.insert(b.name.clone(), dev);
-                }
-                Err(e) => return Some(error(format!("bdev {}: {e}", b.name))),
+        if dry_run || plan.is_empty() {
+            return Some(json!({
+                "ok": true,
+                "applied": false,
+                "changes": plan.changes,
+                "restart": plan.restart,
+            }));
+        }
+        let reopened = |n: &str| plan.open.iter().any(|b| b.name == n);
+        for l in &plan.luns {
+            if !reopened(&l.bdev) && !self.env.pool.contains_key(&l.bdev) {
+                return Some(error(format!(
+                    "bdev {} is still held by a removed LUN finishing its commands; try again",
+                    l.bdev
+                )));
             }
         }
-        let device = match crate::tgt::live::build_device(&node, &mut opened) {
-            Ok(d) => d,
-            Err(e) => return Some(error(e)),
-        };
-        let (model, id) = self.env.model.with_target(node, bdevs);
-        let model = std::sync::Arc::new(model);
-        // Reactor 0 takes the model at once, so the next command builds on it; the home
-        // reactor installs the device, then gives the model to the others and answers.
-        self.env.adopt_model(model.clone());
-        let home = self.env.shared.home_of(id);
-        self.env.send(
-            home,
-            Msg::AddDevice {
-                target: id,
-                device: Box::new(device),
-                model,
-                seq,
-            },
-        );
+        let mut opened = HashMap::new();
+        for b in &plan.open {
+            match live::open_bdev(b) {
+                Ok(d) => {
+                    opened.insert(b.name.clone(), d);
+                }
+                Err(e) => return Some(error(e)),
+            }
+        }
+        let mut listeners = Vec::new();
+        for (addr, tag) in &plan.portals_add {
+            match crate::net::tcp::listen(*addr) {
+                Ok(l) => listeners.push((l, *tag)),
+                Err(e) => return Some(error(format!("cannot listen on {addr}: {e}"))),
+            }
+        }
+        // Nothing below fails the change as a whole.
+        let mut errors = Vec::new();
+        let n = self.env.shared.mailboxes.len();
+        let mut work: Vec<HomeWork> = (0..n).map(|_| (Vec::new(), Vec::new())).collect();
+        for (name, blocks) in &plan.resize {
+            if let Some(b) = self.env.pool.get_mut(name) {
+                if let Err(e) = b.resize(*blocks) {
+                    errors.push(format!("bdev {name}: resize failed: {e}"));
+                }
+                continue;
+            }
+            let user = plan
+                .model
+                .live_targets()
+                .find_map(|(id, t)| t.luns.iter().find(|l| &l.bdev == name).map(|l| (id, l.lun)));
+            match user {
+                Some((t, lun)) => work[self.env.shared.home_of(t)].1.push((t, lun, *blocks)),
+                None => errors.push(format!("bdev {name}: busy, not resized")),
+            }
+        }
+        for l in plan.luns {
+            let Some(bdev) = opened
+                .remove(&l.bdev)
+                .or_else(|| self.env.pool.remove(&l.bdev))
+            else {
+                errors.push(format!("bdev {}: not open", l.bdev));
+                continue;
+            };
+            work[self.env.shared.home_of(l.target)].0.push(LunWork {
+                target: l.target,
+                lun: l.lun,
+                bdev,
+                identity: l.identity,
+                replace: l.replace,
+            });
+        }
+        // New bdevs no LUN uses wait in the pool; undefined ones close.
+        self.env.pool.extend(opened);
+        let defined: Vec<&str> = plan
+            .model
+            .config()
+            .bdevs
+            .iter()
+            .map(|b| b.name.as_str())
+            .collect();
+        self.env.pool.retain(|n, _| {
+            let keep = defined.contains(&n.as_str());
+            if !keep {
+                log::info!("control: bdev {n} closed");
+            }
+            keep
+        });
+        self.change_portals(listeners, &plan.portals_del, &plan.portals_retag);
+        let mut left = 0;
+        for (home, (luns, resize)) in work.into_iter().enumerate() {
+            if !luns.is_empty() || !resize.is_empty() {
+                self.env.send(home, Msg::Prepare { seq, luns, resize });
+                left += 1;
+            }
+        }
+        self.change = Some(PendingChange {
+            seq,
+            model: Arc::new(plan.model),
+            left,
+            changes: plan.changes,
+            restart: plan.restart,
+            errors,
+        });
+        if left == 0 {
+            self.commit();
+        }
         None
     }
 
-    fn target_del(&mut self, req: &Value) -> Value {
-        let Some(name) = req["target"].as_str() else {
-            return error("target-del needs \"target\"");
+    /// A home reactor has done its part of the pending change.
+    pub(super) fn prepared(&mut self, seq: u64, errors: Vec<String>) {
+        let Some(c) = self.change.as_mut().filter(|c| c.seq == seq) else {
+            return;
         };
-        let Some((id, node)) = self.env.model.find_target(name) else {
-            return error(format!("no target {name:?}"));
+        c.errors.extend(errors);
+        c.left = c.left.saturating_sub(1);
+        if c.left == 0 {
+            self.commit();
+        }
+    }
+
+    /// Every home is ready: the new model goes to every reactor, and the answer out.
+    fn commit(&mut self) {
+        let Some(c) = self.change.take() else {
+            return;
         };
-        let name = node.name.clone();
-        let model = std::sync::Arc::new(self.env.model.without_target(id));
-        self.env.adopt_model(model.clone());
-        self.close_removed_targets();
-        for to in 0..self.env.shared.mailboxes.len() {
-            if to != self.env.me {
-                self.env.send(to, Msg::Model(model.clone()));
+        let level = &c.model.global().log_level;
+        if *level != self.env.model.global().log_level {
+            if let Some(l) = crate::logger::parse_level(level) {
+                log::set_max_level(l);
             }
         }
-        let home = self.env.shared.home_of(id);
-        self.env.send(home, Msg::RemoveDevice(id));
-        log::info!("control: target {name} removed (id {id})");
-        json!({ "ok": true, "target": name })
+        self.env.adopt_model(c.model.clone());
+        self.end_unmapped_sessions();
+        for to in 0..self.env.shared.mailboxes.len() {
+            if to != self.env.me {
+                self.env.send(to, Msg::Model(c.model.clone()));
+            }
+        }
+        for line in &c.changes {
+            log::info!("control: {line}");
+        }
+        for e in &c.errors {
+            log::error!("control: {e}");
+        }
+        let answer = json!({
+            "ok": c.errors.is_empty(),
+            "applied": true,
+            "changes": c.changes,
+            "restart": c.restart,
+            "errors": c.errors,
+            "error": (!c.errors.is_empty()).then(|| c.errors.join("; ")),
+        });
+        self.answer(c.seq, &answer);
     }
+
+    /// Opens, closes and retags kernel portals (reactor 0 owns the listeners).
+    fn change_portals(
+        &mut self,
+        add: Vec<(mio::net::TcpListener, u16)>,
+        del: &[SocketAddr],
+        retag: &[(SocketAddr, u16)],
+    ) {
+        for slot in self.portals.iter_mut() {
+            let Some(p) = slot.as_mut() else { continue };
+            if del.contains(&p.addr) {
+                let _ = self.poll.registry().deregister(&mut p.listener);
+                log::info!(
+                    "stopped listening on {} (portal group {})",
+                    p.addr,
+                    p.pg_tag
+                );
+                *slot = None;
+            } else if let Some((_, tag)) = retag.iter().find(|(a, _)| *a == p.addr) {
+                p.pg_tag = *tag;
+            }
+        }
+        for (mut listener, pg_tag) in add {
+            let Ok(addr) = listener.local_addr() else {
+                continue;
+            };
+            let i = match self.portals.iter().position(Option::is_none) {
+                Some(i) => i,
+                None => {
+                    self.portals.push(None);
+                    self.portals.len() - 1
+                }
+            };
+            if let Err(e) =
+                self.poll
+                    .registry()
+                    .register(&mut listener, Token(i), Interest::READABLE)
+            {
+                log::error!("cannot watch the listener on {addr}: {e}");
+                continue;
+            }
+            log::info!("listening on {addr} (portal group {pg_tag})");
+            self.portals[i] = Some(super::Portal {
+                listener,
+                pg_tag,
+                addr,
+            });
+        }
+    }
+}
+
+/// The configuration an editing command asks for: the running one with the edit made,
+/// validated like a configuration file.
+fn edit(model: &Model, op: &str, req: &Value) -> Result<Config, String> {
+    if op == "apply" {
+        let text = req["toml"].as_str().ok_or("apply needs \"toml\"")?;
+        let origin = req["origin"].as_str().unwrap_or("apply");
+        return config::parse(text, origin).map_err(|e| e.to_string());
+    }
+    let mut c = model.current_config();
+    let str_arg = |k: &str| req[k].as_str().ok_or_else(|| format!("{op} needs \"{k}\""));
+    let num_arg = |k: &str| {
+        req[k]
+            .as_u64()
+            .ok_or_else(|| format!("{op} needs \"{k}\" (a number)"))
+    };
+    let tag_arg = |k: &str| {
+        num_arg(k).and_then(|t| {
+            u16::try_from(t)
+                .ok()
+                .filter(|t| *t > 0)
+                .ok_or(format!("{k} must be 1..=65535"))
+        })
+    };
+    let target_index = |c: &Config, name: &str| {
+        c.targets
+            .iter()
+            .position(|t| t.name.eq_ignore_ascii_case(name))
+            .ok_or_else(|| format!("no target {name:?}"))
+    };
+    match op {
+        "target-add" => {
+            let (node, bdevs) = new_target(model, req)?;
+            c.bdevs.extend(bdevs);
+            c.targets.push(node);
+        }
+        "target-del" => {
+            let i = target_index(&c, str_arg("target")?)?;
+            let t = c.targets.remove(i);
+            if !req["keep_bdevs"].as_bool().unwrap_or(false) {
+                c.bdevs.retain(|b| !t.luns.iter().any(|l| l.bdev == b.name));
+            }
+        }
+        "lun-add" => {
+            let i = target_index(&c, str_arg("target")?)?;
+            let lun = num_arg("lun")?;
+            let name = c.targets[i].name.clone();
+            if c.targets[i].luns.iter().any(|l| l.lun == lun) {
+                return Err(format!("target {name} has a LUN {lun}"));
+            }
+            let bdev = match req["bdev"].as_str() {
+                Some(b) => b.to_string(),
+                None => {
+                    let b = bdev_from_json(&format!("{name}/lun{lun}"), req)?;
+                    let n = b.name.clone();
+                    c.bdevs.push(b);
+                    n
+                }
+            };
+            c.targets[i].luns.push(LunMapping { lun, bdev });
+            c.targets[i].luns.sort_by_key(|l| l.lun);
+        }
+        "lun-del" => {
+            let i = target_index(&c, str_arg("target")?)?;
+            let lun = num_arg("lun")?;
+            let t = &mut c.targets[i];
+            let at = t
+                .luns
+                .iter()
+                .position(|l| l.lun == lun)
+                .ok_or_else(|| format!("target {} has no LUN {lun}", t.name))?;
+            if t.luns.len() == 1 {
+                return Err(format!(
+                    "LUN {lun} is the last of {}: remove the target instead",
+                    t.name
+                ));
+            }
+            let l = t.luns.remove(at);
+            if !req["keep_bdev"].as_bool().unwrap_or(false) {
+                c.bdevs.retain(|b| b.name != l.bdev);
+            }
+        }
+        "lun-resize" => {
+            let i = target_index(&c, str_arg("target")?)?;
+            let lun = num_arg("lun")?;
+            let size = num_arg("size")?;
+            let t = &c.targets[i];
+            let bdev = t
+                .luns
+                .iter()
+                .find(|l| l.lun == lun)
+                .map(|l| l.bdev.clone())
+                .ok_or_else(|| format!("target {} has no LUN {lun}", t.name))?;
+            let b = c
+                .bdevs
+                .iter_mut()
+                .find(|b| b.name == bdev)
+                .ok_or_else(|| format!("bdev {bdev} is not defined"))?;
+            let bs = u64::from(b.block_size);
+            if size == 0 || size % bs != 0 {
+                return Err(format!(
+                    "size {size} is not a positive multiple of the block size {bs}"
+                ));
+            }
+            match &mut b.kind {
+                BdevKind::Malloc { size: s } | BdevKind::Null { size: s } => *s = size,
+                BdevKind::File { size: s, .. } => *s = Some(size),
+            }
+        }
+        "bdev-add" => {
+            let name = str_arg("name")?;
+            if name.is_empty() || name.len() > 255 {
+                return Err("a bdev name has 1 to 255 characters".into());
+            }
+            if c.bdevs.iter().any(|b| b.name == name) {
+                return Err(format!("bdev {name:?} exists"));
+            }
+            c.bdevs.push(bdev_from_json(name, req)?);
+        }
+        "bdev-del" => {
+            let name = str_arg("name")?;
+            if let Some(t) = c
+                .targets
+                .iter()
+                .find(|t| t.luns.iter().any(|l| l.bdev == name))
+            {
+                return Err(format!("bdev {name} backs a LUN of {}", t.name));
+            }
+            let n = c.bdevs.len();
+            c.bdevs.retain(|b| b.name != name);
+            if c.bdevs.len() == n {
+                return Err(format!("no bdev {name:?}"));
+            }
+        }
+        "pg-add" => {
+            let tag = tag_arg("tag")?;
+            if c.portal_groups.iter().any(|p| p.tag == tag) {
+                return Err(format!("portal group {tag} exists"));
+            }
+            let portals = req["portals"]
+                .as_array()
+                .filter(|a| !a.is_empty())
+                .ok_or("pg-add needs \"portals\" (a list of ADDRESS:PORT)")?
+                .iter()
+                .map(|p| {
+                    p.as_str()
+                        .ok_or_else(|| "a portal is a string".to_string())
+                        .and_then(config::parse_portal)
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            c.portal_groups.push(crate::tgt::PortalGroup {
+                tag,
+                portals,
+                transport: crate::tgt::Transport::Kernel,
+                userspace: None,
+            });
+        }
+        "pg-del" => {
+            let tag = tag_arg("tag")?;
+            if let Some(t) = c
+                .targets
+                .iter()
+                .find(|t| t.mappings.iter().any(|m| m.portal_group == tag))
+            {
+                return Err(format!("portal group {tag} is mapped by {}", t.name));
+            }
+            let n = c.portal_groups.len();
+            c.portal_groups.retain(|p| p.tag != tag);
+            if c.portal_groups.len() == n {
+                return Err(format!("no portal group {tag}"));
+            }
+        }
+        "ig-add" => {
+            let tag = tag_arg("tag")?;
+            if c.initiator_groups.iter().any(|g| g.tag == tag) {
+                return Err(format!("initiator group {tag} exists"));
+            }
+            let strings = |k: &str| -> Result<Vec<String>, String> {
+                req[k]
+                    .as_array()
+                    .filter(|a| !a.is_empty())
+                    .ok_or(format!("ig-add needs \"{k}\" (a list)"))?
+                    .iter()
+                    .map(|v| {
+                        v.as_str()
+                            .map(str::to_string)
+                            .ok_or(format!("{k}: strings only"))
+                    })
+                    .collect()
+            };
+            let initiators = strings("initiators")?;
+            let netmasks = strings("netmasks")?
+                .iter()
+                .map(|m| config::parse_netmask(m))
+                .collect::<Result<Vec<_>, _>>()?;
+            c.initiator_groups.push(crate::tgt::InitiatorGroup {
+                tag,
+                initiators,
+                netmasks,
+            });
+        }
+        "ig-del" => {
+            let tag = tag_arg("tag")?;
+            if let Some(t) = c
+                .targets
+                .iter()
+                .find(|t| t.mappings.iter().any(|m| m.initiator_group == tag))
+            {
+                return Err(format!("initiator group {tag} is mapped by {}", t.name));
+            }
+            let n = c.initiator_groups.len();
+            c.initiator_groups.retain(|g| g.tag != tag);
+            if c.initiator_groups.len() == n {
+                return Err(format!("no initiator group {tag}"));
+            }
+        }
+        other => return Err(format!("unknown op {other:?}")),
+    }
+    // The same checks as a configuration file gets.
+    config::parse(&save::to_toml(&c), "the changed configuration").map_err(|e| e.to_string())
+}
+
+/// A bdev from a request's `type` (malloc, null, file), `size` (bytes), `path` and
+/// `block_size` (512 or 4096).
+fn bdev_from_json(name: &str, v: &Value) -> Result<BdevConfig, String> {
+    let block_size = match v.get("block_size") {
+        None | Some(Value::Null) => 512,
+        Some(b) => match b.as_u64() {
+            Some(512) => 512,
+            Some(4096) => 4096,
+            _ => return Err(format!("{name}: block_size must be 512 or 4096")),
+        },
+    };
+    let size = v["size"].as_u64();
+    if let Some(s) = size {
+        if s == 0 || s % u64::from(block_size) != 0 {
+            return Err(format!(
+                "{name}: size {s} is not a positive multiple of {block_size}"
+            ));
+        }
+    }
+    let kind = match v["type"].as_str().unwrap_or("malloc") {
+        "malloc" => BdevKind::Malloc {
+            size: size.ok_or(format!("{name}: a malloc bdev needs a size"))?,
+        },
+        "null" => BdevKind::Null {
+            size: size.ok_or(format!("{name}: a null bdev needs a size"))?,
+        },
+        "file" => BdevKind::File {
+            path: v["path"]
+                .as_str()
+                .ok_or(format!("{name}: a file bdev needs a path"))?
+                .into(),
+            size,
+            engine: FileEngine::Uring,
+            direct: true,
+        },
+        other => return Err(format!("{name}: unknown bdev type {other:?}")),
+    };
+    Ok(BdevConfig {
+        name: name.to_string(),
+        block_size,
+        kind,
+    })
 }
 
 /// Validates a `target-add` request against the current model: the target (name, alias,
 /// queue depth, mappings to existing groups) and one new bdev per LUN.
-fn new_target(
-    model: &crate::tgt::live::Model,
-    req: &Value,
-) -> Result<(crate::tgt::TargetNode, Vec<crate::tgt::BdevConfig>), String> {
-    use crate::tgt::{config, BdevConfig, FileEngine, LunMapping, PortGroupMapping, TargetNode};
+fn new_target(model: &Model, req: &Value) -> Result<(TargetNode, Vec<BdevConfig>), String> {
     let cfg = model.config();
     let name = req["name"].as_str().ok_or("target-add needs \"name\"")?;
     let name = config::check_iscsi_name(name)?;
@@ -399,64 +839,31 @@ fn new_target(
     if luns.is_empty() || luns.len() > 256 {
         return Err("a target needs 1 to 256 LUNs".into());
     }
-    let mut maps = Vec::new();
+    let mut maps: Vec<LunMapping> = Vec::new();
     let mut bdevs = Vec::new();
     for l in luns {
         let lun = l["lun"]
             .as_u64()
             .filter(|n| *n <= 16383)
             .ok_or("each LUN needs \"lun\" 0..=16383")?;
-        if maps.iter().any(|m: &LunMapping| m.lun == lun) {
+        if maps.iter().any(|m| m.lun == lun) {
             return Err(format!("LUN {lun} given twice"));
         }
-        let block_size = match l.get("block_size") {
-            None | Some(Value::Null) => 512,
-            Some(v) => match v.as_u64() {
-                Some(512) => 512,
-                Some(4096) => 4096,
-                _ => return Err(format!("LUN {lun}: block_size must be 512 or 4096")),
-            },
-        };
-        let size = l["size"].as_u64();
-        if let Some(s) = size {
-            if s == 0 || s % u64::from(block_size) != 0 {
-                return Err(format!(
-                    "LUN {lun}: size {s} is not a positive multiple of {block_size}"
-                ));
+        let bdev = match l["bdev"].as_str() {
+            Some(existing) => existing.to_string(),
+            None => {
+                let b = bdev_from_json(&format!("{name}/lun{lun}"), l)?;
+                if cfg.bdevs.iter().any(|o| o.name == b.name) {
+                    return Err(format!("bdev {:?} exists", b.name));
+                }
+                let n = b.name.clone();
+                bdevs.push(b);
+                n
             }
-        }
-        let kind = match l["type"].as_str().unwrap_or("malloc") {
-            "malloc" => crate::tgt::BdevKind::Malloc {
-                size: size.ok_or(format!("LUN {lun}: a malloc bdev needs a size"))?,
-            },
-            "null" => crate::tgt::BdevKind::Null {
-                size: size.ok_or(format!("LUN {lun}: a null bdev needs a size"))?,
-            },
-            "file" => crate::tgt::BdevKind::File {
-                path: l["path"]
-                    .as_str()
-                    .ok_or(format!("LUN {lun}: a file bdev needs a path"))?
-                    .into(),
-                size,
-                engine: FileEngine::Uring,
-                direct: true,
-            },
-            other => return Err(format!("LUN {lun}: unknown bdev type {other:?}")),
         };
-        let bdev = format!("{name}/lun{lun}");
-        if cfg.bdevs.iter().any(|b| b.name == bdev) {
-            return Err(format!("bdev {bdev:?} exists"));
-        }
-        maps.push(LunMapping {
-            lun,
-            bdev: bdev.clone(),
-        });
-        bdevs.push(BdevConfig {
-            name: bdev,
-            block_size,
-            kind,
-        });
+        maps.push(LunMapping { lun, bdev });
     }
+    maps.sort_by_key(|m| m.lun);
     let node = TargetNode {
         name,
         alias,
@@ -468,12 +875,4 @@ fn new_target(
         queue_depth,
     };
     Ok((node, bdevs))
-}
-
-/// The answer to a resize, done here or on the device's reactor.
-pub(super) fn resize_answer(result: Result<(), String>, lun: u64, size: u64) -> Value {
-    match result {
-        Ok(()) => json!({ "ok": true, "lun": lun, "size": size }),
-        Err(e) => error(format!("resize failed: {e}")),
-    }
 }

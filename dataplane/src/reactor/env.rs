@@ -1,15 +1,17 @@
 //! The [`TargetEnv`] a reactor gives its connections: the shared model for logins and
 //! discovery, the devices homed on this reactor, and an outbox for the others.
 
-use super::shared::{Msg, ParkMsg, Shared};
+use super::shared::{LunWork, Msg, ParkMsg, Shared};
+use crate::bdev::BlockDevice;
 use crate::iscsi::{
     DiscoveryEntry, LoginStatus, Registered, SessionKey, TargetEnv, TargetId, TargetInfo,
 };
 use crate::mem::IoBuf;
 use crate::scsi::{Device, NexusId, ScsiResponse, ScsiTask};
 use crossbeam_channel::TrySendError;
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
+use std::os::fd::RawFd;
 use std::sync::Arc;
 
 pub struct ReactorEnv {
@@ -31,6 +33,15 @@ pub struct ReactorEnv {
     /// Responses to this reactor's own commands, ready to route to connections.
     pub responses: Vec<ScsiResponse>,
     scratch: Vec<ScsiResponse>,
+    /// Replacement LUNs of a change in progress, swapped in when its model arrives.
+    staged: Vec<LunWork>,
+    /// Reactor 0: open bdevs the model defines that no LUN uses (`bdev add`, LUNs removed
+    /// with their bdev kept), ready to be mapped.
+    pub pool: HashMap<String, Box<dyn BlockDevice>>,
+    /// The reactor's epoll, to watch the completion fds of devices that come and go.
+    pub registry: Option<mio::Registry>,
+    /// Completion fds watched now.
+    watched: HashSet<RawFd>,
 }
 
 impl ReactorEnv {
@@ -47,6 +58,122 @@ impl ReactorEnv {
             close_local: Vec::new(),
             responses: Vec::new(),
             scratch: Vec::new(),
+            staged: Vec::new(),
+            pool: HashMap::new(),
+            registry: None,
+            watched: HashSet::new(),
+        }
+    }
+
+    /// Watches the completion fds of the local devices not watched yet.
+    pub fn watch_completions(&mut self) {
+        let Some(reg) = self.registry.as_ref() else {
+            return;
+        };
+        for fd in self.devices.values().flat_map(Device::completion_fds) {
+            if self.watched.insert(fd) {
+                if let Err(e) = reg.register(
+                    &mut mio::unix::SourceFd(&fd),
+                    super::COMPLETION_TOKEN,
+                    mio::Interest::READABLE,
+                ) {
+                    log::warn!("cannot watch a device's completions: {e}");
+                    self.watched.remove(&fd);
+                }
+            }
+        }
+    }
+
+    /// Installs this reactor's part of a configuration change; returns what failed.
+    pub fn prepare(
+        &mut self,
+        luns: Vec<LunWork>,
+        resize: Vec<(TargetId, u64, u64)>,
+    ) -> Vec<String> {
+        let mut errors = Vec::new();
+        for w in luns {
+            if w.replace && self.devices.contains_key(&w.target) {
+                self.staged.push(w);
+                continue;
+            }
+            let d = self.devices.entry(w.target).or_default();
+            if let Err(e) = d.add_lun(w.lun, w.bdev, w.identity) {
+                errors.push(format!("target {} LUN {}: {e}", w.target, w.lun));
+            }
+        }
+        for (t, lun, blocks) in resize {
+            if let Err(e) = self.resize_local(t, lun, blocks) {
+                errors.push(format!("target {t} LUN {lun}: resize failed: {e}"));
+            }
+        }
+        self.watch_completions();
+        errors
+    }
+
+    /// Brings the local devices to the current model: staged replacements go in, LUNs the
+    /// model no longer has retire (they finish their commands first), devices of removed
+    /// targets are dropped once idle.
+    fn reconcile_devices(&mut self) {
+        for w in std::mem::take(&mut self.staged) {
+            match self.devices.get_mut(&w.target) {
+                Some(d) => {
+                    if let Err(e) = d.replace_lun(w.lun, w.bdev, w.identity) {
+                        log::error!("target {} LUN {}: {e}", w.target, w.lun);
+                    }
+                }
+                None => self.release_bdev(w.bdev),
+            }
+        }
+        let model = self.model.clone();
+        for (t, d) in self.devices.iter_mut() {
+            if !model.is_live(*t) {
+                if !self.removing.contains(t) {
+                    self.removing.push(*t);
+                }
+                continue;
+            }
+            let want = &model.config().targets[*t].luns;
+            for lun in d.luns() {
+                if !want.iter().any(|l| l.lun == lun) {
+                    d.remove_lun(lun);
+                    log::info!("control: target {t} LUN {lun} removed");
+                }
+            }
+        }
+        self.watch_completions();
+    }
+
+    /// A bdev leaves this reactor: its completion fd is unwatched (while still open), then
+    /// it goes to reactor 0.
+    fn release_bdev(&mut self, b: Box<dyn BlockDevice>) {
+        if let Some(fd) = b.completion_fd() {
+            if self.watched.remove(&fd) {
+                if let Some(reg) = self.registry.as_ref() {
+                    let _ = reg.deregister(&mut mio::unix::SourceFd(&fd));
+                }
+            }
+        }
+        if self.me == 0 {
+            self.bdev_returned(b);
+        } else {
+            self.send(0, Msg::BdevReleased(b));
+        }
+    }
+
+    /// Reactor 0: a released bdev stays open while the model defines it and no LUN uses
+    /// it (it may be mapped again); otherwise it is closed.
+    pub fn bdev_returned(&mut self, b: Box<dyn BlockDevice>) {
+        let name = b.name().to_string();
+        let m = &self.model;
+        let defined = m.config().bdevs.iter().any(|c| c.name == name);
+        let mapped = m
+            .live_targets()
+            .any(|(_, t)| t.luns.iter().any(|l| l.bdev == name));
+        if defined && !mapped && !self.pool.contains_key(&name) {
+            log::info!("control: bdev {name} is free");
+            self.pool.insert(name, b);
+        } else {
+            log::info!("control: bdev {name} closed");
         }
     }
 
@@ -90,14 +217,6 @@ impl ReactorEnv {
     /// Whether the local devices let the reactor sleep (see [`Device::can_sleep`]).
     pub fn devices_can_sleep(&self) -> bool {
         self.devices.values().all(Device::can_sleep)
-    }
-
-    /// The completion fds of the local devices, for the reactor's epoll.
-    pub fn completion_fds(&self) -> Vec<std::os::fd::RawFd> {
-        self.devices
-            .values()
-            .flat_map(Device::completion_fds)
-            .collect()
     }
 
     /// Clears the local devices' completion fds after one fired.
@@ -149,54 +268,15 @@ impl ReactorEnv {
             Msg::LunReset { target, lun, by } => self.lun_reset(target, lun, by),
             Msg::TargetReset { target, by, cold } => self.target_reset(target, by, cold),
             Msg::Close(uid) => self.close_local.push(uid),
-            Msg::Resize {
-                target,
-                lun,
-                blocks,
-                seq,
-                reply_to,
-            } => {
-                let result = self.resize_local(target, lun, blocks);
-                let size = blocks * self.block_size_of(target, lun);
-                let answer = super::commands::resize_answer(result, lun, size).to_string();
-                self.send(reply_to, Msg::ControlDone { seq, answer });
+            Msg::Prepare { seq, luns, resize } => {
+                let errors = self.prepare(luns, resize);
+                self.send(0, Msg::Prepared { seq, errors });
             }
-            Msg::AddDevice {
-                target,
-                device,
-                model,
-                seq,
-            } => {
-                self.devices.insert(target, *device);
-                for to in 0..self.outbox.len() {
-                    if to != self.me {
-                        self.send(to, Msg::Model(model.clone()));
-                    }
-                }
-                self.adopt_model(model.clone());
-                let name = model
-                    .config()
-                    .targets
-                    .get(target)
-                    .map(|t| t.name.clone())
-                    .unwrap_or_default();
-                log::info!(
-                    "control: target {name} added (id {target}, reactor {})",
-                    self.me
-                );
-                let answer = serde_json::json!({ "ok": true, "target": name, "id": target });
-                self.send(
-                    0,
-                    Msg::ControlDone {
-                        seq,
-                        answer: answer.to_string(),
-                    },
-                );
-            }
-            Msg::RemoveDevice(target) => self.removing.push(target),
+            Msg::BdevReleased(b) => self.bdev_returned(b),
             Msg::Accepted { .. }
             | Msg::Adopt(_)
             | Msg::ControlDone { .. }
+            | Msg::Prepared { .. }
             | Msg::Model(_)
             | Msg::ListConnections { .. }
             | Msg::Connections { .. } => {}
@@ -209,16 +289,6 @@ impl ReactorEnv {
             .get_mut(&target)
             .ok_or_else(|| format!("target {target} is not homed here"))?
             .resize_lun(lun, blocks)
-    }
-
-    /// The block size of a target's LUN, from the configuration.
-    fn block_size_of(&self, target: TargetId, lun: u64) -> u64 {
-        let cfg = self.model.config();
-        cfg.targets
-            .get(target)
-            .and_then(|t| t.luns.iter().find(|l| l.lun == lun))
-            .and_then(|l| cfg.bdevs.iter().find(|b| b.name == l.bdev))
-            .map_or(512, |b| u64::from(b.block_size))
     }
 
     /// Sends a message for a target's device to its home reactor. When this reactor is the
@@ -238,14 +308,20 @@ impl ReactorEnv {
     pub fn adopt_model(&mut self, model: Arc<crate::tgt::live::Model>) -> bool {
         if model.version > self.model.version {
             self.model = model;
+            self.reconcile_devices();
             true
         } else {
             false
         }
     }
 
-    /// Drops the devices of removed targets whose commands have all finished.
+    /// Drops the devices of removed targets whose commands have all finished, and hands
+    /// on the bdevs of removed LUNs that have finished theirs.
     pub fn reap_removed_devices(&mut self) {
+        let mut released = Vec::new();
+        for d in self.devices.values_mut() {
+            released.extend(d.take_released());
+        }
         let mut i = 0;
         while i < self.removing.len() {
             let t = self.removing[i];
@@ -254,11 +330,15 @@ impl ReactorEnv {
                 if let Some(mut d) = self.devices.remove(&t) {
                     d.flush_all();
                     log::info!("control: device of removed target {t} released");
+                    released.extend(d.into_bdevs());
                 }
                 self.removing.swap_remove(i);
             } else {
                 i += 1;
             }
+        }
+        for b in released {
+            self.release_bdev(b);
         }
     }
 

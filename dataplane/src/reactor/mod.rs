@@ -149,7 +149,8 @@ impl Dataplane {
         if let Some((total, free)) = crate::mem::region::hugepages_available() {
             log::info!("hugepages (2 MiB): {total} reserved, {free} free");
         }
-        let devices = build_devices(&config).map_err(StartError::Build)?;
+        let (devices, spare) = build_devices(&config).map_err(StartError::Build)?;
+        let mut spare = Some(spare);
         let n = cpus.len();
 
         let mut polls = Vec::new();
@@ -214,14 +215,19 @@ impl Dataplane {
                     .local_addr()
                     .map_err(|e| StartError::Io(e.to_string()))?;
                 log::info!("listening on {} (portal group {})", bound, pg.tag);
-                portals.push(Portal {
+                portals.push(Some(Portal {
                     listener,
                     pg_tag: pg.tag,
                     addr: bound,
-                });
+                }));
             }
         }
-        let addrs = portals.iter().map(|p| p.addr).chain(user_addrs).collect();
+        let addrs = portals
+            .iter()
+            .flatten()
+            .map(|p| p.addr)
+            .chain(user_addrs)
+            .collect();
         if stacks.len() > 1 {
             return Err(StartError::Io(
                 "one userspace portal group per dataplane for now".into(),
@@ -293,6 +299,11 @@ impl Dataplane {
                 Vec::new()
             };
             let my_user = user[i].take();
+            let my_spare = if i == 0 {
+                spare.take().unwrap_or_default()
+            } else {
+                Default::default()
+            };
             let handle = std::thread::Builder::new()
                 .name(format!("reactor-{i}"))
                 .spawn(move || {
@@ -317,7 +328,8 @@ impl Dataplane {
                             ),
                         }
                     }
-                    let env = ReactorEnv::new(i, shared, devs);
+                    let mut env = ReactorEnv::new(i, shared, devs);
+                    env.pool = my_spare;
                     let mut r = Reactor {
                         poll,
                         rx,
@@ -333,6 +345,7 @@ impl Dataplane {
                         user: my_user,
                         cmd_next: 0,
                         gathering: HashMap::new(),
+                        change: None,
                     };
                     r.run()
                 })
@@ -403,7 +416,9 @@ struct Entry {
 struct Reactor {
     poll: Poll,
     rx: crossbeam_channel::Receiver<Msg>,
-    portals: Vec<Portal>,
+    /// Kernel listeners (reactor 0); a portal's token is its index, a closed one leaves a
+    /// hole that the next new portal fills.
+    portals: Vec<Option<Portal>>,
     conns: HashMap<Token, Entry>,
     uid_to_token: HashMap<u64, Token>,
     env: ReactorEnv,
@@ -420,6 +435,8 @@ struct Reactor {
     cmd_next: u64,
     /// `connections` answers being gathered from the reactors: parts still due, rows.
     gathering: HashMap<u64, (usize, Vec<String>)>,
+    /// Reactor 0: the configuration change waiting for its home reactors.
+    change: Option<commands::PendingChange>,
 }
 
 impl Reactor {
@@ -431,13 +448,8 @@ impl Reactor {
         let mut events = Events::with_capacity(1024);
         // Devices that finish I/O in the kernel wake the reactor through their completion
         // fd, so it can sleep while their requests are in flight.
-        for fd in self.env.completion_fds() {
-            self.poll.registry().register(
-                &mut mio::unix::SourceFd(&fd),
-                COMPLETION_TOKEN,
-                Interest::READABLE,
-            )?;
-        }
+        self.env.registry = Some(self.poll.registry().try_clone()?);
+        self.env.watch_completions();
         if let Some(fd) = self.user.as_ref().and_then(|u| u.fd()) {
             self.poll.registry().register(
                 &mut mio::unix::SourceFd(&fd),
@@ -584,7 +596,7 @@ impl Reactor {
                 }
                 Msg::Model(m) => {
                     if self.env.adopt_model(m) {
-                        self.close_removed_targets();
+                        self.end_unmapped_sessions();
                     }
                 }
                 Msg::ListConnections { seq } => {
@@ -592,20 +604,7 @@ impl Reactor {
                     self.env.send(0, Msg::Connections { seq, list });
                 }
                 Msg::Connections { seq, list } => self.gathered(seq, list),
-                Msg::AddDevice { ref device, .. } => {
-                    // A device finishing I/O in the kernel wakes this reactor like the
-                    // others (its eventfd leaves epoll by itself when the device closes it).
-                    for fd in device.completion_fds() {
-                        if let Err(e) = self.poll.registry().register(
-                            &mut mio::unix::SourceFd(&fd),
-                            COMPLETION_TOKEN,
-                            Interest::READABLE,
-                        ) {
-                            log::warn!("cannot watch a new device's completions: {e}");
-                        }
-                    }
-                    self.env.device_msg(msg);
-                }
+                Msg::Prepared { seq, errors } => self.prepared(seq, errors),
                 other => self.env.device_msg(other),
             }
         }
@@ -672,22 +671,25 @@ impl Reactor {
         changed
     }
 
-    /// Closes the connections whose target the current model no longer has.
-    fn close_removed_targets(&mut self) {
+    /// Ends the sessions the current model no longer carries: their target was removed,
+    /// or their portal group, or the target is no longer exposed through it. Each gets an
+    /// Async Message, then its connection closes.
+    fn end_unmapped_sessions(&mut self) {
         for e in self.conns.values_mut() {
-            if let Some(t) = e.conn.target() {
-                if !self.env.model.is_live(t) && !e.conn.closing() {
-                    log::info!("conn {}: its target was removed", e.conn.uid());
-                    e.conn.force_close(CloseReason::TargetRemoved);
-                }
+            if e.conn.closing() {
+                continue;
+            }
+            if let Some(why) = unmapped(&self.env.model, &e.conn) {
+                log::info!("conn {}: {}", e.conn.uid(), why.1);
+                e.conn.end_session(why.0);
             }
         }
     }
 
     fn insert(&mut self, link: Link, mut conn: Connection) {
         // A connection woken from the parking lot may belong to a target removed meanwhile.
-        if conn.target().is_some_and(|t| !self.env.model.is_live(t)) {
-            conn.force_close(CloseReason::TargetRemoved);
+        if let Some((why, _)) = unmapped(&self.env.model, &conn) {
+            conn.end_session(why);
         }
         let token = Token(self.next_token);
         self.next_token += 1;
@@ -711,7 +713,10 @@ impl Reactor {
 
     fn accept(&mut self, portal: usize, now: Instant) {
         loop {
-            let (stream, peer) = match self.portals[portal].listener.accept() {
+            let Some(p) = self.portals.get(portal).and_then(Option::as_ref) else {
+                return;
+            };
+            let (stream, peer) = match p.listener.accept() {
                 Ok(x) => x,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -724,8 +729,8 @@ impl Reactor {
             if let Err(e) = tcp::configure(&stream) {
                 log::warn!("cannot configure connection from {peer}: {e}");
             }
-            let local = stream.local_addr().unwrap_or(self.portals[portal].addr);
-            let pg_tag = self.portals[portal].pg_tag;
+            let local = stream.local_addr().unwrap_or(p.addr);
+            let pg_tag = p.pg_tag;
             let to = self.env.shared.least_loaded();
             // Count it now so a burst of accepts spreads over the reactors.
             self.env.shared.mailboxes[to]
@@ -972,6 +977,26 @@ impl Reactor {
 
 /// What can be checked without starting: the core mask, and that every portal group's
 /// transport is compiled in.
+/// Whether the model still carries a connection's session; if not, why.
+fn unmapped(model: &Model, conn: &Connection) -> Option<(CloseReason, &'static str)> {
+    let pg = conn.pg_tag();
+    if !model.config().portal_groups.iter().any(|p| p.tag == pg) {
+        return Some((CloseReason::Unmapped, "its portal group was removed"));
+    }
+    let t = conn.target()?;
+    if !model.is_live(t) {
+        return Some((CloseReason::TargetRemoved, "its target was removed"));
+    }
+    let exposed = model.config().targets[t]
+        .mappings
+        .iter()
+        .any(|m| m.portal_group == pg);
+    (!exposed).then_some((
+        CloseReason::Unmapped,
+        "its target is no longer exposed on its portal group",
+    ))
+}
+
 pub fn check_config(config: &Config) -> Result<(), StartError> {
     cpus_of_mask(config.global.cpumask)?;
     for pg in &config.portal_groups {

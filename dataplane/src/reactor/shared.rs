@@ -64,14 +64,6 @@ pub enum Msg {
     },
     /// Close this connection (its session was reinstated by a newer login).
     Close(u64),
-    /// Resize a LUN of a device homed on the receiving reactor (control command `seq`).
-    Resize {
-        target: TargetId,
-        lun: u64,
-        blocks: u64,
-        seq: u64,
-        reply_to: usize,
-    },
     /// The answer to control command `seq`, for reactor 0 to write on the response ring.
     ControlDone {
         seq: u64,
@@ -80,17 +72,23 @@ pub enum Msg {
     /// The control plane changed the model: use this one from now on (and close the
     /// connections of targets it removed).
     Model(Arc<Model>),
-    /// A new target's device, for its home reactor, which installs it, then gives every
-    /// reactor the model that has the target (so no command can reach the home before the
-    /// device), then answers control command `seq`.
-    AddDevice {
-        target: TargetId,
-        device: Box<crate::scsi::Device>,
-        model: Arc<Model>,
+    /// The first half of a configuration change (control command `seq`), for a home
+    /// reactor: LUNs to install (a new target's device is created by its first) and LUNs
+    /// to resize (target, LUN, blocks). Answered with [`Msg::Prepared`]; the new model
+    /// follows once every home has answered.
+    Prepare {
         seq: u64,
+        luns: Vec<LunWork>,
+        resize: Vec<(TargetId, u64, u64)>,
     },
-    /// A removed target's device: drop it once its commands in flight have finished.
-    RemoveDevice(TargetId),
+    /// A home reactor did its part of change `seq` (with what went wrong, if anything).
+    Prepared {
+        seq: u64,
+        errors: Vec<String>,
+    },
+    /// The block device of a removed LUN, idle and flushed, back to reactor 0 (which keeps
+    /// it while the model still defines it, else closes it).
+    BdevReleased(Box<dyn crate::bdev::BlockDevice>),
     /// List your connections for control command `seq` (answer to reactor 0).
     ListConnections {
         seq: u64,
@@ -100,6 +98,16 @@ pub enum Msg {
         seq: u64,
         list: Vec<String>,
     },
+}
+
+/// A LUN for a home reactor to install, its bdev already opened.
+pub struct LunWork {
+    pub target: TargetId,
+    pub lun: u64,
+    pub bdev: Box<dyn crate::bdev::BlockDevice>,
+    pub identity: crate::scsi::LunIdentity,
+    /// Replaces the LUN of that number when the new model arrives.
+    pub replace: bool,
 }
 
 /// Messages to the parking lot.

@@ -270,6 +270,21 @@ impl Lun {
         self.bdev.flush_blocking()
     }
 
+    /// Whether no command is in progress here (queued, waiting for a range, in the block
+    /// device, or finished and not yet collected).
+    pub fn idle(&self) -> bool {
+        self.ops.is_empty()
+            && self.waiting.is_empty()
+            && self.retry.is_empty()
+            && self.done.is_empty()
+            && self.bdev.in_flight() == 0
+    }
+
+    /// Gives the block device back (the LUN is gone).
+    pub fn into_bdev(self) -> Box<dyn BlockDevice> {
+        self.bdev
+    }
+
     // ---- command execution ----
 
     fn range(&self, lba: u64, blocks: u64) -> Result<(), Sense> {

@@ -133,6 +133,10 @@ pub struct Device {
     /// Responses decided without a LUN (unknown LUN, REPORT LUNS, CDB errors).
     done: VecDeque<ScsiResponse>,
     in_flight: usize,
+    /// Removed LUNs finishing the commands they had: no new command reaches them.
+    retiring: Vec<(u64, Lun)>,
+    /// Block devices of removed LUNs whose commands have all finished (flushed).
+    released: Vec<Box<dyn BlockDevice>>,
 }
 
 /// REPORT LUNS single-level LUN encoding (SAM-5 4.7): peripheral below 256, else flat.
@@ -157,6 +161,8 @@ impl Device {
             nexuses: HashSet::new(),
             done: VecDeque::new(),
             in_flight: 0,
+            retiring: Vec::new(),
+            released: Vec::new(),
         }
     }
 
@@ -178,8 +184,53 @@ impl Device {
         for &n in &self.nexuses {
             l.add_nexus(n);
         }
+        self.luns_changed();
         self.luns.insert(lun, l);
         Ok(())
+    }
+
+    /// Removes logical unit `lun`: new commands for it get LOGICAL UNIT NOT SUPPORTED, the
+    /// ones it has finish normally, then its block device is flushed and handed out by
+    /// [`Device::take_released`]. Every nexus gets REPORTED LUNS DATA HAS CHANGED on the
+    /// remaining LUNs. False when there is no such LUN.
+    pub fn remove_lun(&mut self, lun: u64) -> bool {
+        let Some(l) = self.luns.remove(&lun) else {
+            return false;
+        };
+        self.retiring.push((lun, l));
+        self.luns_changed();
+        true
+    }
+
+    /// Replaces logical unit `lun` by a new one on `bdev` (the old one retires).
+    pub fn replace_lun(
+        &mut self,
+        lun: u64,
+        bdev: Box<dyn BlockDevice>,
+        identity: LunIdentity,
+    ) -> Result<(), String> {
+        self.remove_lun(lun);
+        self.add_lun(lun, bdev, identity)
+    }
+
+    /// SPC-4 6.37: the LUN inventory changed; each nexus learns it through any LUN.
+    fn luns_changed(&mut self) {
+        for l in self.luns.values_mut() {
+            l.raise_ua(asc::REPORTED_LUNS_DATA_CHANGED, None);
+        }
+    }
+
+    /// Block devices of removed LUNs that have finished their last commands.
+    pub fn take_released(&mut self) -> Vec<Box<dyn BlockDevice>> {
+        std::mem::take(&mut self.released)
+    }
+
+    /// Every block device, LUNs removed or not (the device is being dropped).
+    pub fn into_bdevs(self) -> Vec<Box<dyn BlockDevice>> {
+        let mut v = self.released;
+        v.extend(self.luns.into_values().map(Lun::into_bdev));
+        v.extend(self.retiring.into_iter().map(|(_, l)| l.into_bdev()));
+        v
     }
 
     /// LUN numbers in ascending order.
@@ -318,9 +369,30 @@ impl Device {
             l.poll();
             out.append(&mut l.done);
         }
+        if !self.retiring.is_empty() {
+            self.poll_retiring(out);
+        }
         let n = out.len() - before;
         self.in_flight = self.in_flight.saturating_sub(n);
         n
+    }
+
+    fn poll_retiring(&mut self, out: &mut Vec<ScsiResponse>) {
+        let mut i = 0;
+        while i < self.retiring.len() {
+            let l = &mut self.retiring[i].1;
+            l.poll();
+            out.append(&mut l.done);
+            if l.idle() {
+                let (n, mut l) = self.retiring.swap_remove(i);
+                if let Err(e) = l.flush_blocking() {
+                    log::error!("removed LUN {n}: flush failed: {e}");
+                }
+                self.released.push(l.into_bdev());
+            } else {
+                i += 1;
+            }
+        }
     }
 
     /// Tasks submitted and not yet returned by `poll`.
@@ -331,13 +403,16 @@ impl Device {
     /// Whether the owner may sleep until a completion fd fires: no response is ready and
     /// every block device with requests in flight signals its completions.
     pub fn can_sleep(&self) -> bool {
-        self.done.is_empty() && self.luns.values().all(|l| l.can_sleep())
+        self.done.is_empty()
+            && self.luns.values().all(|l| l.can_sleep())
+            && self.retiring.iter().all(|(_, l)| l.can_sleep())
     }
 
     /// The completion fds of the block devices that have one.
     pub fn completion_fds(&self) -> Vec<std::os::fd::RawFd> {
         self.luns
             .values()
+            .chain(self.retiring.iter().map(|(_, l)| l))
             .filter_map(|l| l.completion_fd())
             .collect()
     }
@@ -345,6 +420,9 @@ impl Device {
     /// Clears every completion fd after one fired.
     pub fn ack_completions(&mut self) {
         for l in self.luns.values_mut() {
+            l.ack_completion();
+        }
+        for (_, l) in self.retiring.iter_mut() {
             l.ack_completion();
         }
     }
@@ -397,7 +475,8 @@ impl Device {
 
     /// Flushes every block device synchronously (shutdown).
     pub fn flush_all(&mut self) {
-        for (n, l) in self.luns.iter_mut() {
+        let retiring = self.retiring.iter_mut().map(|(n, l)| (&*n, l));
+        for (n, l) in self.luns.iter_mut().chain(retiring) {
             if let Err(e) = l.flush_blocking() {
                 log::error!("LUN {n}: flush failed: {e}");
             }

@@ -840,3 +840,42 @@ fn write_atomic16_writes_and_refuses_boundaries() {
     let r = cmd(&mut d, N1, &c, Some(vec![0; 1024]));
     assert_eq!(sense_of(&r), (5, 0x21, 0));
 }
+
+#[test]
+fn removed_lun_finishes_its_commands_then_releases_its_bdev() {
+    let (mut d, _log) = device(false);
+    let (m1, _) = MockBdev::new(BS, BLOCKS, false);
+    d.add_lun(1, Box::new(m1), identity()).unwrap();
+    // The add raised REPORTED LUNS DATA HAS CHANGED on LUN 0 for both nexuses.
+    let tur = [0u8; 6];
+    assert_eq!(sense_of(&cmd(&mut d, N1, &tur, None)), (6, 0x3F, 0x0E));
+    assert_eq!(cmd(&mut d, N1, &tur, None).status, ScsiStatus::Good);
+    // A READ(10) of LUN 1 is in the mock when the LUN is removed.
+    let read = [0x28u8, 0, 0, 0, 0, 0, 0, 0, 8, 0];
+    d.submit(task(N1, 1, &read, None));
+    assert!(d.remove_lun(1));
+    assert!(!d.remove_lun(1));
+    assert_eq!(d.luns(), vec![0]);
+    assert!(d.take_released().is_empty(), "still busy");
+    // The command in flight completes with its data; then the bdev is released.
+    let mut out = Vec::new();
+    d.poll(&mut out);
+    assert_eq!(out.len(), 1);
+    assert_eq!(out[0].status, ScsiStatus::Good);
+    assert_eq!(
+        out[0].data_in.as_ref().map(|b| b.len()),
+        Some(8 * BS as usize)
+    );
+    assert_eq!(d.in_flight(), 0);
+    // New commands to LUN 1 are refused.
+    let r = run(&mut d, task(N1, 1, &tur, None));
+    assert_eq!(sense_of(&r), (5, 0x25, 0x00));
+    let released = d.take_released();
+    assert_eq!(released.len(), 1);
+    assert_eq!(released[0].num_blocks(), BLOCKS);
+    // N2 learns of both inventory changes once (the queue holds a code once).
+    assert_eq!(sense_of(&cmd(&mut d, N2, &tur, None)), (6, 0x3F, 0x0E));
+    assert_eq!(cmd(&mut d, N2, &tur, None).status, ScsiStatus::Good);
+    // And the device gives every bdev back when dropped.
+    assert_eq!(d.into_bdevs().len(), 1);
+}

@@ -154,17 +154,22 @@ pub fn group_allows(group: &InitiatorGroup, initiator: &str, peer: IpAddr) -> bo
     named && group.netmasks.iter().any(|m| in_netmask(m, peer))
 }
 
-/// Builds one SCSI device per target node (index = [`TargetId`]), opening every bdev.
-pub fn build_devices(config: &Config) -> Result<Vec<Device>, BuildError> {
-    let mut bdevs: HashMap<String, Box<dyn BlockDevice>> = HashMap::new();
+/// Open bdevs no LUN uses, by name.
+pub type SpareBdevs = HashMap<String, Box<dyn BlockDevice>>;
+
+/// Builds one SCSI device per target node (index = [`TargetId`]), opening every bdev; the
+/// bdevs no LUN uses come back beside them.
+pub fn build_devices(config: &Config) -> Result<(Vec<Device>, SpareBdevs), BuildError> {
+    let mut bdevs: SpareBdevs = HashMap::new();
     for b in &config.bdevs {
         bdevs.insert(b.name.clone(), open_bdev(b)?);
     }
-    config
+    let devices = config
         .targets
         .iter()
         .map(|node| build_device(node, &mut bdevs))
-        .collect()
+        .collect::<Result<_, _>>()?;
+    Ok((devices, bdevs))
 }
 
 /// Builds the SCSI device of one target from opened bdevs (taking the ones it uses).
@@ -381,6 +386,372 @@ impl Model {
                 .get(target)
                 .is_some_and(|t| t.luns.iter().any(|l| l.lun == lun))
     }
+}
+
+/// A LUN a home reactor installs before the new model reaches the other reactors.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LunAdd {
+    pub target: TargetId,
+    pub lun: u64,
+    pub bdev: String,
+    pub identity: LunIdentity,
+    /// The LUN exists on another (or a reopened) bdev: the home swaps them when the new
+    /// model arrives, so commands sent before that still reach the old one.
+    pub replace: bool,
+}
+
+/// What bringing the running model to a desired configuration takes: the new model, what
+/// the home reactors must prepare for it, and a line per change for the operator. LUNs and
+/// targets the new model no longer has are removed by their home reactors when it arrives.
+#[derive(Debug)]
+pub struct Plan {
+    pub model: Model,
+    /// One line per change, in the order they are listed.
+    pub changes: Vec<String>,
+    /// Settings that differ but take effect only at a restart (the model keeps the
+    /// running values).
+    pub restart: Vec<String>,
+    /// Bdevs to open: new ones, and ones whose definition changed other than in size.
+    pub open: Vec<BdevConfig>,
+    /// Bdevs resized in place: name, new size in blocks.
+    pub resize: Vec<(String, u64)>,
+    pub luns: Vec<LunAdd>,
+    /// Kernel portals to open, to close, and to hand to another portal group.
+    pub portals_add: Vec<(SocketAddr, u16)>,
+    pub portals_del: Vec<SocketAddr>,
+    pub portals_retag: Vec<(SocketAddr, u16)>,
+}
+
+impl Plan {
+    pub fn is_empty(&self) -> bool {
+        self.changes.is_empty()
+    }
+}
+
+/// Which live target of `model` maps bdev `name`, and as which LUN.
+fn bdev_user<'a>(model: &'a Model, name: &str) -> Option<(TargetId, &'a TargetNode, u64)> {
+    model.live_targets().find_map(|(id, t)| {
+        t.luns
+            .iter()
+            .find(|l| l.bdev == name)
+            .map(|l| (id, t, l.lun))
+    })
+}
+
+/// The same bdev apart from its size: the new size in blocks.
+fn only_size_differs(old: &BdevConfig, new: &BdevConfig) -> Option<u64> {
+    if old.name != new.name || old.block_size != new.block_size {
+        return None;
+    }
+    let bs = u64::from(new.block_size);
+    match (&old.kind, &new.kind) {
+        (BdevKind::Malloc { .. }, BdevKind::Malloc { size })
+        | (BdevKind::Null { .. }, BdevKind::Null { size }) => Some(size / bs),
+        (
+            BdevKind::File {
+                path: p0,
+                engine: e0,
+                direct: d0,
+                ..
+            },
+            BdevKind::File {
+                path,
+                size: Some(size),
+                engine,
+                direct,
+            },
+        ) if p0 == path && e0 == engine && d0 == direct => Some(size / bs),
+        _ => None,
+    }
+}
+
+/// Global settings that only a restart changes (threads, memory, timers set up at start).
+fn restart_only(cur: &super::Global, new: &mut super::Global, out: &mut Vec<String>) {
+    macro_rules! keep {
+        ($($f:ident),*) => {$(
+            if cur.$f != new.$f {
+                out.push(format!(
+                    "global.{}: {:?} -> {:?} (restart to apply)",
+                    stringify!($f), cur.$f, new.$f
+                ));
+                new.$f = cur.$f.clone();
+            }
+        )*};
+    }
+    keep!(
+        instance,
+        cpumask,
+        buffer_pool_mib,
+        hugepages,
+        poll_spin_us,
+        idle_park_ms,
+        nop_in_interval_s,
+        nop_in_timeout_s
+    );
+}
+
+/// Global settings read at each login or command: they change at once.
+fn live_globals(cur: &super::Global, new: &super::Global, out: &mut Vec<String>) {
+    macro_rules! diff {
+        ($($f:ident),*) => {$(
+            if cur.$f != new.$f {
+                out.push(format!("global.{}: {:?} -> {:?}", stringify!($f), cur.$f, new.$f));
+            }
+        )*};
+    }
+    diff!(
+        log_level,
+        max_recv_data_segment_length,
+        max_burst_length,
+        first_burst_length,
+        max_outstanding_r2t,
+        immediate_data,
+        initial_r2t,
+        default_time2wait,
+        default_time2retain,
+        error_recovery_level,
+        max_connections,
+        max_sessions
+    );
+}
+
+/// Works out how to bring `current` to `desired` (a validated configuration). Targets keep
+/// their ids (matched by name); userspace portal groups cannot change at run time, and a
+/// bdev cannot move from one LUN to another in one step (it is busy until its old LUN has
+/// finished its commands).
+pub fn plan(current: &Model, desired: &Config) -> Result<Plan, String> {
+    let cur = &current.config;
+    let mut changes = Vec::new();
+    let mut restart = Vec::new();
+
+    let mut global = desired.global.clone();
+    restart_only(&cur.global, &mut global, &mut restart);
+    live_globals(&cur.global, &global, &mut changes);
+    if desired.dpdk != cur.dpdk {
+        restart.push("[dpdk]: changed (restart to apply)".into());
+    }
+
+    // Portal groups. Userspace ones are built into the reactors at start.
+    let tags: std::collections::BTreeSet<u16> = cur
+        .portal_groups
+        .iter()
+        .chain(&desired.portal_groups)
+        .map(|p| p.tag)
+        .collect();
+    for tag in tags {
+        let old = cur.portal_groups.iter().find(|p| p.tag == tag);
+        let new = desired.portal_groups.iter().find(|p| p.tag == tag);
+        let user = |p: Option<&super::PortalGroup>| {
+            p.is_some_and(|p| p.transport != super::Transport::Kernel)
+        };
+        if (user(old) || user(new)) && old != new {
+            return Err(format!(
+                "portal group {tag}: userspace portal groups (tap, dpdk) change only with a restart"
+            ));
+        }
+        let list = |p: &super::PortalGroup| {
+            p.portals
+                .iter()
+                .map(|a| a.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        match (old, new) {
+            (None, Some(n)) => changes.push(format!("portal group {tag} added ({})", list(n))),
+            (Some(_), None) => changes.push(format!("portal group {tag} removed")),
+            (Some(o), Some(n)) if o != n => changes.push(format!(
+                "portal group {tag}: portals {} -> {}",
+                list(o),
+                list(n)
+            )),
+            _ => {}
+        }
+    }
+    let kernel_portals = |c: &Config| -> HashMap<SocketAddr, u16> {
+        c.portal_groups
+            .iter()
+            .filter(|p| p.transport == super::Transport::Kernel)
+            .flat_map(|p| p.portals.iter().map(move |a| (*a, p.tag)))
+            .collect()
+    };
+    let (old_portals, new_portals) = (kernel_portals(cur), kernel_portals(desired));
+    let mut portals_add: Vec<(SocketAddr, u16)> = Vec::new();
+    let mut portals_retag = Vec::new();
+    for (a, t) in &new_portals {
+        match old_portals.get(a) {
+            None => portals_add.push((*a, *t)),
+            Some(o) if o != t => portals_retag.push((*a, *t)),
+            _ => {}
+        }
+    }
+    let mut portals_del: Vec<SocketAddr> = old_portals
+        .keys()
+        .filter(|a| !new_portals.contains_key(a))
+        .copied()
+        .collect();
+    portals_add.sort();
+    portals_del.sort();
+    portals_retag.sort();
+
+    // Initiator groups: rules only, read at each login and discovery.
+    let tags: std::collections::BTreeSet<u16> = cur
+        .initiator_groups
+        .iter()
+        .chain(&desired.initiator_groups)
+        .map(|g| g.tag)
+        .collect();
+    for tag in tags {
+        let old = cur.initiator_groups.iter().find(|g| g.tag == tag);
+        let new = desired.initiator_groups.iter().find(|g| g.tag == tag);
+        match (old, new) {
+            (None, Some(_)) => changes.push(format!("initiator group {tag} added")),
+            (Some(_), None) => changes.push(format!("initiator group {tag} removed")),
+            (Some(o), Some(n)) if o != n => {
+                changes.push(format!("initiator group {tag} changed (new logins)"))
+            }
+            _ => {}
+        }
+    }
+
+    // Bdevs.
+    let mut open = Vec::new();
+    let mut resize = Vec::new();
+    for b in &desired.bdevs {
+        match cur.bdevs.iter().find(|o| o.name == b.name) {
+            None => {
+                changes.push(format!("bdev {} added", b.name));
+                open.push(b.clone());
+            }
+            Some(o) if o == b => {}
+            Some(o) => match only_size_differs(o, b) {
+                Some(blocks) => {
+                    changes.push(format!(
+                        "bdev {} resized to {} bytes",
+                        b.name,
+                        blocks * u64::from(b.block_size)
+                    ));
+                    resize.push((b.name.clone(), blocks));
+                }
+                None => {
+                    changes.push(format!("bdev {} redefined (reopened)", b.name));
+                    open.push(b.clone());
+                }
+            },
+        }
+    }
+    for o in &cur.bdevs {
+        if !desired.bdevs.iter().any(|b| b.name == o.name) {
+            changes.push(format!("bdev {} removed", o.name));
+        }
+    }
+    let reopened = |name: &str| open.iter().any(|b: &BdevConfig| b.name == name);
+
+    // Targets keep their ids; removed ones stay as tombstones.
+    let mut model = current.clone();
+    model.version = current.version + 1;
+    model.config = Config {
+        global,
+        dpdk: cur.dpdk.clone(),
+        targets: Vec::new(),
+        ..desired.clone()
+    };
+    model.config.targets = cur.targets.clone();
+    let mut luns = Vec::new();
+    let mut lun_add = |id: TargetId, node: &TargetNode, lun: u64, bdev: &str, replace: bool| {
+        let pg = node.mappings.first().map_or(1, |m| m.portal_group);
+        let add = LunAdd {
+            target: id,
+            lun,
+            bdev: bdev.to_string(),
+            identity: lun_identity(node, lun, bdev, pg),
+            replace,
+        };
+        if !reopened(bdev) {
+            if let Some((uid, user, ulun)) = bdev_user(current, bdev) {
+                if (uid, ulun) != (id, lun) {
+                    return Err(format!(
+                        "bdev {bdev} backs LUN {ulun} of {}: remove that LUN first, then map \
+                         the bdev again (it is busy until its commands have finished)",
+                        user.name
+                    ));
+                }
+            }
+        }
+        luns.push(add);
+        Ok(())
+    };
+    for (id, old) in current.live_targets() {
+        let Some(new) = desired
+            .targets
+            .iter()
+            .find(|t| t.name.eq_ignore_ascii_case(&old.name))
+        else {
+            changes.push(format!("target {} removed", old.name));
+            model.removed[id] = true;
+            continue;
+        };
+        for l in &old.luns {
+            if !new.luns.iter().any(|n| n.lun == l.lun) {
+                changes.push(format!("target {}: LUN {} removed", old.name, l.lun));
+            }
+        }
+        for l in &new.luns {
+            match old.luns.iter().find(|o| o.lun == l.lun) {
+                None => {
+                    changes.push(format!(
+                        "target {}: LUN {} added (bdev {})",
+                        new.name, l.lun, l.bdev
+                    ));
+                    lun_add(id, new, l.lun, &l.bdev, false)?;
+                }
+                Some(o) if o.bdev != l.bdev || reopened(&l.bdev) => {
+                    changes.push(format!(
+                        "target {}: LUN {} now on bdev {}",
+                        new.name, l.lun, l.bdev
+                    ));
+                    lun_add(id, new, l.lun, &l.bdev, true)?;
+                }
+                Some(_) => {}
+            }
+        }
+        if old.mappings != new.mappings {
+            changes.push(format!("target {}: mappings changed", new.name));
+        }
+        if old.alias != new.alias {
+            changes.push(format!("target {}: alias {:?}", new.name, new.alias));
+        }
+        if old.queue_depth != new.queue_depth {
+            changes.push(format!(
+                "target {}: queue_depth {} -> {} (new sessions)",
+                new.name, old.queue_depth, new.queue_depth
+            ));
+        }
+        model.config.targets[id] = new.clone();
+    }
+    for new in &desired.targets {
+        if current.find_target(&new.name).is_some() {
+            continue;
+        }
+        let id = model.config.targets.len();
+        model.config.targets.push(new.clone());
+        model.removed.push(false);
+        changes.push(format!("target {} added", new.name));
+        for l in &new.luns {
+            lun_add(id, new, l.lun, &l.bdev, false)?;
+        }
+    }
+    changes.extend(restart.iter().cloned());
+    Ok(Plan {
+        model,
+        changes,
+        restart,
+        open,
+        resize,
+        luns,
+        portals_add,
+        portals_del,
+        portals_retag,
+    })
 }
 
 struct SessionEntry {
@@ -649,5 +1020,139 @@ mappings = [ { portal_group = 2, initiator_group = 2 } ]
         assert_ne!(a.naa, c.naa);
         assert_eq!(a.naa >> 60, 5);
         assert_eq!(a.serial.len(), 16);
+    }
+
+    #[test]
+    fn plan_of_the_same_configuration_is_empty() {
+        let m = model();
+        let p = plan(&m, &m.current_config()).unwrap();
+        assert!(p.is_empty(), "{:?}", p.changes);
+        assert!(p.luns.is_empty() && p.open.is_empty() && p.portals_add.is_empty());
+    }
+
+    #[test]
+    fn plan_adds_and_removes_luns_targets_and_bdevs() {
+        let m = model();
+        // Target a gets LUN 1 on a new bdev C.
+        let mut d = m.current_config();
+        d.targets[0].luns.push(crate::tgt::LunMapping {
+            lun: 1,
+            bdev: "C".into(),
+        });
+        d.bdevs.push(BdevConfig {
+            name: "C".into(),
+            block_size: 512,
+            kind: BdevKind::Malloc { size: 2 << 20 },
+        });
+        let p = plan(&m, &d).unwrap();
+        assert_eq!(
+            p.changes,
+            vec![
+                "bdev C added".to_string(),
+                "target iqn.2026-11.io.x:a: LUN 1 added (bdev C)".to_string()
+            ]
+        );
+        assert_eq!(p.open.len(), 1);
+        assert_eq!(p.luns.len(), 1);
+        assert_eq!(
+            (p.luns[0].target, p.luns[0].lun, p.luns[0].replace),
+            (0, 1, false)
+        );
+        assert_eq!(p.model.version, m.version + 1);
+        assert!(p.model.lun_exists(0, 1));
+
+        // Removing target b keeps its id as a tombstone; its bdev B can go too.
+        let mut d = m.current_config();
+        d.targets.retain(|t| t.name != "iqn.2026-11.io.x:b");
+        d.bdevs.retain(|b| b.name != "B");
+        let p = plan(&m, &d).unwrap();
+        assert_eq!(
+            p.changes,
+            vec![
+                "bdev B removed".to_string(),
+                "target iqn.2026-11.io.x:b removed".to_string()
+            ]
+        );
+        assert!(!p.model.is_live(1));
+        assert_eq!(p.model.target_count(), 2);
+        // A new target after that gets a fresh id.
+        let mut d2 = p.model.current_config();
+        let mut t = d2.targets[0].clone();
+        t.name = "iqn.2026-11.io.x:c".into();
+        t.luns[0].bdev = "D".into();
+        d2.targets.push(t);
+        d2.bdevs.push(BdevConfig {
+            name: "D".into(),
+            block_size: 512,
+            kind: BdevKind::Null { size: 1 << 20 },
+        });
+        let p2 = plan(&p.model, &d2).unwrap();
+        assert_eq!(p2.luns[0].target, 2);
+        assert!(p2.model.is_live(2) && !p2.model.is_live(1));
+    }
+
+    #[test]
+    fn plan_refuses_moving_a_busy_bdev_and_userspace_changes() {
+        let m = model();
+        // Bdev B moves from target b to target a in one step.
+        let mut d = m.current_config();
+        d.targets[1].luns.clear();
+        d.targets.remove(1);
+        d.targets[0].luns.push(crate::tgt::LunMapping {
+            lun: 1,
+            bdev: "B".into(),
+        });
+        let e = plan(&m, &d).unwrap_err();
+        assert!(
+            e.contains("bdev B backs LUN 0 of iqn.2026-11.io.x:b"),
+            "{e}"
+        );
+        let mut d = m.current_config();
+        d.portal_groups[1].transport = crate::tgt::Transport::Tap;
+        let e = plan(&m, &d).unwrap_err();
+        assert!(e.contains("portal group 2: userspace"), "{e}");
+    }
+
+    #[test]
+    fn plan_resizes_reopens_and_moves_portals() {
+        let m = model();
+        let mut d = m.current_config();
+        d.bdevs[0].kind = BdevKind::Null { size: 4 << 20 };
+        d.bdevs[1].block_size = 4096;
+        d.portal_groups[0].portals = vec!["127.0.0.1:3270".parse().unwrap()];
+        d.portal_groups[1].tag = 3;
+        d.targets[1].mappings[0].portal_group = 3;
+        d.global.cpumask = 0x3;
+        d.global.max_sessions = 7;
+        let p = plan(&m, &d).unwrap();
+        assert_eq!(p.resize, vec![("A".to_string(), 8192)]);
+        assert_eq!(
+            p.open.iter().map(|b| b.name.as_str()).collect::<Vec<_>>(),
+            ["B"]
+        );
+        assert_eq!(p.luns.len(), 1);
+        assert!(
+            p.luns[0].replace,
+            "B's LUN is swapped for the reopened bdev"
+        );
+        assert_eq!(p.portals_add, vec![("127.0.0.1:3270".parse().unwrap(), 1)]);
+        assert_eq!(p.portals_del, vec!["127.0.0.1:3260".parse().unwrap()]);
+        assert_eq!(
+            p.portals_retag,
+            vec![("127.0.0.1:3261".parse().unwrap(), 3)]
+        );
+        assert_eq!(
+            p.restart,
+            vec!["global.cpumask: 1 -> 3 (restart to apply)".to_string()]
+        );
+        assert_eq!(p.model.global().cpumask, 0x1, "the running value stays");
+        assert_eq!(p.model.global().max_sessions, 7);
+        assert!(p
+            .changes
+            .contains(&"global.max_sessions: 1024 -> 7".to_string()));
+        assert!(p.changes.contains(&"portal group 2 removed".to_string()));
+        assert!(p
+            .changes
+            .contains(&"portal group 3 added (127.0.0.1:3261)".to_string()));
     }
 }

@@ -1,0 +1,204 @@
+//! A minimal iSCSI initiator over a raw socket, for tests that must see what libiscsi's
+//! tools hide: unit attentions on a session that stays logged in, Async Messages, the
+//! connection closing. One connection, no digests, immediate login to full feature phase,
+//! commands without Data-Out.
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+
+/// One PDU as received: its 48-byte header and its data segment (padding removed).
+pub struct RawPdu {
+    pub bhs: [u8; 48],
+    pub data: Vec<u8>,
+}
+
+impl RawPdu {
+    pub fn opcode(&self) -> u8 {
+        self.bhs[0] & 0x3f
+    }
+}
+
+/// The outcome of a SCSI command.
+#[derive(Debug, Default)]
+pub struct Reply {
+    pub status: u8,
+    /// Sense data (fixed or descriptor format), empty without CHECK CONDITION.
+    pub sense: Vec<u8>,
+    pub data: Vec<u8>,
+}
+
+impl Reply {
+    /// Sense key, ASC and ASCQ (either sense format); None without sense data.
+    pub fn key_asc_ascq(&self) -> Option<(u8, u8, u8)> {
+        let s = &self.sense;
+        match s.first()? & 0x7f {
+            0x72 | 0x73 if s.len() >= 4 => Some((s[1] & 0x0f, s[2], s[3])),
+            0x70 | 0x71 if s.len() >= 14 => Some((s[2] & 0x0f, s[12], s[13])),
+            _ => None,
+        }
+    }
+}
+
+/// A logged-in normal session.
+pub struct RawSession {
+    s: TcpStream,
+    cmdsn: u32,
+    exp_statsn: u32,
+    itt: u32,
+    /// Async Messages received so far (while waiting for command answers).
+    pub async_messages: Vec<RawPdu>,
+}
+
+fn u32_at(b: &[u8], o: usize) -> u32 {
+    u32::from_be_bytes(b[o..o + 4].try_into().unwrap())
+}
+
+impl RawSession {
+    /// Logs in to `target` at `portal` as `initiator` (one Login Request straight to full
+    /// feature phase); panics unless the login succeeds.
+    pub fn login(portal: &str, initiator: &str, target: &str) -> RawSession {
+        let s = TcpStream::connect(portal).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut r = RawSession {
+            s,
+            cmdsn: 1,
+            exp_statsn: 0,
+            itt: 1,
+            async_messages: Vec::new(),
+        };
+        let text = format!(
+            "InitiatorName={initiator}\0SessionType=Normal\0TargetName={target}\0\
+             HeaderDigest=None\0DataDigest=None\0MaxRecvDataSegmentLength=262144\0"
+        );
+        let mut bhs = [0u8; 48];
+        bhs[0] = 0x43; // immediate | Login Request
+        bhs[1] = 0x80 | (1 << 2) | 3; // T, CSG=1 (operational), NSG=3 (full feature)
+        bhs[8..14].copy_from_slice(&[0x80, 0x00, 0x7e, 0x57, 0x00, 0x01]);
+        bhs[16..20].copy_from_slice(&r.next_itt().to_be_bytes());
+        bhs[24..28].copy_from_slice(&r.cmdsn.to_be_bytes());
+        r.send(bhs, text.as_bytes());
+        let p = r.recv().expect("login response");
+        assert_eq!(p.opcode(), 0x23, "not a Login Response");
+        assert_eq!((p.bhs[36], p.bhs[37]), (0, 0), "login status");
+        assert_eq!(p.bhs[1] & 0x83, 0x83, "full feature phase");
+        r.exp_statsn = u32_at(&p.bhs, 24).wrapping_add(1);
+        r
+    }
+
+    fn next_itt(&mut self) -> u32 {
+        self.itt += 1;
+        self.itt
+    }
+
+    fn send(&mut self, mut bhs: [u8; 48], data: &[u8]) {
+        bhs[5..8].copy_from_slice(&(data.len() as u32).to_be_bytes()[1..]);
+        let mut pdu = bhs.to_vec();
+        pdu.extend_from_slice(data);
+        pdu.resize(48 + data.len().div_ceil(4) * 4, 0);
+        self.s.write_all(&pdu).expect("send PDU");
+    }
+
+    /// The next PDU; None when the target closed the connection.
+    pub fn recv(&mut self) -> Option<RawPdu> {
+        let mut bhs = [0u8; 48];
+        match self.s.read_exact(&mut bhs) {
+            Ok(()) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    ErrorKind::UnexpectedEof | ErrorKind::ConnectionReset
+                ) =>
+            {
+                return None
+            }
+            Err(e) => panic!("receive: {e}"),
+        }
+        let len = u32::from_be_bytes([0, bhs[5], bhs[6], bhs[7]]) as usize;
+        let mut data = vec![0u8; len.div_ceil(4) * 4];
+        self.s.read_exact(&mut data).ok()?;
+        data.truncate(len);
+        Some(RawPdu { bhs, data })
+    }
+
+    /// Sends a command for `lun` that reads at most `read_len` bytes (0: no data) and
+    /// waits for its status. Async Messages met on the way are kept.
+    pub fn command(&mut self, lun: u64, cdb: &[u8], read_len: u32) -> Option<Reply> {
+        let itt = self.next_itt();
+        let mut bhs = [0u8; 48];
+        bhs[0] = 0x01;
+        bhs[1] = 0x80 | if read_len > 0 { 0x40 } else { 0 } | 0x01;
+        // Single-level LUN: peripheral addressing below 256, flat above.
+        if lun < 256 {
+            bhs[9] = lun as u8;
+        } else {
+            bhs[8] = 0x40 | (lun >> 8) as u8;
+            bhs[9] = lun as u8;
+        }
+        bhs[16..20].copy_from_slice(&itt.to_be_bytes());
+        bhs[20..24].copy_from_slice(&read_len.to_be_bytes());
+        bhs[24..28].copy_from_slice(&self.cmdsn.to_be_bytes());
+        bhs[28..32].copy_from_slice(&self.exp_statsn.to_be_bytes());
+        bhs[32..32 + cdb.len()].copy_from_slice(cdb);
+        self.cmdsn = self.cmdsn.wrapping_add(1);
+        self.send(bhs, &[]);
+        let mut reply = Reply::default();
+        loop {
+            let p = self.recv()?;
+            match p.opcode() {
+                0x25 if u32_at(&p.bhs, 16) == itt => {
+                    reply.data.extend_from_slice(&p.data);
+                    if p.bhs[1] & 0x01 != 0 {
+                        reply.status = p.bhs[3];
+                        self.exp_statsn = u32_at(&p.bhs, 24).wrapping_add(1);
+                        return Some(reply);
+                    }
+                }
+                0x21 if u32_at(&p.bhs, 16) == itt => {
+                    reply.status = p.bhs[3];
+                    if p.data.len() >= 2 {
+                        let n = u16::from_be_bytes([p.data[0], p.data[1]]) as usize;
+                        reply.sense = p.data[2..(2 + n).min(p.data.len())].to_vec();
+                    }
+                    self.exp_statsn = u32_at(&p.bhs, 24).wrapping_add(1);
+                    return Some(reply);
+                }
+                0x32 => {
+                    self.exp_statsn = u32_at(&p.bhs, 24).wrapping_add(1);
+                    self.async_messages.push(p);
+                }
+                op => panic!("unexpected PDU opcode {op:#x}"),
+            }
+        }
+    }
+
+    /// TEST UNIT READY.
+    pub fn tur(&mut self, lun: u64) -> Option<Reply> {
+        self.command(lun, &[0u8; 6], 0)
+    }
+
+    /// The LUN numbers REPORT LUNS lists (single-level, below 16384).
+    pub fn report_luns(&mut self) -> Vec<u64> {
+        let mut cdb = [0u8; 12];
+        cdb[0] = 0xa0;
+        cdb[6..10].copy_from_slice(&4096u32.to_be_bytes());
+        let r = self.command(0, &cdb, 4096).expect("REPORT LUNS");
+        assert_eq!(r.status, 0, "REPORT LUNS status");
+        let n = u32_at(&r.data, 0) as usize / 8;
+        (0..n)
+            .map(|i| {
+                let e = &r.data[8 + 8 * i..16 + 8 * i];
+                (u64::from(e[0] & 0x3f) << 8) | u64::from(e[1])
+            })
+            .collect()
+    }
+
+    /// READ CAPACITY (16): the number of blocks and the block size.
+    pub fn capacity(&mut self, lun: u64) -> Option<Reply> {
+        let mut cdb = [0u8; 16];
+        cdb[0] = 0x9e;
+        cdb[1] = 0x10;
+        cdb[10..14].copy_from_slice(&32u32.to_be_bytes());
+        self.command(lun, &cdb, 32)
+    }
+}
