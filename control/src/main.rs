@@ -5,7 +5,7 @@
 //! `targets`, `sessions` and `lun resize` go through the command ring and wait for the
 //! dataplane's answer. Every read command takes `--json`; human output is aligned tables.
 
-use control::{segment_path, ReactorStats, Segment, LATENCY_BUCKETS};
+use control::{segment_path, ObjectKind, ObjectStats, ReactorStats, Segment, LATENCY_BUCKETS};
 use serde_json::json;
 use std::process::ExitCode;
 use std::sync::atomic::Ordering;
@@ -16,7 +16,8 @@ usage: iscsictl [--instance NAME] [--json] COMMAND
 
 commands:
   status                 the dataplane: pid, uptime, heartbeat, reactors, bad records
-  stats [--watch SECS]   commands, bytes, errors and latency, per reactor and in total
+  stats [--watch SECS]   commands, bytes, errors and latency: per reactor and in total,
+                         per LUN and per connection
   ping                   a round trip through the command ring
   targets | target list  the targets, their LUNs and mappings
   sessions               the logged-in sessions (TSIH, initiator, ISID, target)
@@ -197,26 +198,65 @@ fn status(seg: &Segment, as_json: bool) {
     }
 }
 
-fn stats_json(per: &[ReactorStats], total: &ReactorStats) -> serde_json::Value {
+fn counters_json(s: &ReactorStats) -> serde_json::Value {
+    json!({
+        "commands": s.commands,
+        "read_commands": s.read_commands,
+        "write_commands": s.write_commands,
+        "read_bytes": s.read_bytes,
+        "write_bytes": s.write_bytes,
+        "errors": s.errors,
+        "p50_below_us": percentile_us(s, 0.5),
+        "p99_below_us": percentile_us(s, 0.99),
+        "latency_us_buckets": (0..LATENCY_BUCKETS)
+            .map(|i| json!({"below_us": 1u64 << i, "count": s.latency[i]}))
+            .collect::<Vec<_>>(),
+    })
+}
+
+fn stats_json(
+    per: &[ReactorStats],
+    total: &ReactorStats,
+    luns: &[(String, ReactorStats)],
+    conns: &[ObjectStats],
+) -> serde_json::Value {
     let one = |s: &ReactorStats| {
-        json!({
-            "connections": s.connections,
-            "sessions": s.sessions,
-            "commands": s.commands,
-            "read_commands": s.read_commands,
-            "write_commands": s.write_commands,
-            "read_bytes": s.read_bytes,
-            "write_bytes": s.write_bytes,
-            "errors": s.errors,
-            "latency_us_buckets": (0..LATENCY_BUCKETS)
-                .map(|i| json!({"below_us": 1u64 << i, "count": s.latency[i]}))
-                .collect::<Vec<_>>(),
-        })
+        let mut v = counters_json(s);
+        v["connections"] = json!(s.connections);
+        v["sessions"] = json!(s.sessions);
+        v
     };
     json!({
         "reactors": per.iter().map(one).collect::<Vec<_>>(),
         "total": one(total),
+        "luns": luns.iter().map(|(name, s)| {
+            let mut v = counters_json(s);
+            v["name"] = json!(name);
+            v
+        }).collect::<Vec<_>>(),
+        "connections": conns.iter().map(|o| {
+            let mut v = counters_json(&o.stats);
+            v["id"] = json!(o.id);
+            v["reactor"] = json!(o.reactor);
+            v["name"] = json!(o.name);
+            v
+        }).collect::<Vec<_>>(),
     })
+}
+
+/// Per-LUN statistics summed over the reactors (each counts what its connections sent),
+/// and the connections', from the object blocks.
+fn objects(seg: &Segment) -> (Vec<(String, ReactorStats)>, Vec<ObjectStats>) {
+    let mut luns: std::collections::BTreeMap<String, ReactorStats> = Default::default();
+    let mut conns = Vec::new();
+    for o in seg.read_objects() {
+        match o.kind {
+            ObjectKind::Lun => luns.entry(o.name).or_default().add(&o.stats),
+            ObjectKind::Connection => conns.push(o),
+        }
+    }
+    conns.sort_by_key(|o| o.id);
+    (luns.into_iter().collect(), conns)
 }
 
 /// The latency below which `q` of the commands completed, from the histogram.
@@ -285,10 +325,61 @@ fn stats(seg: &Segment, as_json: bool) -> Result<(), String> {
     for s in &per {
         total.add(s);
     }
+    let (luns, conns) = objects(seg);
     if as_json {
-        println!("{}", stats_json(&per, &total));
+        println!("{}", stats_json(&per, &total, &luns, &conns));
     } else {
         stats_table(&per, &total);
+        let rows = |list: Vec<(String, &ReactorStats)>| -> Vec<Vec<String>> {
+            list.into_iter()
+                .map(|(name, s)| {
+                    let p = |q| percentile_us(s, q).map_or("-".to_string(), |v| v.to_string());
+                    vec![
+                        name,
+                        s.commands.to_string(),
+                        s.read_commands.to_string(),
+                        s.write_commands.to_string(),
+                        s.read_bytes.to_string(),
+                        s.write_bytes.to_string(),
+                        s.errors.to_string(),
+                        p(0.5),
+                        p(0.99),
+                    ]
+                })
+                .collect()
+        };
+        let head = |first| {
+            [
+                first,
+                "commands",
+                "reads",
+                "writes",
+                "read bytes",
+                "write bytes",
+                "errors",
+                "p50 <us",
+                "p99 <us",
+            ]
+        };
+        if !luns.is_empty() {
+            println!();
+            table(
+                &head("LUN"),
+                &rows(luns.iter().map(|(n, s)| (n.clone(), s)).collect()),
+            );
+        }
+        if !conns.is_empty() {
+            println!();
+            table(
+                &head("connection"),
+                &rows(
+                    conns
+                        .iter()
+                        .map(|o| (format!("{} {}", o.id, o.name), &o.stats))
+                        .collect(),
+                ),
+            );
+        }
     }
     Ok(())
 }
@@ -785,8 +876,12 @@ mod tests {
                 commands: 6,
                 ..ReactorStats::default()
             },
+            &[("iqn.x:t/0".to_string(), a.clone())],
+            &[],
         );
         assert_eq!(v["total"]["commands"], 6);
+        assert_eq!(v["luns"][0]["name"], "iqn.x:t/0");
+        assert_eq!(v["luns"][0]["commands"], 3);
         assert_eq!(v["reactors"][1]["commands"], 3);
     }
 }

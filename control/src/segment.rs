@@ -20,8 +20,15 @@ const STATS_STRIDE: usize = 512;
 const MAX_REACTORS: usize = 256;
 /// Slots in the command ring and in the response ring.
 pub const RING_SLOTS: usize = 8;
-/// Bytes per ring slot: its 16-byte header (generation, length) and the record.
-pub const SLOT_SIZE: usize = 64 * 1024;
+/// Bytes per ring slot: its 16-byte header (generation, length) and the record. A whole
+/// configuration travels in one record (`save`, `apply`); pages never written cost nothing.
+pub const SLOT_SIZE: usize = 1 << 20;
+/// Object statistics blocks (LUNs, connections) each reactor may publish.
+pub const OBJECTS_PER_REACTOR: usize = 1024;
+/// Size of one object's block.
+const OBJECT_STRIDE: usize = 768;
+/// Longest object name kept (bytes of UTF-8).
+pub const OBJECT_NAME_BYTES: usize = 256;
 /// Largest record a slot carries.
 pub const MAX_RECORD: usize = SLOT_SIZE - SLOT_HEADER;
 const SLOT_HEADER: usize = 16;
@@ -51,6 +58,11 @@ pub struct Header {
     pub cmd_tail: AtomicU64,
     /// Records the dataplane refused as malformed.
     pub bad_records: AtomicU64,
+    /// Per-object statistics: `objects_per_reactor` blocks of `object_stride` bytes for
+    /// each reactor in turn.
+    pub objects_offset: AtomicU64,
+    pub objects_per_reactor: AtomicU32,
+    pub object_stride: AtomicU32,
 }
 
 /// One ring slot's header; the record follows it.
@@ -88,6 +100,24 @@ struct StatsBlock {
     latency: [AtomicU64; LATENCY_BUCKETS],
 }
 
+/// One object's statistics block (behind its seqlock sequence). Kind 0 is a free block.
+#[repr(C)]
+struct ObjectBlock {
+    seq: AtomicU64,
+    kind: AtomicU64,
+    id: AtomicU64,
+    name_len: AtomicU64,
+    name: [AtomicU64; OBJECT_NAME_BYTES / 8],
+    commands: AtomicU64,
+    read_commands: AtomicU64,
+    write_commands: AtomicU64,
+    read_bytes: AtomicU64,
+    write_bytes: AtomicU64,
+    errors: AtomicU64,
+    latency: [AtomicU64; LATENCY_BUCKETS],
+}
+
+const _: () = assert!(std::mem::size_of::<ObjectBlock>() <= OBJECT_STRIDE);
 const _: () = assert!(std::mem::size_of::<Header>() <= HEADER_SIZE);
 const _: () = assert!(std::mem::size_of::<StatsBlock>() <= STATS_STRIDE);
 
@@ -127,6 +157,28 @@ impl ReactorStats {
         let bucket = (64 - micros.leading_zeros() as usize).min(LATENCY_BUCKETS - 1);
         self.latency[bucket] += 1;
     }
+}
+
+/// What an object statistics block describes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ObjectKind {
+    /// A LUN: `id` is target id << 32 | LUN, the name `TARGET/LUN`. Each reactor counts
+    /// the commands its connections sent to it: readers add the blocks of one name up.
+    Lun = 1,
+    /// A connection: `id` is its connection id, the name `PEER INITIATOR -> TARGET`. Its
+    /// counters cover its whole life (they move with it between reactors).
+    Connection = 2,
+}
+
+/// A consistent copy of one object's block.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectStats {
+    pub reactor: usize,
+    pub kind: ObjectKind,
+    pub id: u64,
+    pub name: String,
+    /// Command counters and latency (`connections` and `sessions` stay 0).
+    pub stats: ReactorStats,
 }
 
 /// Why a segment cannot be used.
@@ -201,6 +253,7 @@ pub struct Segment {
     reactors: usize,
     stats_offset: usize,
     stats_stride: usize,
+    objects_offset: usize,
     ring_offset: usize,
 }
 
@@ -225,7 +278,8 @@ impl Segment {
         // A stale or foreign file: replace it (unlink first so a reader still mapping the
         // old one keeps a consistent view of it).
         let _ = std::fs::remove_file(path);
-        let ring_offset = HEADER_SIZE + reactors * STATS_STRIDE;
+        let objects_offset = HEADER_SIZE + reactors * STATS_STRIDE;
+        let ring_offset = objects_offset + reactors * OBJECTS_PER_REACTOR * OBJECT_STRIDE;
         let size = ring_offset + 2 * RING_SLOTS * SLOT_SIZE;
         let file = OpenOptions::new()
             .read(true)
@@ -246,6 +300,7 @@ impl Segment {
             reactors,
             stats_offset: HEADER_SIZE,
             stats_stride: STATS_STRIDE,
+            objects_offset,
             ring_offset,
         };
         let h = seg.header();
@@ -267,6 +322,12 @@ impl Segment {
         h.cmd_head.store(0, Ordering::Relaxed);
         h.cmd_tail.store(0, Ordering::Relaxed);
         h.bad_records.store(0, Ordering::Relaxed);
+        h.objects_offset
+            .store(objects_offset as u64, Ordering::Relaxed);
+        h.objects_per_reactor
+            .store(OBJECTS_PER_REACTOR as u32, Ordering::Relaxed);
+        h.object_stride
+            .store(OBJECT_STRIDE as u32, Ordering::Relaxed);
         // Last: the magic makes the segment valid for readers.
         h.magic.store(ABI_MAGIC, Ordering::Release);
         Ok(seg)
@@ -303,13 +364,16 @@ impl Segment {
             reactors: 0,
             stats_offset: 0,
             stats_stride: 0,
+            objects_offset: 0,
             ring_offset: 0,
         };
         let (reactors, off, stride) = seg.validate(size)?;
         seg.reactors = reactors;
         seg.stats_offset = off;
         seg.stats_stride = stride;
-        seg.ring_offset = seg.validate_ring(size, off + stride * reactors)?;
+        seg.objects_offset = seg.validate_objects(off + stride * reactors)?;
+        let objects_end = seg.objects_offset + reactors * OBJECTS_PER_REACTOR * OBJECT_STRIDE;
+        seg.ring_offset = seg.validate_ring(size, objects_end)?;
         Ok(seg)
     }
 
@@ -351,6 +415,20 @@ impl Segment {
             return Err(AbiError::Corrupt("statistics beyond the segment"));
         }
         Ok((n as usize, off as usize, stride as usize))
+    }
+
+    /// Checks the object blocks' layout: this version's count and stride, right after the
+    /// reactors' statistics (the rings' check bounds their end).
+    fn validate_objects(&self, stats_end: usize) -> Result<usize, AbiError> {
+        let h = self.header();
+        let off = h.objects_offset.load(Ordering::Relaxed);
+        if h.objects_per_reactor.load(Ordering::Relaxed) as usize != OBJECTS_PER_REACTOR
+            || h.object_stride.load(Ordering::Relaxed) as usize != OBJECT_STRIDE
+            || off != stats_end as u64
+        {
+            return Err(AbiError::Corrupt("object statistics layout"));
+        }
+        Ok(off as usize)
     }
 
     /// Checks the rings' layout: this version's slot count and size, after the statistics.
@@ -608,6 +686,143 @@ impl Segment {
     }
 }
 
+impl Segment {
+    fn object(&self, reactor: usize, slot: usize) -> Option<&ObjectBlock> {
+        if reactor >= self.reactors || slot >= OBJECTS_PER_REACTOR {
+            return None;
+        }
+        let off = self.objects_offset + (reactor * OBJECTS_PER_REACTOR + slot) * OBJECT_STRIDE;
+        if off + std::mem::size_of::<ObjectBlock>() > self.map.len() {
+            return None;
+        }
+        // SAFETY: in bounds (checked), 8-byte aligned (validated offset, stride a multiple
+        // of 8, page-aligned mapping), and ObjectBlock is repr(C) of atomics.
+        Some(unsafe { &*(self.map.as_ptr().add(off) as *const ObjectBlock) })
+    }
+
+    /// The writer of reactor `reactor`'s object block `slot` (the dataplane; one writer per
+    /// block: each reactor owns its own blocks).
+    pub fn object_writer(&self, reactor: usize, slot: usize) -> Option<ObjectWriter<'_>> {
+        self.object(reactor, slot)
+            .map(|block| ObjectWriter { block })
+    }
+
+    /// Every published object, each block read consistently (a block kept busy through
+    /// every retry, or holding a bad name, is left out).
+    pub fn read_objects(&self) -> Vec<ObjectStats> {
+        let mut out = Vec::new();
+        for r in 0..self.reactors {
+            for slot in 0..OBJECTS_PER_REACTOR {
+                if let Some(o) = self.object(r, slot).and_then(|b| read_object(b, r)) {
+                    out.push(o);
+                }
+            }
+        }
+        out
+    }
+}
+
+fn read_object(b: &ObjectBlock, reactor: usize) -> Option<ObjectStats> {
+    for _ in 0..1000 {
+        let s1 = b.seq.load(Ordering::Acquire);
+        if s1 % 2 == 1 {
+            std::hint::spin_loop();
+            continue;
+        }
+        let kind = match b.kind.load(Ordering::Relaxed) {
+            0 => return None,
+            1 => ObjectKind::Lun,
+            2 => ObjectKind::Connection,
+            _ => return None,
+        };
+        let id = b.id.load(Ordering::Relaxed);
+        let len = b.name_len.load(Ordering::Relaxed) as usize;
+        let mut name = Vec::with_capacity(OBJECT_NAME_BYTES);
+        for w in &b.name {
+            name.extend_from_slice(&w.load(Ordering::Relaxed).to_le_bytes());
+        }
+        let mut s = ReactorStats {
+            commands: b.commands.load(Ordering::Relaxed),
+            read_commands: b.read_commands.load(Ordering::Relaxed),
+            write_commands: b.write_commands.load(Ordering::Relaxed),
+            read_bytes: b.read_bytes.load(Ordering::Relaxed),
+            write_bytes: b.write_bytes.load(Ordering::Relaxed),
+            errors: b.errors.load(Ordering::Relaxed),
+            ..ReactorStats::default()
+        };
+        for (d, a) in s.latency.iter_mut().zip(b.latency.iter()) {
+            *d = a.load(Ordering::Relaxed);
+        }
+        fence(Ordering::Acquire);
+        if b.seq.load(Ordering::Relaxed) != s1 {
+            continue;
+        }
+        if len > OBJECT_NAME_BYTES {
+            return None;
+        }
+        name.truncate(len);
+        return Some(ObjectStats {
+            reactor,
+            kind,
+            id,
+            name: String::from_utf8_lossy(&name).into_owned(),
+            stats: s,
+        });
+    }
+    None
+}
+
+/// Publishes one object's statistics.
+pub struct ObjectWriter<'a> {
+    block: &'a ObjectBlock,
+}
+
+impl ObjectWriter<'_> {
+    /// Stores the object (its name cut to [`OBJECT_NAME_BYTES`] at a character boundary)
+    /// and its counters under the seqlock.
+    pub fn publish(&self, kind: ObjectKind, id: u64, name: &str, s: &ReactorStats) {
+        let b = self.block;
+        let mut end = name.len().min(OBJECT_NAME_BYTES);
+        while !name.is_char_boundary(end) {
+            end -= 1;
+        }
+        let mut bytes = [0u8; OBJECT_NAME_BYTES];
+        bytes[..end].copy_from_slice(&name.as_bytes()[..end]);
+        let seq = b.seq.load(Ordering::Relaxed);
+        b.seq.store(seq.wrapping_add(1), Ordering::Relaxed);
+        fence(Ordering::Release);
+        b.kind.store(kind as u64, Ordering::Relaxed);
+        b.id.store(id, Ordering::Relaxed);
+        b.name_len.store(end as u64, Ordering::Relaxed);
+        for (w, c) in b.name.iter().zip(bytes.chunks_exact(8)) {
+            w.store(
+                u64::from_le_bytes(c.try_into().unwrap_or([0; 8])),
+                Ordering::Relaxed,
+            );
+        }
+        b.commands.store(s.commands, Ordering::Relaxed);
+        b.read_commands.store(s.read_commands, Ordering::Relaxed);
+        b.write_commands.store(s.write_commands, Ordering::Relaxed);
+        b.read_bytes.store(s.read_bytes, Ordering::Relaxed);
+        b.write_bytes.store(s.write_bytes, Ordering::Relaxed);
+        b.errors.store(s.errors, Ordering::Relaxed);
+        for (a, v) in b.latency.iter().zip(s.latency.iter()) {
+            a.store(*v, Ordering::Relaxed);
+        }
+        b.seq.store(seq.wrapping_add(2), Ordering::Release);
+    }
+
+    /// Marks the block free (the object is gone).
+    pub fn clear(&self) {
+        let b = self.block;
+        let seq = b.seq.load(Ordering::Relaxed);
+        b.seq.store(seq.wrapping_add(1), Ordering::Relaxed);
+        fence(Ordering::Release);
+        b.kind.store(0, Ordering::Relaxed);
+        b.seq.store(seq.wrapping_add(2), Ordering::Release);
+    }
+}
+
 impl Drop for Segment {
     fn drop(&mut self) {
         if self.owner {
@@ -650,6 +865,39 @@ mod tests {
 
     fn temp(name: &str) -> PathBuf {
         std::env::temp_dir().join(format!("iscsi-ctl-test-{}-{name}", std::process::id()))
+    }
+
+    #[test]
+    fn objects_publish_read_and_clear() {
+        let p = temp("objects");
+        let seg = Segment::create(&p, 2).unwrap();
+        let reader = Segment::open(&p).unwrap();
+        assert!(reader.read_objects().is_empty());
+        let mut s = ReactorStats {
+            commands: 7,
+            read_bytes: 4096,
+            ..ReactorStats::default()
+        };
+        s.record_latency(100);
+        let w = seg.object_writer(1, OBJECTS_PER_REACTOR - 1).unwrap();
+        w.publish(ObjectKind::Lun, 5, "iqn.x:t/0", &s);
+        let long = "é".repeat(200); // 400 bytes: cut at a character boundary
+        seg.object_writer(0, 0)
+            .unwrap()
+            .publish(ObjectKind::Connection, 9, &long, &s);
+        assert!(seg.object_writer(2, 0).is_none());
+        assert!(seg.object_writer(0, OBJECTS_PER_REACTOR).is_none());
+        let objs = reader.read_objects();
+        assert_eq!(objs.len(), 2);
+        assert_eq!(objs[0].kind, ObjectKind::Connection);
+        assert_eq!(objs[0].name, "é".repeat(128));
+        assert_eq!(
+            (objs[1].reactor, objs[1].id, objs[1].name.as_str()),
+            (1, 5, "iqn.x:t/0")
+        );
+        assert_eq!(objs[1].stats, s);
+        w.clear();
+        assert_eq!(reader.read_objects().len(), 1);
     }
 
     #[test]

@@ -206,8 +206,39 @@ fn send_signal(pid: u32, signal: &str, group: bool) {
         .status();
 }
 
+/// Process groups of commands still running under [`run_with_timeout`].
+static RUNNING_GROUPS: Mutex<Option<HashSet<u32>>> = Mutex::new(None);
+
+extern "C" fn kill_running_groups() {
+    if let Ok(mut g) = RUNNING_GROUPS.try_lock() {
+        for pgid in g.take().unwrap_or_default() {
+            // SAFETY: kill(2) on a process group this process created.
+            unsafe { libc::kill(-(pgid as libc::pid_t), libc::SIGKILL) };
+        }
+    }
+}
+
+/// Remembers a running process group, so that a test binary exiting early (a panicking
+/// test leaves its background fio running) kills it instead of leaving it behind (fio's
+/// libiscsi engine retries a vanished target forever, spinning a core).
+fn track_group(pgid: u32, running: bool) {
+    static AT_EXIT: std::sync::Once = std::sync::Once::new();
+    AT_EXIT.call_once(|| {
+        // SAFETY: registering a plain extern "C" function.
+        unsafe { libc::atexit(kill_running_groups) };
+    });
+    let mut g = RUNNING_GROUPS.lock().unwrap_or_else(|e| e.into_inner());
+    let set = g.get_or_insert_with(HashSet::new);
+    if running {
+        set.insert(pgid);
+    } else {
+        set.remove(&pgid);
+    }
+}
+
 /// Run `cmd` (in its own process group) with stdout/stderr captured; on expiry
-/// of `timeout` the whole process group is SIGKILLed and `timed_out` is set.
+/// of `timeout` the whole process group is SIGKILLed and `timed_out` is set. A group
+/// still running when the test binary exits is killed then.
 pub fn run_with_timeout(cmd: &mut Command, timeout: Duration) -> CmdOutput {
     let command = describe(cmd);
     let start = Instant::now();
@@ -218,6 +249,7 @@ pub fn run_with_timeout(cmd: &mut Command, timeout: Duration) -> CmdOutput {
         .process_group(0)
         .spawn()
         .unwrap_or_else(|e| panic!("cannot spawn `{command}`: {e}"));
+    track_group(child.id(), true);
     let mut out = child.stdout.take().expect("stdout");
     let mut err = child.stderr.take().expect("stderr");
     let t_out = thread::spawn(move || {
@@ -249,6 +281,7 @@ pub fn run_with_timeout(cmd: &mut Command, timeout: Duration) -> CmdOutput {
     if timed_out {
         send_signal(child.id(), "KILL", true);
     }
+    track_group(child.id(), false);
     let stdout = String::from_utf8_lossy(&t_out.join().unwrap_or_default()).into_owned();
     let stderr = String::from_utf8_lossy(&t_err.join().unwrap_or_default()).into_owned();
     CmdOutput {

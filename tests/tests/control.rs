@@ -105,12 +105,78 @@ fn status_and_stats_match_fio() {
         .map(|b| b["count"].as_u64().unwrap())
         .sum();
     assert_eq!(buckets, total["commands"].as_u64().unwrap());
+    // Every command went to the one LUN: its block says the same as the reactor's.
+    let v = json(&ctl(&instance, &["--json", "stats"]));
+    let luns = v["luns"].as_array().unwrap();
+    assert_eq!(luns.len(), 1, "{v}");
+    assert_eq!(luns[0]["name"], format!("{}/0", e2e::DEFAULT_IQN));
+    for k in [
+        "commands",
+        "read_commands",
+        "write_commands",
+        "read_bytes",
+        "write_bytes",
+    ] {
+        assert_eq!(luns[0][k], v["total"][k], "{k}: {v}");
+    }
+
+    // A connection's block counts its own commands: 10 TEST UNIT READY and a REPORT LUNS
+    // (a read: it has Data-In).
+    let mut s = RawSession::login(&t.portal(), "iqn.2026-11.io.e2e:stats", e2e::DEFAULT_IQN);
+    for _ in 0..10 {
+        assert_eq!(s.tur(0).unwrap().status, 0);
+    }
+    assert_eq!(s.report_luns(), [0]);
+    let mut conn = serde_json::Value::Null;
+    for _ in 0..50 {
+        let v = json(&ctl(&instance, &["--json", "stats"]));
+        conn = v["connections"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| {
+                c["name"]
+                    .as_str()
+                    .unwrap()
+                    .contains("iqn.2026-11.io.e2e:stats")
+            })
+            .cloned()
+            .unwrap_or_default();
+        if conn["commands"] == 11 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(
+        (&conn["commands"], &conn["read_commands"], &conn["errors"]),
+        (
+            &serde_json::json!(11),
+            &serde_json::json!(1),
+            &serde_json::json!(0)
+        ),
+        "{conn}"
+    );
+    assert!(
+        conn["name"]
+            .as_str()
+            .unwrap()
+            .ends_with(&format!("iqn.2026-11.io.e2e:stats -> {}", e2e::DEFAULT_IQN)),
+        "{conn}"
+    );
     let table = ctl(&instance, &["stats"]);
     table.assert_success();
     assert!(
         table.stdout.lines().any(|l| l.starts_with("total")),
         "{table}"
     );
+    assert!(
+        table
+            .stdout
+            .lines()
+            .any(|l| l.starts_with(&format!("{}/0 ", e2e::DEFAULT_IQN))),
+        "{table}"
+    );
+    assert!(table.stdout.contains("iqn.2026-11.io.e2e:stats"), "{table}");
 }
 
 #[test]
@@ -204,13 +270,22 @@ mappings = [ {{ portal_group = 1, initiator_group = 1 }} ]
         .map(|t| t["name"].as_str().unwrap())
         .collect();
     assert_eq!(names, [e2e::DEFAULT_IQN, second]);
-    let sessions = json(&ctl(&instance, &["--json", "sessions"]));
-    let on_first = sessions["sessions"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|s| s["target"] == e2e::DEFAULT_IQN && s["type"] == "normal")
-        .count();
+    // fio's two jobs log in one after the other (bounded wait on a busy machine).
+    let mut sessions = serde_json::Value::Null;
+    let mut on_first = 0;
+    for _ in 0..100 {
+        sessions = json(&ctl(&instance, &["--json", "sessions"]));
+        on_first = sessions["sessions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|s| s["target"] == e2e::DEFAULT_IQN && s["type"] == "normal")
+            .count();
+        if on_first == 2 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
     assert_eq!(on_first, 2, "fio's two sessions: {sessions}");
     let conns = json(&ctl(&instance, &["--json", "connections"]));
     let fio_conns: Vec<&serde_json::Value> = conns["connections"]

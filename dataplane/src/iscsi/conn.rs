@@ -64,6 +64,25 @@ pub struct CommandDone {
     pub bytes_out: u64,
     /// Status GOOD.
     pub good: bool,
+    /// The LUN it was for.
+    pub lun: u64,
+}
+
+/// Adding finished commands to statistics counters.
+pub trait CountCommand {
+    fn count(&mut self, d: &CommandDone);
+}
+
+impl CountCommand for control::ReactorStats {
+    fn count(&mut self, d: &CommandDone) {
+        self.commands += 1;
+        self.read_commands += u64::from(d.read);
+        self.write_commands += u64::from(d.write);
+        self.read_bytes += d.bytes_in;
+        self.write_bytes += d.bytes_out;
+        self.errors += u64::from(!d.good);
+        self.record_latency(d.latency.as_micros() as u64);
+    }
 }
 
 /// Why a connection is closing.
@@ -281,6 +300,8 @@ pub struct Connection {
     close_after_flush: bool,
     /// The portal group the connection came in through.
     pg_tag: u16,
+    /// Commands finished on this connection, for the control plane.
+    stats: control::ReactorStats,
 }
 
 impl Connection {
@@ -332,7 +353,13 @@ impl Connection {
             nop_outstanding: None,
             close_after_flush: false,
             pg_tag,
+            stats: control::ReactorStats::default(),
         }
+    }
+
+    /// What this connection's commands amount to so far.
+    pub fn stats(&self) -> &control::ReactorStats {
+        &self.stats
     }
 
     /// The portal group the connection came in through.
@@ -1267,7 +1294,9 @@ impl Connection {
                 0
             },
             good: resp.status == ScsiStatus::Good,
+            lun: task.lun,
         };
+        self.stats.count(&done);
         self.respond_scsi(&task, resp);
         self.update_window();
         Some(done)

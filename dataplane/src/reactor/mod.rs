@@ -24,7 +24,8 @@ mod env;
 pub mod park;
 pub mod shared;
 
-use crate::iscsi::conn::{CloseReason, Connection, Keepalive};
+use crate::iscsi::conn::{CloseReason, Connection, CountCommand, Keepalive};
+use crate::iscsi::TargetId;
 use crate::mem::pool::{set_thread_pool, BufferPool};
 use crate::mem::region::HugePages;
 use crate::net::stack::{self, Stack, UserStack};
@@ -32,6 +33,7 @@ use crate::net::tcp;
 use crate::scsi::Device;
 use crate::tgt::live::{build_devices, BuildError, Model};
 use crate::tgt::{Config, Transport};
+use control::ObjectKind;
 use env::ReactorEnv;
 use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token, Waker};
@@ -346,6 +348,8 @@ impl Dataplane {
                         cmd_next: 0,
                         gathering: HashMap::new(),
                         change: None,
+                        lun_stats: HashMap::new(),
+                        objects: ObjectSlots::new(),
                     };
                     r.run()
                 })
@@ -389,6 +393,89 @@ impl Dataplane {
             shared.woken_total.load(Ordering::Relaxed)
         );
         result
+    }
+}
+
+/// An object with a statistics block in the control segment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum ObjKey {
+    Lun(TargetId, u64),
+    Conn(u64),
+}
+
+/// This reactor's object statistics blocks: which object has which, and the commands it
+/// had when last written.
+struct ObjectSlots {
+    slots: HashMap<ObjKey, (usize, u64)>,
+    free: Vec<usize>,
+    warned: bool,
+}
+
+impl ObjectSlots {
+    fn new() -> Self {
+        ObjectSlots {
+            slots: HashMap::new(),
+            free: (0..control::OBJECTS_PER_REACTOR).rev().collect(),
+            warned: false,
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn publish(
+        &mut self,
+        seg: &control::Segment,
+        me: usize,
+        key: ObjKey,
+        kind: ObjectKind,
+        id: u64,
+        name: &str,
+        s: &control::ReactorStats,
+    ) {
+        let (slot, last) = match self.slots.get(&key) {
+            Some(&(slot, last)) => (slot, Some(last)),
+            None => match self.free.pop() {
+                Some(slot) => (slot, None),
+                None => {
+                    if !self.warned {
+                        self.warned = true;
+                        log::warn!(
+                            "reactor {me}: more than {} LUNs and connections; the rest have \
+                             no statistics block",
+                            control::OBJECTS_PER_REACTOR
+                        );
+                    }
+                    return;
+                }
+            },
+        };
+        if last != Some(s.commands) {
+            if let Some(w) = seg.object_writer(me, slot) {
+                w.publish(kind, id, name, s);
+            }
+            self.slots.insert(key, (slot, s.commands));
+        }
+    }
+
+    /// Frees the blocks of objects not in `live`.
+    fn retire(&mut self, seg: &control::Segment, me: usize, live: &[ObjKey]) {
+        if self.slots.len() == live.len() {
+            return;
+        }
+        let live: std::collections::HashSet<&ObjKey> = live.iter().collect();
+        let gone: Vec<ObjKey> = self
+            .slots
+            .keys()
+            .filter(|k| !live.contains(k))
+            .copied()
+            .collect();
+        for k in gone {
+            if let Some((slot, _)) = self.slots.remove(&k) {
+                if let Some(w) = seg.object_writer(me, slot) {
+                    w.clear();
+                }
+                self.free.push(slot);
+            }
+        }
     }
 }
 
@@ -437,6 +524,9 @@ struct Reactor {
     gathering: HashMap<u64, (usize, Vec<String>)>,
     /// Reactor 0: the configuration change waiting for its home reactors.
     change: Option<commands::PendingChange>,
+    /// Commands this reactor's connections finished, per target and LUN.
+    lun_stats: HashMap<(TargetId, u64), control::ReactorStats>,
+    objects: ObjectSlots,
 }
 
 impl Reactor {
@@ -803,14 +893,10 @@ impl Reactor {
             if let Some(token) = self.uid_to_token.get(&uid) {
                 if let Some(e) = self.conns.get_mut(token) {
                     if let Some(d) = e.conn.scsi_done(r) {
-                        let s = &mut self.stats;
-                        s.commands += 1;
-                        s.read_commands += u64::from(d.read);
-                        s.write_commands += u64::from(d.write);
-                        s.read_bytes += d.bytes_in;
-                        s.write_bytes += d.bytes_out;
-                        s.errors += u64::from(!d.good);
-                        s.record_latency(d.latency.as_micros() as u64);
+                        self.stats.count(&d);
+                        if let Some(t) = e.conn.target() {
+                            self.lun_stats.entry((t, d.lun)).or_default().count(&d);
+                        }
                     }
                 }
             }
@@ -830,6 +916,53 @@ impl Reactor {
         if self.env.me == 0 {
             seg.beat();
         }
+        self.publish_objects();
+    }
+
+    /// Publishes this reactor's per-LUN and per-connection counters, each in its own block
+    /// (rewritten only when it changed), and frees the blocks of LUNs and connections
+    /// that are gone.
+    fn publish_objects(&mut self) {
+        let shared = self.env.shared.clone();
+        let Some(seg) = shared.segment.as_ref() else {
+            return;
+        };
+        let me = self.env.me;
+        let model = self.env.model.clone();
+        self.lun_stats.retain(|(t, l), _| model.lun_exists(*t, *l));
+        let mut live = Vec::with_capacity(self.lun_stats.len() + self.conns.len());
+        for ((t, l), s) in &self.lun_stats {
+            let name = format!("{}/{l}", model.config().targets[*t].name);
+            let id = ((*t as u64) << 32) | *l;
+            let key = ObjKey::Lun(*t, *l);
+            self.objects
+                .publish(seg, me, key, ObjectKind::Lun, id, &name, s);
+            live.push(key);
+        }
+        for e in self.conns.values() {
+            if e.conn.tsih() == 0 {
+                continue;
+            }
+            let (peer, _, initiator, _, _) = e.conn.describe();
+            let target = e
+                .conn
+                .target()
+                .and_then(|t| model.config().targets.get(t))
+                .map_or("discovery", |t| t.name.as_str());
+            let key = ObjKey::Conn(e.conn.uid());
+            let name = format!("{peer} {initiator} -> {target}");
+            self.objects.publish(
+                seg,
+                me,
+                key,
+                ObjectKind::Connection,
+                e.conn.uid(),
+                &name,
+                e.conn.stats(),
+            );
+            live.push(key);
+        }
+        self.objects.retire(seg, me, &live);
     }
 
     /// Sends connections that have been idle long enough to the parking lot.
