@@ -54,6 +54,31 @@ fn u32_at(b: &[u8], o: usize) -> u32 {
     u32::from_be_bytes(b[o..o + 4].try_into().unwrap())
 }
 
+/// The status class and detail of a one-PDU login straight to the operational stage
+/// (skipping the security stage).
+pub fn login_status(portal: &str, initiator: &str, target: &str) -> (u8, u8) {
+    let mut s = TcpStream::connect(portal).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let text = format!(
+        "InitiatorName={initiator}\0SessionType=Normal\0TargetName={target}\0\
+         HeaderDigest=None\0DataDigest=None\0"
+    );
+    let mut pdu = vec![0u8; 48];
+    pdu[0] = 0x43;
+    pdu[1] = 0x80 | (1 << 2) | 3;
+    pdu[5..8].copy_from_slice(&(text.len() as u32).to_be_bytes()[1..]);
+    pdu[8..14].copy_from_slice(&[0x80, 0x00, 0x7e, 0x58, 0x00, 0x01]);
+    pdu[16..20].copy_from_slice(&1u32.to_be_bytes());
+    pdu[24..28].copy_from_slice(&1u32.to_be_bytes());
+    pdu.extend_from_slice(text.as_bytes());
+    pdu.resize(48 + text.len().div_ceil(4) * 4, 0);
+    s.write_all(&pdu).expect("send login");
+    let mut bhs = [0u8; 48];
+    s.read_exact(&mut bhs).expect("login response");
+    assert_eq!(bhs[0] & 0x3f, 0x23, "not a Login Response");
+    (bhs[36], bhs[37])
+}
+
 impl RawSession {
     /// Logs in to `target` at `portal` as `initiator` (one Login Request straight to full
     /// feature phase); panics unless the login succeeds.

@@ -4,6 +4,7 @@
 //! [`Login::handle`] consumes one Login Request (header and whole data segment) and returns the
 //! Login Response to send and whether the login goes on, failed, or completed.
 
+use super::chap::{AuthPolicy, Chap};
 use super::params::{Answer, ConnParams, Negotiator, SessionParams, SessionType};
 use super::pdu::{build, Bhs, LoginRequest, SeqNumbers};
 use super::{text, LoginStatus, SessionKey, TargetEnv, TargetInfo};
@@ -72,6 +73,20 @@ pub struct Login {
     /// Commands the initiator may send once logged in (MaxCmdSN - ExpCmdSN + 1); during
     /// login only the login itself is outstanding.
     window: u32,
+    /// How this login must authenticate (known once the target is).
+    auth: AuthPolicy,
+    /// The CHAP exchange, once AuthMethod=CHAP was agreed.
+    chap: Option<Chap>,
+    /// The security stage is satisfied (CHAP done, or None allowed and chosen).
+    authenticated: bool,
+}
+
+impl std::fmt::Debug for Chap {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Chap")
+            .field("done", &self.is_done())
+            .finish()
+    }
 }
 
 impl Login {
@@ -96,6 +111,9 @@ impl Login {
             partial: Vec::new(),
             tpgt_sent: false,
             window: 1,
+            auth: AuthPolicy::default(),
+            chap: None,
+            authenticated: false,
         }
     }
 
@@ -196,7 +214,22 @@ impl Login {
             if let Err(status) = self.first_request(&pairs, env) {
                 return self.fail(status);
             }
+            // A login that skips the security stage must be allowed to go without CHAP.
+            if self.stage == STAGE_OPERATIONAL {
+                if !self.auth.allows_none() {
+                    log::warn!(
+                        "login from {}: CHAP required, the initiator skipped the security stage",
+                        self.peer
+                    );
+                    return self.fail(LoginStatus::AUTHENTICATION_FAILED);
+                }
+                self.authenticated = true;
+            }
         }
+        // AuthMethod and the CHAP keys belong to the security stage and to this module.
+        let (security, pairs): (Vec<_>, Vec<_>) = pairs.into_iter().partition(|(k, _)| {
+            k.starts_with("CHAP_") || (k == "AuthMethod" && self.stage == STAGE_SECURITY)
+        });
         let mut reply = Vec::new();
         if !self.tpgt_sent {
             self.tpgt_sent = true;
@@ -216,16 +249,23 @@ impl Login {
                 text::push(&mut reply, k, &ans);
             }
         }
-        if self.stage == STAGE_SECURITY {
-            match neg.auth_method.as_deref() {
-                Some("None") => {}
-                // The initiator insists on a method we do not offer, or offered none while
-                // asking to leave the security stage.
-                _ if pairs.iter().any(|(k, _)| k == "AuthMethod") => {
-                    return self.fail(LoginStatus::AUTHENTICATION_FAILED)
-                }
-                _ => {}
+        if let Err(status) = self.security(&security, &mut reply) {
+            return self.fail(status);
+        }
+        if req.transit && self.stage == STAGE_SECURITY && !self.authenticated {
+            if self.chap.is_some() {
+                // CHAP is under way: the target stays in the security stage (T=0).
+                let bhs = self.respond(false, false, 0, reply.clone(), 0);
+                return LoginStep::Continue(bhs, reply);
             }
+            if !self.auth.allows_none() {
+                log::warn!(
+                    "login from {}: CHAP required, the initiator offered no AuthMethod",
+                    self.peer
+                );
+                return self.fail(LoginStatus::AUTHENTICATION_FAILED);
+            }
+            self.authenticated = true;
         }
 
         if !req.transit {
@@ -239,6 +279,82 @@ impl Login {
         let bhs = self.respond(true, false, req.nsg, reply.clone(), 0);
         self.stage = req.nsg;
         LoginStep::Continue(bhs, reply)
+    }
+
+    /// AuthMethod and CHAP_* keys of one request.
+    fn security(
+        &mut self,
+        keys: &[(String, String)],
+        reply: &mut Vec<u8>,
+    ) -> Result<(), LoginStatus> {
+        if keys.is_empty() {
+            return Ok(());
+        }
+        if self.stage != STAGE_SECURITY {
+            log::warn!(
+                "login from {}: CHAP keys outside the security stage",
+                self.peer
+            );
+            return Err(LoginStatus::INITIATOR_ERROR);
+        }
+        if let Some((_, offered)) = keys.iter().find(|(k, _)| k == "AuthMethod") {
+            if self.chap.is_none() && !self.authenticated {
+                match self.auth.choose_method(offered) {
+                    Some("CHAP") => {
+                        text::push(reply, "AuthMethod", "CHAP");
+                        self.chap = Some(Chap::new(self.auth.clone()));
+                    }
+                    Some(m) => {
+                        text::push(reply, "AuthMethod", m);
+                        self.authenticated = true;
+                    }
+                    None => {
+                        log::warn!(
+                            "login from {}: AuthMethod={offered} refused (CHAP is {:?})",
+                            self.peer,
+                            self.auth.mode
+                        );
+                        return Err(LoginStatus::AUTHENTICATION_FAILED);
+                    }
+                }
+            }
+        }
+        let chap_keys: Vec<(String, String)> = keys
+            .iter()
+            .filter(|(k, _)| k.starts_with("CHAP_"))
+            .cloned()
+            .collect();
+        let Some(chap) = self.chap.as_mut() else {
+            if chap_keys.is_empty() {
+                return Ok(());
+            }
+            log::warn!(
+                "login from {}: CHAP keys without AuthMethod=CHAP",
+                self.peer
+            );
+            return Err(LoginStatus::AUTHENTICATION_FAILED);
+        };
+        if chap.is_done() && chap_keys.is_empty() {
+            return Ok(());
+        }
+        let mut answer = Vec::new();
+        if let Err(e) = chap.step(&chap_keys, &mut answer) {
+            let who = self.initiator_name.as_deref().unwrap_or("?");
+            log::warn!("login from {} ({who}): CHAP failed: {e}", self.peer);
+            return Err(LoginStatus::AUTHENTICATION_FAILED);
+        }
+        for (k, v) in &answer {
+            text::push(reply, k, v);
+        }
+        if chap.is_done() && !self.authenticated {
+            self.authenticated = true;
+            log::info!(
+                "login from {}: CHAP user {:?} authenticated",
+                self.peer,
+                chap.user.as_deref().unwrap_or("")
+            );
+        }
+        Ok(())
     }
 
     /// Checks the identity keys of the first request and resolves the target.
@@ -267,7 +383,10 @@ impl Login {
         if self.session_type == SessionType::Normal {
             let name = get("TargetName").ok_or(LoginStatus::MISSING_PARAMETER)?;
             let info = env.login_target(&name, &initiator, self.peer, self.pg_tag)?;
+            self.auth = env.auth_policy(Some(info.id));
             self.target = Some(info);
+        } else {
+            self.auth = env.auth_policy(None);
         }
         if self.tsih != 0 {
             // Adding a connection to an existing session: we run one connection per session.

@@ -6,6 +6,7 @@
 //! control, the session registry and the SCSI devices, is reached through the
 //! [`TargetEnv`] trait, so the core runs unchanged over any transport and in unit tests.
 
+pub mod chap;
 pub mod conn;
 pub mod login;
 pub mod params;
@@ -107,6 +108,12 @@ pub trait TargetEnv {
     fn unregister_session(&mut self, tsih: u16, conn_uid: u64);
     /// Whether the target has this LUN.
     fn lun_exists(&self, target: TargetId, lun: u64) -> bool;
+
+    /// How logins to `target` (None: discovery) authenticate. Default: no CHAP.
+    fn auth_policy(&self, target: Option<TargetId>) -> chap::AuthPolicy {
+        let _ = target;
+        chap::AuthPolicy::default()
+    }
     /// Hands a SCSI command to the target's device.
     fn scsi_submit(&mut self, target: TargetId, task: ScsiTask);
     fn nexus_added(&mut self, target: TargetId, nexus: NexusId);

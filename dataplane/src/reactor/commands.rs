@@ -873,6 +873,7 @@ fn new_target(model: &Model, req: &Value) -> Result<(TargetNode, Vec<BdevConfig>
             initiator_group: ig as u16,
         }],
         queue_depth,
+        auth: Default::default(),
     };
     Ok((node, bdevs))
 }

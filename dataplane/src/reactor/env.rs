@@ -421,6 +421,10 @@ impl TargetEnv for ReactorEnv {
         self.model.lun_exists(target, lun)
     }
 
+    fn auth_policy(&self, target: Option<TargetId>) -> crate::iscsi::chap::AuthPolicy {
+        self.model.auth_policy(target)
+    }
+
     fn scsi_submit(&mut self, target: TargetId, task: ScsiTask) {
         if let Some(d) = self.devices.get_mut(&target) {
             d.submit(task);

@@ -104,11 +104,12 @@
 //! - Every LUN's bdev must exist, and a bdev backs one LUN only: sharing one bdev between
 //!   LUNs or targets is not supported yet.
 
+use super::{AuthGroup, AuthSettings, DpdkConfig, Transport, UserspaceNet};
 use super::{
     BdevConfig, BdevKind, Config, FileEngine, Global, InitiatorGroup, LunMapping, Netmask,
     PortGroupMapping, PortalGroup, TargetNode, DEFAULT_PORTAL, DEFAULT_TARGET_NAME,
 };
-use super::{DpdkConfig, Transport, UserspaceNet};
+use crate::iscsi::chap::ChapSecret;
 use serde::Deserialize;
 use std::collections::HashMap;
 use std::fmt;
@@ -231,8 +232,11 @@ fn built_in(portal: SocketAddr) -> Config {
                 initiator_group: 1,
             }],
             queue_depth: 128,
+            auth: AuthSettings::default(),
         }],
         dpdk: None,
+        auth_groups: Vec::new(),
+        discovery_auth: AuthSettings::default(),
     }
 }
 
@@ -420,6 +424,34 @@ struct RawFile {
     #[serde(default)]
     target: Vec<S<RawTarget>>,
     dpdk: Option<S<RawDpdk>>,
+    #[serde(default)]
+    auth_group: Vec<S<RawAuthGroup>>,
+    discovery: Option<S<RawDiscovery>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAuthGroup {
+    tag: Option<S<i64>>,
+    secrets: Option<S<Vec<S<RawSecret>>>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSecret {
+    user: Option<S<String>>,
+    secret: Option<S<String>>,
+    mutual_user: Option<S<String>>,
+    mutual_secret: Option<S<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDiscovery {
+    auth_group: Option<S<i64>>,
+    require_chap: Option<S<bool>>,
+    mutual_chap: Option<S<bool>>,
+    disable_chap: Option<S<bool>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -509,6 +541,10 @@ struct RawTarget {
     queue_depth: Option<S<i64>>,
     luns: Option<S<Vec<S<RawLun>>>>,
     mappings: Option<S<Vec<S<RawMapping>>>>,
+    auth_group: Option<S<i64>>,
+    require_chap: Option<S<bool>>,
+    mutual_chap: Option<S<bool>>,
+    disable_chap: Option<S<bool>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -749,11 +785,47 @@ impl Cx<'_> {
             }
             bdevs.push(bdev);
         }
+        let mut auth_groups: Vec<AuthGroup> = Vec::new();
+        for (i, g) in raw.auth_group.iter().enumerate() {
+            let base = format!("auth_group[{i}]");
+            let group = self.auth_group(g, &base)?;
+            if let Some(prev) = auth_groups.iter().position(|o| o.tag == group.tag) {
+                let tag_value = self.required(&g.get_ref().tag, g, &format!("{base}.tag"))?;
+                return Err(self.at(
+                    tag_value,
+                    &format!("{base}.tag"),
+                    format!("tag {} already used by auth_group[{prev}]", group.tag),
+                ));
+            }
+            auth_groups.push(group);
+        }
+        let discovery_auth = match &raw.discovery {
+            None => AuthSettings::default(),
+            Some(d) => {
+                let r = d.get_ref();
+                self.auth_settings(
+                    d,
+                    "discovery",
+                    [&r.require_chap, &r.mutual_chap, &r.disable_chap],
+                    &r.auth_group,
+                    &auth_groups,
+                )?
+            }
+        };
         let mut targets: Vec<TargetNode> = Vec::new();
         let mut bdev_users: HashMap<String, String> = HashMap::new();
         for (i, t) in raw.target.iter().enumerate() {
             let base = format!("target[{i}]");
-            let target = self.target(t, &base, &bdev_names, &pg_tags, &ig_tags, &mut bdev_users)?;
+            let mut target =
+                self.target(t, &base, &bdev_names, &pg_tags, &ig_tags, &mut bdev_users)?;
+            let r = t.get_ref();
+            target.auth = self.auth_settings(
+                t,
+                &base,
+                [&r.require_chap, &r.mutual_chap, &r.disable_chap],
+                &r.auth_group,
+                &auth_groups,
+            )?;
             if let Some(prev) = targets.iter().position(|o| o.name == target.name) {
                 let name = self.required(&t.get_ref().name, t, &format!("{base}.name"))?;
                 return Err(self.at(
@@ -790,7 +862,124 @@ impl Cx<'_> {
             bdevs,
             targets,
             dpdk,
+            auth_groups,
+            discovery_auth,
         })
+    }
+
+    fn auth_group(&self, g: &S<RawAuthGroup>, base: &str) -> R<AuthGroup> {
+        let raw = g.get_ref();
+        let tag_key = format!("{base}.tag");
+        let tag = self.tag(self.required(&raw.tag, g, &tag_key)?, &tag_key)?;
+        let key = format!("{base}.secrets");
+        let list = self.required(&raw.secrets, g, &key)?;
+        if list.get_ref().is_empty() {
+            return Err(self.at(list, &key, "an auth group needs at least one secret"));
+        }
+        let mut secrets: Vec<ChapSecret> = Vec::new();
+        for (i, e) in list.get_ref().iter().enumerate() {
+            let k = format!("{key}[{i}]");
+            let r = e.get_ref();
+            let name = |v: &S<String>, what: &str| -> R<String> {
+                let n = v.get_ref();
+                if n.is_empty() || n.len() > 255 || n.chars().any(char::is_control) {
+                    return Err(self.at(v, &format!("{k}.{what}"), "1 to 255 bytes, no controls"));
+                }
+                Ok(n.clone())
+            };
+            let secret = |v: &S<String>, what: &str| -> R<Vec<u8>> {
+                let n = v.get_ref().len();
+                if !(12..=255).contains(&n) {
+                    // RFC 7143 §12.1.3: at least 12 bytes (96 bits) for CHAP secrets.
+                    return Err(self.at(
+                        v,
+                        &format!("{k}.{what}"),
+                        format!("a CHAP secret has 12 to 255 bytes (this one has {n})"),
+                    ));
+                }
+                Ok(v.get_ref().as_bytes().to_vec())
+            };
+            let user = name(self.required(&r.user, e, &format!("{k}.user"))?, "user")?;
+            let sec = secret(
+                self.required(&r.secret, e, &format!("{k}.secret"))?,
+                "secret",
+            )?;
+            let (mutual_user, mutual_secret) = match (&r.mutual_user, &r.mutual_secret) {
+                (None, None) => (None, None),
+                (Some(u), Some(m)) => {
+                    let ms = secret(m, "mutual_secret")?;
+                    if ms == sec {
+                        return Err(self.at(
+                            m,
+                            &format!("{k}.mutual_secret"),
+                            "the target's secret must differ from the initiator's",
+                        ));
+                    }
+                    (Some(name(u, "mutual_user")?), Some(ms))
+                }
+                _ => return Err(self.at(e, &k, "mutual_user and mutual_secret come together")),
+            };
+            if secrets.iter().any(|s| s.user == user) {
+                return Err(self.at(e, &format!("{k}.user"), format!("user {user:?} twice")));
+            }
+            secrets.push(ChapSecret {
+                user,
+                secret: sec,
+                mutual_user,
+                mutual_secret,
+            });
+        }
+        Ok(AuthGroup { tag, secrets })
+    }
+
+    /// A target's or discovery's authentication keys, checked against the auth groups.
+    fn auth_settings<T>(
+        &self,
+        parent: &S<T>,
+        base: &str,
+        [require, mutual, disable]: [&Option<S<bool>>; 3],
+        group: &Option<S<i64>>,
+        groups: &[AuthGroup],
+    ) -> R<AuthSettings> {
+        let flag = |v: &Option<S<bool>>| v.as_ref().is_some_and(|b| *b.get_ref());
+        let a = AuthSettings {
+            group: match group {
+                None => None,
+                Some(g) => {
+                    let key = format!("{base}.auth_group");
+                    let tag = self.tag(g, &key)?;
+                    let Some(found) = groups.iter().find(|x| x.tag == tag) else {
+                        return Err(self.at(g, &key, format!("no auth group with tag {tag}")));
+                    };
+                    if flag(mutual) && !found.secrets.iter().any(|s| s.mutual_secret.is_some()) {
+                        return Err(self.at(
+                            g,
+                            &key,
+                            format!("mutual_chap needs mutual secrets in auth group {tag}"),
+                        ));
+                    }
+                    Some(tag)
+                }
+            },
+            require_chap: flag(require),
+            mutual_chap: flag(mutual),
+            disable_chap: flag(disable),
+        };
+        if a.disable_chap && (a.require_chap || a.mutual_chap) {
+            return Err(self.at(
+                parent,
+                &format!("{base}.disable_chap"),
+                "disable_chap contradicts require_chap and mutual_chap",
+            ));
+        }
+        if (a.require_chap || a.mutual_chap) && a.group.is_none() {
+            return Err(self.at(
+                parent,
+                &format!("{base}.auth_group"),
+                "require_chap and mutual_chap need an auth_group",
+            ));
+        }
+        Ok(a)
     }
 
     fn global(&self, g: &RawGlobal) -> R<Global> {
@@ -1472,6 +1661,7 @@ impl Cx<'_> {
             luns,
             mappings,
             queue_depth,
+            auth: AuthSettings::default(),
         })
     }
 }
@@ -1573,6 +1763,53 @@ mappings = [ { portal_group = 1, initiator_group = 1 } ]
         }
     }
 
+    #[test]
+    fn chap_settings_are_checked() {
+        let group = "\n[[auth_group]]\ntag = 3\nsecrets = [ { user = \"alice\", secret = \"alice-secret-1\" } ]\n";
+        let with = |target_keys: &str, extra: &str| {
+            format!(
+                "{}{group}{extra}",
+                BASE.replacen("mappings = [", &format!("{target_keys}\nmappings = ["), 1)
+            )
+        };
+        let c = parse(&with("auth_group = 3\nrequire_chap = true", ""), "t.toml").unwrap();
+        assert_eq!(c.targets[0].auth.group, Some(3));
+        assert!(c.targets[0].auth.require_chap);
+        assert_eq!(c.auth_groups[0].secrets[0].user, "alice");
+        let e = err(&with("require_chap = true", ""));
+        assert!(
+            e.contains("target[0].auth_group: require_chap and mutual_chap need an auth_group"),
+            "{e}"
+        );
+        let e = err(&with("auth_group = 9", ""));
+        assert!(e.contains("no auth group with tag 9"), "{e}");
+        let e = err(&with("auth_group = 3\nmutual_chap = true", ""));
+        assert!(e.contains("mutual_chap needs mutual secrets"), "{e}");
+        let e = err(&with(
+            "auth_group = 3\nrequire_chap = true\ndisable_chap = true",
+            "",
+        ));
+        assert!(e.contains("contradicts"), "{e}");
+        let short = with("", "").replace("alice-secret-1", "short");
+        let e = err(&short);
+        assert!(e.contains("auth_group[0].secrets[0].secret: a CHAP secret has 12 to 255 bytes (this one has 5)"), "{e}");
+        assert!(
+            !e.contains("short\""),
+            "the secret itself is not echoed: {e}"
+        );
+        let same = with("", "").replace(
+            "secret = \"alice-secret-1\" }",
+            "secret = \"alice-secret-1\", mutual_user = \"t\", mutual_secret = \"alice-secret-1\" }",
+        );
+        assert!(err(&same).contains("must differ"));
+        let c = parse(
+            &with("", "\n[discovery]\nauth_group = 3\nrequire_chap = true\n"),
+            "t.toml",
+        )
+        .unwrap();
+        assert!(c.discovery_auth.require_chap);
+    }
+
     fn edited(from: &str, to: &str) -> String {
         assert!(BASE.contains(from), "{from}");
         BASE.replacen(from, to, 1)
@@ -1668,8 +1905,11 @@ mappings = [ { portal_group = 1, initiator_group = 1 } ]
                     initiator_group: 1,
                 }],
                 queue_depth: 128,
+                auth: AuthSettings::default(),
             }],
             dpdk: None,
+            auth_groups: Vec::new(),
+            discovery_auth: AuthSettings::default(),
         };
         assert_eq!(c, expected);
         // Every [global] value of the example is the default.

@@ -378,6 +378,36 @@ impl Model {
             .collect()
     }
 
+    /// How logins to target `target` (None: discovery sessions) authenticate.
+    pub fn auth_policy(&self, target: Option<TargetId>) -> crate::iscsi::chap::AuthPolicy {
+        use crate::iscsi::chap::{AuthPolicy, ChapMode};
+        let a = match target {
+            Some(t) => match self.config.targets.get(t) {
+                Some(node) => node.auth,
+                None => return AuthPolicy::default(),
+            },
+            None => self.config.discovery_auth,
+        };
+        let mode = if a.disable_chap {
+            ChapMode::Disabled
+        } else if a.require_chap || a.mutual_chap {
+            ChapMode::Required
+        } else if a.group.is_some() {
+            ChapMode::Optional
+        } else {
+            ChapMode::Disabled
+        };
+        AuthPolicy {
+            mode,
+            mutual: a.mutual_chap,
+            secrets: a
+                .group
+                .and_then(|g| self.config.auth_groups.iter().find(|x| x.tag == g))
+                .map(|g| g.secrets.clone())
+                .unwrap_or_default(),
+        }
+    }
+
     pub fn lun_exists(&self, target: TargetId, lun: u64) -> bool {
         self.is_live(target)
             && self
@@ -613,6 +643,29 @@ pub fn plan(current: &Model, desired: &Config) -> Result<Plan, String> {
         }
     }
 
+    // Auth groups and discovery's authentication: read at each login.
+    let tags: std::collections::BTreeSet<u16> = cur
+        .auth_groups
+        .iter()
+        .chain(&desired.auth_groups)
+        .map(|g| g.tag)
+        .collect();
+    for tag in tags {
+        let old = cur.auth_groups.iter().find(|g| g.tag == tag);
+        let new = desired.auth_groups.iter().find(|g| g.tag == tag);
+        match (old, new) {
+            (None, Some(_)) => changes.push(format!("auth group {tag} added")),
+            (Some(_), None) => changes.push(format!("auth group {tag} removed")),
+            (Some(o), Some(n)) if o != n => {
+                changes.push(format!("auth group {tag} changed (new logins)"))
+            }
+            _ => {}
+        }
+    }
+    if cur.discovery_auth != desired.discovery_auth {
+        changes.push("discovery authentication changed (new logins)".into());
+    }
+
     // Bdevs.
     let mut open = Vec::new();
     let mut resize = Vec::new();
@@ -719,6 +772,12 @@ pub fn plan(current: &Model, desired: &Config) -> Result<Plan, String> {
         }
         if old.alias != new.alias {
             changes.push(format!("target {}: alias {:?}", new.name, new.alias));
+        }
+        if old.auth != new.auth {
+            changes.push(format!(
+                "target {}: authentication changed (new logins)",
+                new.name
+            ));
         }
         if old.queue_depth != new.queue_depth {
             changes.push(format!(
@@ -1012,6 +1071,7 @@ mappings = [ { portal_group = 2, initiator_group = 2 } ]
             luns: vec![],
             mappings: vec![],
             queue_depth: 8,
+            auth: Default::default(),
         };
         let a = lun_identity(&node, 0, "Malloc0", 1);
         let b = lun_identity(&node, 0, "Malloc0", 1);

@@ -25,6 +25,28 @@ pub struct Config {
     pub targets: Vec<TargetNode>,
     /// DPDK's environment; None unless `[dpdk]` is given.
     pub dpdk: Option<DpdkConfig>,
+    /// CHAP credentials, by tag.
+    pub auth_groups: Vec<AuthGroup>,
+    /// How discovery sessions authenticate.
+    pub discovery_auth: AuthSettings,
+}
+
+/// CHAP credentials targets and discovery refer to by tag.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AuthGroup {
+    pub tag: u16,
+    pub secrets: Vec<crate::iscsi::chap::ChapSecret>,
+}
+
+/// How logins to a target (or discovery sessions) authenticate. With none of the flags, a
+/// target with an auth group lets the initiator choose CHAP or None; without one, None.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct AuthSettings {
+    pub group: Option<u16>,
+    pub require_chap: bool,
+    /// The initiator must also authenticate the target.
+    pub mutual_chap: bool,
+    pub disable_chap: bool,
 }
 
 /// Settings that are not tied to one object.
@@ -243,6 +265,7 @@ pub struct TargetNode {
     pub mappings: Vec<PortGroupMapping>,
     /// Outstanding commands per session (sets MaxCmdSN's window).
     pub queue_depth: u32,
+    pub auth: AuthSettings,
 }
 
 #[derive(Debug, Clone, PartialEq)]

@@ -13,7 +13,23 @@ fn list<T>(items: &[T], f: impl Fn(&T) -> String) -> String {
     format!("[{}]", v.join(", "))
 }
 
-/// `config` as a TOML file that loads back to the same `Config`.
+fn auth_keys(o: &mut String, a: &super::AuthSettings) {
+    if let Some(g) = a.group {
+        let _ = writeln!(o, "auth_group = {g}");
+    }
+    for (k, v) in [
+        ("require_chap", a.require_chap),
+        ("mutual_chap", a.mutual_chap),
+        ("disable_chap", a.disable_chap),
+    ] {
+        if v {
+            let _ = writeln!(o, "{k} = true");
+        }
+    }
+}
+
+/// `config` as a TOML file that loads back to the same `Config` (CHAP secrets included:
+/// the file is as sensitive as the configuration it came from).
 pub fn to_toml(c: &Config) -> String {
     let mut o = String::new();
     let g = &c.global;
@@ -80,6 +96,29 @@ pub fn to_toml(c: &Config) -> String {
             })
         );
     }
+    for g in &c.auth_groups {
+        let _ = writeln!(o, "\n[[auth_group]]\ntag = {}", g.tag);
+        let _ = writeln!(
+            o,
+            "secrets = {}",
+            list(&g.secrets, |s| {
+                let text = |b: &[u8]| q(&String::from_utf8_lossy(b));
+                let mut e = format!("{{ user = {}, secret = {}", q(&s.user), text(&s.secret));
+                if let (Some(u), Some(m)) = (&s.mutual_user, &s.mutual_secret) {
+                    e.push_str(&format!(
+                        ", mutual_user = {}, mutual_secret = {}",
+                        q(u),
+                        text(m)
+                    ));
+                }
+                e + " }"
+            })
+        );
+    }
+    if c.discovery_auth != super::AuthSettings::default() {
+        let _ = writeln!(o, "\n[discovery]");
+        auth_keys(&mut o, &c.discovery_auth);
+    }
     for b in &c.bdevs {
         let _ = writeln!(o, "\n[[bdev]]\nname = {}", q(&b.name));
         match &b.kind {
@@ -114,6 +153,7 @@ pub fn to_toml(c: &Config) -> String {
             let _ = writeln!(o, "alias = {}", q(a));
         }
         let _ = writeln!(o, "queue_depth = {}", t.queue_depth);
+        auth_keys(&mut o, &t.auth);
         let _ = writeln!(
             o,
             "luns = {}",
@@ -174,6 +214,27 @@ mod tests {
             prefix: 8,
         });
         example.targets[0].alias = Some("a \"quoted\" alias".into());
+        example.auth_groups.push(super::super::AuthGroup {
+            tag: 4,
+            secrets: vec![
+                crate::iscsi::chap::ChapSecret {
+                    user: "alice".into(),
+                    secret: b"twelve bytes \"ok\"".to_vec(),
+                    mutual_user: Some("tgt".into()),
+                    mutual_secret: Some(b"another-secret".to_vec()),
+                },
+                crate::iscsi::chap::ChapSecret {
+                    user: "bob".into(),
+                    secret: b"bob-secret-123".to_vec(),
+                    mutual_user: None,
+                    mutual_secret: None,
+                },
+            ],
+        });
+        example.discovery_auth.group = Some(4);
+        example.discovery_auth.require_chap = true;
+        example.targets[0].auth.group = Some(4);
+        example.targets[0].auth.mutual_chap = true;
         for c in [example, super::super::config::default_config(None)] {
             let text = to_toml(&c);
             let back = parse(&text, "saved").unwrap_or_else(|e| panic!("{e}\n{text}"));
