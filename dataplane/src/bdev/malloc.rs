@@ -99,6 +99,10 @@ impl MallocBdev {
 }
 
 impl BlockDevice for MallocBdev {
+    fn views_out(&self) -> bool {
+        Arc::strong_count(&self.data) > 1
+    }
+
     fn name(&self) -> &str {
         &self.name
     }

@@ -136,6 +136,12 @@ pub trait BlockDevice: Send {
     }
     /// Clears the completion fd's readiness after it fired.
     fn ack_completion(&mut self) {}
+
+    /// Whether reads handed out views of the medium that are still alive (queued for
+    /// sending somewhere): the device must not move to another thread until they are gone.
+    fn views_out(&self) -> bool {
+        false
+    }
 }
 
 /// Checks a block range against a capacity without overflow.

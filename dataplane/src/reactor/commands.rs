@@ -48,6 +48,22 @@ fn error(msg: impl std::fmt::Display) -> Value {
 impl Reactor {
     /// Takes and answers the control plane's commands (reactor 0).
     pub(super) fn poll_commands(&mut self) {
+        if self
+            .change
+            .as_ref()
+            .is_some_and(|c| std::time::Instant::now() > c.deadline)
+        {
+            if let Some(c) = self.change.take() {
+                log::error!(
+                    "control: change {} abandoned: a reactor did not answer",
+                    c.seq
+                );
+                self.answer(
+                    c.seq,
+                    &error("a reactor did not install its part in time; nothing was changed"),
+                );
+            }
+        }
         let Some(seg) = self.env.shared.segment.as_ref() else {
             return;
         };
@@ -322,7 +338,13 @@ pub(super) struct PendingChange {
     changes: Vec<String>,
     restart: Vec<String>,
     errors: Vec<String>,
+    /// A home that has not answered by then is not coming (a reactor stopped): the change
+    /// is abandoned, and LUNs installed for it retire with the next model.
+    deadline: std::time::Instant,
 }
+
+/// How long the home reactors get to install a change's LUNs.
+const PREPARE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 impl Reactor {
     /// Brings the running model to `desired`: works out the difference, does everything
@@ -374,6 +396,18 @@ impl Reactor {
         let mut errors = Vec::new();
         let n = self.env.shared.mailboxes.len();
         let mut work: Vec<HomeWork> = (0..n).map(|_| (Vec::new(), Vec::new())).collect();
+        let mapped = |name: &str| {
+            plan.model
+                .live_targets()
+                .any(|(_, t)| t.luns.iter().any(|l| l.bdev == name))
+        };
+        for (name, _) in &plan.resize {
+            if !self.env.pool.contains_key(name) && !mapped(name) {
+                return Some(error(format!(
+                    "bdev {name} is still held by a removed LUN finishing its commands; try again"
+                )));
+            }
+        }
         for (name, blocks) in &plan.resize {
             if let Some(b) = self.env.pool.get_mut(name) {
                 if let Err(e) = b.resize(*blocks) {
@@ -437,6 +471,7 @@ impl Reactor {
             changes: plan.changes,
             restart: plan.restart,
             errors,
+            deadline: std::time::Instant::now() + PREPARE_TIMEOUT,
         });
         if left == 0 {
             self.commit();

@@ -260,6 +260,10 @@ impl ReactorEnv {
                 if let Some(d) = self.devices.get_mut(&target) {
                     self.remote_origin.insert(task.tag, reply_to);
                     d.submit(task);
+                } else {
+                    // Removed while the command travelled: answer rather than drop it.
+                    let r = Device::gone_response(task.tag);
+                    self.send(reply_to, Msg::ScsiDone(r));
                 }
             }
             Msg::ScsiDone(r) => self.responses.push(r),
@@ -325,7 +329,10 @@ impl ReactorEnv {
         let mut i = 0;
         while i < self.removing.len() {
             let t = self.removing[i];
-            let done = self.devices.get(&t).is_none_or(|d| d.in_flight() == 0);
+            let done = self
+                .devices
+                .get(&t)
+                .is_none_or(|d| d.in_flight() == 0 && !d.views_out());
             if done {
                 if let Some(mut d) = self.devices.remove(&t) {
                     d.flush_all();

@@ -430,7 +430,7 @@ impl ObjectSlots {
         id: u64,
         name: &str,
         s: &control::ReactorStats,
-    ) {
+    ) -> bool {
         let (slot, last) = match self.slots.get(&key) {
             Some(&(slot, last)) => (slot, Some(last)),
             None => match self.free.pop() {
@@ -444,7 +444,7 @@ impl ObjectSlots {
                             control::OBJECTS_PER_REACTOR
                         );
                     }
-                    return;
+                    return false;
                 }
             },
         };
@@ -454,6 +454,7 @@ impl ObjectSlots {
             }
             self.slots.insert(key, (slot, s.commands));
         }
+        true
     }
 
     /// Frees the blocks of objects not in `live`.
@@ -935,9 +936,12 @@ impl Reactor {
             let name = format!("{}/{l}", model.config().targets[*t].name);
             let id = ((*t as u64) << 32) | *l;
             let key = ObjKey::Lun(*t, *l);
-            self.objects
-                .publish(seg, me, key, ObjectKind::Lun, id, &name, s);
-            live.push(key);
+            if self
+                .objects
+                .publish(seg, me, key, ObjectKind::Lun, id, &name, s)
+            {
+                live.push(key);
+            }
         }
         for e in self.conns.values() {
             if e.conn.tsih() == 0 {
@@ -951,7 +955,7 @@ impl Reactor {
                 .map_or("discovery", |t| t.name.as_str());
             let key = ObjKey::Conn(e.conn.uid());
             let name = format!("{peer} {initiator} -> {target}");
-            self.objects.publish(
+            if self.objects.publish(
                 seg,
                 me,
                 key,
@@ -959,8 +963,9 @@ impl Reactor {
                 e.conn.uid(),
                 &name,
                 e.conn.stats(),
-            );
-            live.push(key);
+            ) {
+                live.push(key);
+            }
         }
         self.objects.retire(seg, me, &live);
     }

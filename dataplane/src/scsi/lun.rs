@@ -278,6 +278,11 @@ impl Lun {
             && self.retry.is_empty()
             && self.done.is_empty()
             && self.bdev.in_flight() == 0
+            && !self.bdev.views_out()
+    }
+
+    pub fn views_out(&self) -> bool {
+        self.bdev.views_out()
     }
 
     /// Gives the block device back (the LUN is gone).

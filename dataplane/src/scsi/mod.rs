@@ -202,15 +202,41 @@ impl Device {
         true
     }
 
-    /// Replaces logical unit `lun` by a new one on `bdev` (the old one retires).
+    /// Replaces logical unit `lun` by a new one on `bdev` (the old one retires). The LUN
+    /// list is the same; every nexus learns through the LUN itself that its inquiry data
+    /// and capacity changed.
     pub fn replace_lun(
         &mut self,
         lun: u64,
         bdev: Box<dyn BlockDevice>,
         identity: LunIdentity,
     ) -> Result<(), String> {
-        self.remove_lun(lun);
-        self.add_lun(lun, bdev, identity)
+        if bdev.block_size() == 0 {
+            return Err(format!("LUN {lun}: block size 0"));
+        }
+        if let Some(old) = self.luns.remove(&lun) {
+            self.retiring.push((lun, old));
+        }
+        let mut l = Lun::new(bdev, identity);
+        for &n in &self.nexuses {
+            l.add_nexus(n);
+        }
+        l.raise_ua(asc::INQUIRY_DATA_CHANGED, None);
+        l.raise_ua(asc::CAPACITY_DATA_CHANGED, None);
+        self.luns.insert(lun, l);
+        Ok(())
+    }
+
+    /// The answer to a command for a device that is gone (its target was removed while
+    /// the command travelled to it).
+    pub fn gone_response(tag: u64) -> ScsiResponse {
+        response(
+            tag,
+            ScsiStatus::CheckCondition,
+            Sense::illegal(asc::LUN_NOT_SUPPORTED).encode(false),
+            None,
+            0,
+        )
     }
 
     /// SPC-4 6.37: the LUN inventory changed; each nexus learns it through any LUN.
@@ -393,6 +419,15 @@ impl Device {
                 i += 1;
             }
         }
+    }
+
+    /// Whether any of its bdevs still has views of its medium out (see
+    /// [`BlockDevice::views_out`]).
+    pub fn views_out(&self) -> bool {
+        self.luns
+            .values()
+            .chain(self.retiring.iter().map(|(_, l)| l))
+            .any(|l| l.views_out())
     }
 
     /// Tasks submitted and not yet returned by `poll`.

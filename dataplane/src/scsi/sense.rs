@@ -34,6 +34,7 @@ pub mod asc {
     pub const REGISTRATIONS_PREEMPTED: u16 = 0x2A05;
     pub const CAPACITY_DATA_CHANGED: u16 = 0x2A09;
     pub const SAVING_PARAMETERS_NOT_SUPPORTED: u16 = 0x3900;
+    pub const INQUIRY_DATA_CHANGED: u16 = 0x3F03;
     pub const REPORTED_LUNS_DATA_CHANGED: u16 = 0x3F0E;
     pub const INTERNAL_TARGET_FAILURE: u16 = 0x4400;
 }

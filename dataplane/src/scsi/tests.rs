@@ -879,3 +879,24 @@ fn removed_lun_finishes_its_commands_then_releases_its_bdev() {
     // And the device gives every bdev back when dropped.
     assert_eq!(d.into_bdevs().len(), 1);
 }
+
+#[test]
+fn replaced_lun_tells_every_nexus_its_data_changed() {
+    let (mut d, _log) = device(false);
+    let (m, _) = MockBdev::new(BS, BLOCKS * 2, false);
+    d.replace_lun(0, Box::new(m), identity()).unwrap();
+    assert_eq!(d.luns(), vec![0]);
+    let tur = [0u8; 6];
+    for n in [N1, N2] {
+        assert_eq!(sense_of(&cmd(&mut d, n, &tur, None)), (6, 0x3F, 0x03));
+        assert_eq!(sense_of(&cmd(&mut d, n, &tur, None)), (6, 0x2A, 0x09));
+        assert_eq!(cmd(&mut d, n, &tur, None).status, ScsiStatus::Good);
+    }
+    let mut out = Vec::new();
+    d.poll(&mut out);
+    assert_eq!(
+        d.take_released().len(),
+        1,
+        "the old bdev, idle, is released"
+    );
+}

@@ -686,6 +686,13 @@ pub fn plan(current: &Model, desired: &Config) -> Result<Plan, String> {
                     resize.push((b.name.clone(), blocks));
                 }
                 None => {
+                    if o.block_size != b.block_size && bdev_user(current, &b.name).is_some() {
+                        return Err(format!(
+                            "bdev {}: the block size of a LUN in use cannot change (remove \
+                             the LUN first)",
+                            b.name
+                        ));
+                    }
                     changes.push(format!("bdev {} redefined (reopened)", b.name));
                     open.push(b.clone());
                 }
@@ -1178,7 +1185,7 @@ mappings = [ { portal_group = 2, initiator_group = 2 } ]
         let m = model();
         let mut d = m.current_config();
         d.bdevs[0].kind = BdevKind::Null { size: 4 << 20 };
-        d.bdevs[1].block_size = 4096;
+        d.bdevs[1].kind = BdevKind::Malloc { size: 1 << 20 };
         d.portal_groups[0].portals = vec!["127.0.0.1:3270".parse().unwrap()];
         d.portal_groups[1].tag = 3;
         d.targets[1].mappings[0].portal_group = 3;
@@ -1206,6 +1213,10 @@ mappings = [ { portal_group = 2, initiator_group = 2 } ]
             vec!["global.cpumask: 1 -> 3 (restart to apply)".to_string()]
         );
         assert_eq!(p.model.global().cpumask, 0x1, "the running value stays");
+        let mut d2 = m.current_config();
+        d2.bdevs[1].block_size = 4096;
+        let e = plan(&m, &d2).unwrap_err();
+        assert!(e.contains("block size of a LUN in use"), "{e}");
         assert_eq!(p.model.global().max_sessions, 7);
         assert!(p
             .changes
