@@ -48,6 +48,19 @@ pub struct RawSession {
     itt: u32,
     /// Async Messages received so far (while waiting for command answers).
     pub async_messages: Vec<RawPdu>,
+    /// Reject PDUs received so far.
+    pub rejects: Vec<RawPdu>,
+    /// CRC32C header and data digests (after login).
+    digests: bool,
+    /// Corrupt the data digest of the next PDU sent with data.
+    pub corrupt_next_data_digest: bool,
+}
+
+fn crc(parts: &[&[u8]]) -> [u8; 4] {
+    parts
+        .iter()
+        .fold(0, |c, p| crc32c::crc32c_append(c, p))
+        .to_le_bytes()
 }
 
 fn u32_at(b: &[u8], o: usize) -> u32 {
@@ -83,6 +96,12 @@ impl RawSession {
     /// Logs in to `target` at `portal` as `initiator` (one Login Request straight to full
     /// feature phase); panics unless the login succeeds.
     pub fn login(portal: &str, initiator: &str, target: &str) -> RawSession {
+        Self::login_with(portal, initiator, target, false)
+    }
+
+    /// Like [`login`](Self::login), asking for CRC32C header and data digests (and
+    /// checking that the target agreed).
+    pub fn login_with(portal: &str, initiator: &str, target: &str, digests: bool) -> RawSession {
         let s = TcpStream::connect(portal).expect("connect");
         s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
         let mut r = RawSession {
@@ -91,10 +110,15 @@ impl RawSession {
             exp_statsn: 0,
             itt: 1,
             async_messages: Vec::new(),
+            rejects: Vec::new(),
+            digests: false,
+            corrupt_next_data_digest: false,
         };
+        let d = if digests { "CRC32C" } else { "None" };
         let text = format!(
             "InitiatorName={initiator}\0SessionType=Normal\0TargetName={target}\0\
-             HeaderDigest=None\0DataDigest=None\0MaxRecvDataSegmentLength=262144\0"
+             HeaderDigest={d}\0DataDigest={d}\0MaxRecvDataSegmentLength=262144\0\
+             ImmediateData=Yes\0"
         );
         let mut bhs = [0u8; 48];
         bhs[0] = 0x43; // immediate | Login Request
@@ -107,7 +131,13 @@ impl RawSession {
         assert_eq!(p.opcode(), 0x23, "not a Login Response");
         assert_eq!((p.bhs[36], p.bhs[37]), (0, 0), "login status");
         assert_eq!(p.bhs[1] & 0x83, 0x83, "full feature phase");
+        if digests {
+            let text = String::from_utf8_lossy(&p.data);
+            assert!(text.contains("HeaderDigest=CRC32C"), "{text}");
+            assert!(text.contains("DataDigest=CRC32C"), "{text}");
+        }
         r.exp_statsn = u32_at(&p.bhs, 24).wrapping_add(1);
+        r.digests = digests;
         r
     }
 
@@ -119,9 +149,52 @@ impl RawSession {
     fn send(&mut self, mut bhs: [u8; 48], data: &[u8]) {
         bhs[5..8].copy_from_slice(&(data.len() as u32).to_be_bytes()[1..]);
         let mut pdu = bhs.to_vec();
+        if self.digests {
+            pdu.extend_from_slice(&crc(&[&bhs]));
+        }
+        let start = pdu.len();
         pdu.extend_from_slice(data);
-        pdu.resize(48 + data.len().div_ceil(4) * 4, 0);
+        pdu.resize(start + data.len().div_ceil(4) * 4, 0);
+        if self.digests && !data.is_empty() {
+            let mut d = crc(&[&pdu[start..]]);
+            if std::mem::take(&mut self.corrupt_next_data_digest) {
+                d[0] ^= 0xff;
+            }
+            pdu.extend_from_slice(&d);
+        }
         self.s.write_all(&pdu).expect("send PDU");
+    }
+
+    /// Sends a header whose digest is wrong (the target must drop the connection).
+    pub fn send_bad_header_digest(&mut self) {
+        let mut bhs = [0u8; 48];
+        bhs[0] = 0x40; // NOP-Out, immediate
+        bhs[1] = 0x80;
+        bhs[16..20].copy_from_slice(&0x1234u32.to_be_bytes());
+        bhs[20..24].copy_from_slice(&0xffff_ffffu32.to_be_bytes());
+        let mut pdu = bhs.to_vec();
+        let mut d = crc(&[&bhs]);
+        d[3] ^= 0x01;
+        pdu.extend_from_slice(&d);
+        self.s.write_all(&pdu).expect("send PDU");
+    }
+
+    /// WRITE (10) of `data` (whole blocks of 512 bytes) as immediate data.
+    pub fn write10(&mut self, lun: u64, lba: u32, data: &[u8]) -> Option<Reply> {
+        let mut cdb = [0u8; 10];
+        cdb[0] = 0x2a;
+        cdb[2..6].copy_from_slice(&lba.to_be_bytes());
+        cdb[7..9].copy_from_slice(&((data.len() / 512) as u16).to_be_bytes());
+        self.command_with(lun, &cdb, 0, data)
+    }
+
+    /// READ (10) of `blocks` blocks of 512 bytes.
+    pub fn read10(&mut self, lun: u64, lba: u32, blocks: u16) -> Option<Reply> {
+        let mut cdb = [0u8; 10];
+        cdb[0] = 0x28;
+        cdb[2..6].copy_from_slice(&lba.to_be_bytes());
+        cdb[7..9].copy_from_slice(&blocks.to_be_bytes());
+        self.command(lun, &cdb, u32::from(blocks) * 512)
     }
 
     /// The next PDU; None when the target closed the connection.
@@ -140,8 +213,18 @@ impl RawSession {
             Err(e) => panic!("receive: {e}"),
         }
         let len = u32::from_be_bytes([0, bhs[5], bhs[6], bhs[7]]) as usize;
+        if self.digests {
+            let mut d = [0u8; 4];
+            self.s.read_exact(&mut d).ok()?;
+            assert_eq!(d, crc(&[&bhs]), "the target's header digest");
+        }
         let mut data = vec![0u8; len.div_ceil(4) * 4];
         self.s.read_exact(&mut data).ok()?;
+        if self.digests && len > 0 {
+            let mut d = [0u8; 4];
+            self.s.read_exact(&mut d).ok()?;
+            assert_eq!(d, crc(&[&data]), "the target's data digest");
+        }
         data.truncate(len);
         Some(RawPdu { bhs, data })
     }
@@ -149,10 +232,25 @@ impl RawSession {
     /// Sends a command for `lun` that reads at most `read_len` bytes (0: no data) and
     /// waits for its status. Async Messages met on the way are kept.
     pub fn command(&mut self, lun: u64, cdb: &[u8], read_len: u32) -> Option<Reply> {
+        self.command_with(lun, cdb, read_len, &[])
+    }
+
+    /// A command with `immediate` data (a write of that many bytes) or reading up to
+    /// `read_len` bytes. Rejects met on the way are kept in `rejects`.
+    pub fn command_with(
+        &mut self,
+        lun: u64,
+        cdb: &[u8],
+        read_len: u32,
+        immediate: &[u8],
+    ) -> Option<Reply> {
         let itt = self.next_itt();
         let mut bhs = [0u8; 48];
         bhs[0] = 0x01;
-        bhs[1] = 0x80 | if read_len > 0 { 0x40 } else { 0 } | 0x01;
+        bhs[1] = 0x80
+            | if read_len > 0 { 0x40 } else { 0 }
+            | if immediate.is_empty() { 0 } else { 0x20 }
+            | 0x01;
         // Single-level LUN: peripheral addressing below 256, flat above.
         if lun < 256 {
             bhs[9] = lun as u8;
@@ -161,12 +259,17 @@ impl RawSession {
             bhs[9] = lun as u8;
         }
         bhs[16..20].copy_from_slice(&itt.to_be_bytes());
-        bhs[20..24].copy_from_slice(&read_len.to_be_bytes());
+        let edtl = if immediate.is_empty() {
+            read_len
+        } else {
+            immediate.len() as u32
+        };
+        bhs[20..24].copy_from_slice(&edtl.to_be_bytes());
         bhs[24..28].copy_from_slice(&self.cmdsn.to_be_bytes());
         bhs[28..32].copy_from_slice(&self.exp_statsn.to_be_bytes());
         bhs[32..32 + cdb.len()].copy_from_slice(cdb);
         self.cmdsn = self.cmdsn.wrapping_add(1);
-        self.send(bhs, &[]);
+        self.send(bhs, immediate);
         let mut reply = Reply::default();
         loop {
             let p = self.recv()?;
@@ -191,6 +294,10 @@ impl RawSession {
                 0x32 => {
                     self.exp_statsn = u32_at(&p.bhs, 24).wrapping_add(1);
                     self.async_messages.push(p);
+                }
+                0x3f => {
+                    self.exp_statsn = u32_at(&p.bhs, 24).wrapping_add(1);
+                    self.rejects.push(p);
                 }
                 op => panic!("unexpected PDU opcode {op:#x}"),
             }

@@ -71,6 +71,49 @@ fn iscsi_test_cu_all_two_reactors() {
     run_suite("compliance-2r", &["--cpumask", "0x3"]);
 }
 
+/// The suite with CRC32C header digests on every connection: the target requires them
+/// (libiscsi offers "None,CRC32C" and computes and checks them; it has no data digests,
+/// which tests/digests.rs covers with a raw client).
+#[test]
+fn iscsi_test_cu_all_header_digests() {
+    let iqn = e2e::DEFAULT_IQN;
+    let toml = format!(
+        r#"
+[global]
+header_digest = "crc32c"
+
+[[portal_group]]
+tag = 1
+portals = ["127.0.0.1:3260"]
+
+[[initiator_group]]
+tag = 1
+initiators = ["ANY"]
+netmasks = ["ANY"]
+
+[[bdev]]
+name = "Malloc0"
+type = "malloc"
+size = "1GiB"
+
+[[target]]
+name = "{iqn}"
+luns = [ {{ lun = 0, bdev = "Malloc0" }} ]
+mappings = [ {{ portal_group = 1, initiator_group = 1 }} ]
+"#
+    );
+    let t = Target::start_with_config("compliance-hd", &toml, iqn, 0);
+    let mut t = run_suite_on("compliance-hd", t, None, "");
+    let log = t.log_contents();
+    assert!(log.contains("digests CRC32C/None"), "{log}");
+    assert!(
+        !log.contains("digests None/None)"),
+        "every connection: {log}"
+    );
+    assert!(!log.contains("digest error"), "{log}");
+    t.stop();
+}
+
 /// The suite over the userspace TCP stack: the target runs smoltcp on a TAP interface
 /// inside a network namespace, and iscsi-test-cu connects from the kernel side of it.
 #[test]
@@ -126,15 +169,16 @@ mappings = [ {{ portal_group = 1, initiator_group = 1 }} ]
     );
     let portal = format!("10.{net}.0.2:3260").parse().unwrap();
     let t = Target::start_in_netns(label, &ns, &toml, portal, iqn, 0, &[]);
-    run_suite_on(label, t, Some(&ns));
+    run_suite_on(label, t, Some(&ns), "");
 }
 
 fn run_suite(label: &str, args: &[&str]) {
     let t = Target::start_with_args(label, args);
-    run_suite_on(label, t, None);
+    run_suite_on(label, t, None, "");
 }
 
-fn run_suite_on(label: &str, mut t: Target, ns: Option<&NetNs>) {
+/// Runs the suite against `t` (its URL plus `url_args`); returns the target, still running.
+fn run_suite_on(label: &str, mut t: Target, ns: Option<&NetNs>, url_args: &str) -> Target {
     let claimed_path = workspace_root().join("tests/claimed-tests.txt");
     let claimed = parse_claimed(
         &fs::read_to_string(&claimed_path)
@@ -147,7 +191,11 @@ fn run_suite_on(label: &str, mut t: Target, ns: Option<&NetNs>) {
         Some(ns) => ns.command("iscsi-test-cu"),
         None => Command::new("iscsi-test-cu"),
     };
-    let out = run_with_timeout(cu.args(["-d", "-t", FAMILY]).arg(t.lun_url()), cu_timeout());
+    let out = run_with_timeout(
+        cu.args(["-d", "-t", FAMILY])
+            .arg(format!("{}{url_args}", t.lun_url())),
+        cu_timeout(),
+    );
     let log = artifacts_dir().join(format!("{label}-iscsi-test-cu.log"));
     fs::write(&log, format!("{out}\n")).expect("write iscsi-test-cu.log");
     eprintln!(
@@ -260,4 +308,5 @@ fn run_suite_on(label: &str, mut t: Target, ns: Option<&NetNs>) {
         log.display(),
         problems.join("\n")
     );
+    t
 }

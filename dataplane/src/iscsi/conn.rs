@@ -124,6 +124,9 @@ impl OutData {
 struct OutPdu {
     bhs: Bhs,
     data: OutData,
+    /// CRC32C of the header and of the data segment, when the connection uses them.
+    header_digest: Option<[u8; 4]>,
+    data_digest: Option<[u8; 4]>,
 }
 
 const ZERO_PAD: [u8; 3] = [0; 3];
@@ -131,8 +134,18 @@ const ZERO_PAD: [u8; 3] = [0; 3];
 impl OutPdu {
     fn wire_len(&self) -> usize {
         let d = self.data.bytes().len();
-        BHS_LEN + d + pdu::pad_len(d)
+        BHS_LEN
+            + d
+            + pdu::pad_len(d)
+            + 4 * usize::from(self.header_digest.is_some())
+            + 4 * usize::from(self.data_digest.is_some())
     }
+}
+
+/// The iSCSI digest of some bytes: CRC32C, sent least significant byte first (as Linux
+/// and libiscsi do).
+fn crc32c_of(parts: &[&[u8]]) -> u32 {
+    parts.iter().fold(0, |crc, p| crc32c::crc32c_append(crc, p))
 }
 
 /// One solicited transfer (R2T) of a write task.
@@ -176,6 +189,9 @@ struct Task {
     /// Total bytes of Data-Out received (unsolicited and solicited).
     received: u32,
     aborted: bool,
+    /// Some of its data came with a bad data digest: it ends with CHECK CONDITION once
+    /// all its data is in, without reaching the device.
+    digest_failed: bool,
 }
 
 impl Task {
@@ -217,6 +233,14 @@ enum RxStage {
     Pad {
         got: usize,
         len: usize,
+    },
+    /// The header digest after the header and AHS.
+    HeaderDigest {
+        got: usize,
+    },
+    /// The data digest after the data segment and its padding.
+    DataDigest {
+        got: usize,
     },
 }
 
@@ -264,6 +288,10 @@ pub struct Connection {
     rx_ahs: Vec<u8>,
     rx_scratch: Vec<u8>,
     rx_pad: [u8; 4],
+    /// A received header or data digest.
+    rx_digest: [u8; 4],
+    /// Where the current PDU's data segment went, and its length (for its digest).
+    rx_data: (RxDest, usize),
     rx_req: Option<Result<Request, PduError>>,
     /// Staging for headers and small segments (see `rx_buf`).
     rx_stash: Vec<u8>,
@@ -324,6 +352,8 @@ impl Connection {
             rx_ahs: Vec::new(),
             rx_scratch: Vec::new(),
             rx_pad: [0; 4],
+            rx_digest: [0; 4],
+            rx_data: (RxDest::Scratch, 0),
             rx_req: None,
             rx_stash: Vec::new(),
             rx_direct: false,
@@ -517,7 +547,21 @@ impl Connection {
     }
 
     fn push(&mut self, bhs: Bhs, data: OutData) {
-        self.out.push_back(OutPdu { bhs, data });
+        let header_digest = self
+            .cp
+            .header_digest
+            .then(|| crc32c_of(&[&bhs.0]).to_le_bytes());
+        let data_digest = {
+            let d = data.bytes();
+            (self.cp.data_digest && !d.is_empty())
+                .then(|| crc32c_of(&[d, &ZERO_PAD[..pdu::pad_len(d.len())]]).to_le_bytes())
+        };
+        self.out.push_back(OutPdu {
+            bhs,
+            data,
+            header_digest,
+            data_digest,
+        });
     }
 
     fn reject(&mut self, reason: RejectReason, hdr: &Bhs) {
@@ -589,6 +633,9 @@ impl Connection {
             RxStage::Header { got } => &mut self.rx_hdr[*got..],
             RxStage::Ahs { got } => &mut self.rx_ahs[*got..],
             RxStage::Pad { got, len } => &mut self.rx_pad[*got..*len],
+            RxStage::HeaderDigest { got } | RxStage::DataDigest { got } => {
+                &mut self.rx_digest[*got..]
+            }
             RxStage::Data { dest, len, got } => match *dest {
                 RxDest::Scratch => &mut self.rx_scratch[*got..*len],
                 RxDest::Task { itt, offset } => {
@@ -623,7 +670,7 @@ impl Connection {
             RxStage::Ahs { got } => {
                 *got += n;
                 if *got == self.rx_ahs.len() {
-                    self.after_ahs(env, now);
+                    self.header_done(env, now);
                 }
             }
             RxStage::Data { got, len, .. } => {
@@ -633,15 +680,97 @@ impl Connection {
                     if pad > 0 {
                         self.rx_stage = RxStage::Pad { got: 0, len: pad };
                     } else {
-                        self.pdu_complete(env, now);
+                        self.data_done(env, now);
                     }
                 }
             }
             RxStage::Pad { got, len } => {
                 *got += n;
                 if *got == *len {
-                    self.pdu_complete(env, now);
+                    self.data_done(env, now);
                 }
+            }
+            RxStage::HeaderDigest { got } => {
+                *got += n;
+                if *got == 4 {
+                    let want = crc32c_of(&[&self.rx_hdr, &self.rx_ahs]);
+                    if u32::from_le_bytes(self.rx_digest) != want {
+                        // RFC 7143 §7.8: the header cannot be trusted, not even its
+                        // length: the connection ends.
+                        log::warn!("conn {}: header digest error", self.uid);
+                        self.close_with(CloseReason::ProtocolError("header digest error".into()));
+                        return;
+                    }
+                    self.after_ahs(env, now);
+                }
+            }
+            RxStage::DataDigest { got } => {
+                *got += n;
+                if *got == 4 {
+                    self.check_data_digest(env, now);
+                }
+            }
+        }
+    }
+
+    /// Header and AHS are in: its digest follows when the connection uses one.
+    fn header_done(&mut self, env: &mut dyn TargetEnv, now: Instant) {
+        if self.cp.header_digest {
+            self.rx_stage = RxStage::HeaderDigest { got: 0 };
+        } else {
+            self.after_ahs(env, now);
+        }
+    }
+
+    /// The data segment and its padding are in: its digest follows when the connection
+    /// uses one.
+    fn data_done(&mut self, env: &mut dyn TargetEnv, now: Instant) {
+        if self.cp.data_digest && self.rx_data.1 > 0 {
+            self.rx_stage = RxStage::DataDigest { got: 0 };
+        } else {
+            self.pdu_complete(env, now);
+        }
+    }
+
+    /// Checks a data segment's digest. A bad one gets a Reject (Data-Digest-Error); the
+    /// PDU is discarded, except that data for a command still counts towards its transfer
+    /// and the command then ends with CHECK CONDITION, ABORTED COMMAND, PROTOCOL SERVICE
+    /// CRC ERROR once all its data is in (RFC 7143 §7.8, error recovery level 0).
+    fn check_data_digest(&mut self, env: &mut dyn TargetEnv, now: Instant) {
+        let (dest, len) = self.rx_data;
+        let pad = &self.rx_pad[..pdu::pad_len(len)];
+        let data: Option<&[u8]> = match dest {
+            RxDest::Scratch => self.rx_scratch.get(..len),
+            RxDest::Task { itt, offset } => self
+                .tasks
+                .get(&itt)
+                .and_then(|t| t.buf.as_ref())
+                .and_then(|b| b.as_slice().get(offset..offset + len)),
+        };
+        // A task that vanished meanwhile took its buffer along: nothing to check.
+        let good = data.is_none_or(|d| crc32c_of(&[d, pad]) == u32::from_le_bytes(self.rx_digest));
+        if good {
+            self.pdu_complete(env, now);
+            return;
+        }
+        let bhs = Bhs(self.rx_hdr);
+        log::warn!(
+            "conn {}: data digest error (opcode {:#04x})",
+            self.uid,
+            bhs.0[0] & 0x3f
+        );
+        self.reject(RejectReason::DataDigestError, &bhs);
+        match self.rx_req {
+            Some(Ok(Request::ScsiCommand(_))) | Some(Ok(Request::DataOut(_))) => {
+                let itt = u32::from_be_bytes([bhs.0[16], bhs.0[17], bhs.0[18], bhs.0[19]]);
+                if let Some(t) = self.tasks.get_mut(&itt) {
+                    t.digest_failed = true;
+                }
+                self.pdu_complete(env, now);
+            }
+            _ => {
+                self.rx_req = None;
+                self.rx_stage = RxStage::Header { got: 0 };
             }
         }
     }
@@ -655,7 +784,7 @@ impl Connection {
             self.rx_stage = RxStage::Ahs { got: 0 };
         } else {
             self.rx_ahs.clear();
-            self.after_ahs(env, now);
+            self.header_done(env, now);
         }
     }
 
@@ -704,6 +833,7 @@ impl Connection {
         now: Instant,
     ) {
         self.rx_req = parsed;
+        self.rx_data = (dest, len);
         if let RxDest::Scratch = dest {
             self.rx_scratch.clear();
             self.rx_scratch.resize(len, 0);
@@ -796,13 +926,16 @@ impl Connection {
             env.nexus_added(t.id, self.nexus);
         }
         self.phase = Phase::FullFeature;
+        let digest = |on: bool| if on { "CRC32C" } else { "None" };
         log::info!(
-            "conn {}: {} logged in from {} ({:?} session, tsih {})",
+            "conn {}: {} logged in from {} ({:?} session, tsih {}, digests {}/{})",
             self.uid,
             self.initiator_name,
             self.peer,
             self.session_type,
-            self.tsih
+            self.tsih,
+            digest(self.cp.header_digest),
+            digest(self.cp.data_digest)
         );
     }
 
@@ -984,6 +1117,7 @@ impl Connection {
             r2tsn: 0,
             received: 0,
             aborted: false,
+            digest_failed: false,
             received_at: self.last_rx,
             cmd,
         };
@@ -1250,6 +1384,11 @@ impl Connection {
             return;
         };
         task.state = TaskState::Submitted;
+        if task.digest_failed {
+            let r = crate::scsi::Device::crc_error_response((self.uid << 32) | u64::from(itt));
+            self.scsi_done(r);
+            return;
+        }
         let direction = match (task.cmd.read, task.cmd.write) {
             (true, true) => DataDirection::Bidirectional,
             (true, false) => DataDirection::Read,
@@ -1645,7 +1784,9 @@ impl Connection {
             }
             let data = p.data.bytes();
             let pad = pdu::pad_len(data.len());
-            for part in [&p.bhs.0[..], data, &ZERO_PAD[..pad]] {
+            let hd = p.header_digest.as_ref().map_or(&[][..], |d| &d[..]);
+            let dd = p.data_digest.as_ref().map_or(&[][..], |d| &d[..]);
+            for part in [&p.bhs.0[..], hd, data, &ZERO_PAD[..pad], dd] {
                 if part.is_empty() {
                     continue;
                 }

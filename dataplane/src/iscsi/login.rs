@@ -401,6 +401,20 @@ impl Login {
     }
 
     fn complete(&mut self, reply: Vec<u8>, env: &mut dyn TargetEnv) -> LoginStep {
+        if let Some(neg) = self.negotiator.as_ref() {
+            use crate::tgt::DigestPolicy;
+            let (h, d) = neg.digests();
+            let g = env.global();
+            if (g.header_digest == DigestPolicy::Crc32c && !h)
+                || (g.data_digest == DigestPolicy::Crc32c && !d)
+            {
+                log::warn!(
+                    "login from {}: CRC32C digests required, not agreed",
+                    self.peer
+                );
+                return self.fail(LoginStatus::INITIATOR_ERROR);
+            }
+        }
         let key = SessionKey {
             initiator: self
                 .initiator_name

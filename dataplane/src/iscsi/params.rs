@@ -124,6 +124,11 @@ fn yes_no(b: bool) -> String {
 }
 
 impl Negotiator {
+    /// HeaderDigest and DataDigest as agreed so far (true: CRC32C).
+    pub fn digests(&self) -> (bool, bool) {
+        (self.conn.header_digest, self.conn.data_digest)
+    }
+
     pub fn new(limits: &Global, session_type: SessionType) -> Self {
         let conn = ConnParams {
             target_mrdsl: limits.max_recv_data_segment_length,
@@ -191,10 +196,31 @@ impl Negotiator {
                 }
             }
             "HeaderDigest" | "DataDigest" => {
-                if value.split(',').any(|m| m == "None") {
-                    "None".to_string()
+                use crate::tgt::DigestPolicy as P;
+                let header = key == "HeaderDigest";
+                let policy = if header {
+                    self.limits.header_digest
                 } else {
-                    REJECT.to_string()
+                    self.limits.data_digest
+                };
+                // The first value of the initiator's list the policy allows.
+                let chosen = value.split(',').map(str::trim).find(|v| {
+                    matches!(
+                        (*v, policy),
+                        ("None", P::None | P::Any) | ("CRC32C", P::Crc32c | P::Any)
+                    )
+                });
+                match chosen {
+                    Some(c) => {
+                        let crc = c == "CRC32C";
+                        if header {
+                            self.conn.header_digest = crc;
+                        } else {
+                            self.conn.data_digest = crc;
+                        }
+                        c.to_string()
+                    }
+                    None => REJECT.to_string(),
                 }
             }
             "MaxConnections" => match self.numeric(value, 1, 65535) {
@@ -392,8 +418,28 @@ mod tests {
     #[test]
     fn lists_unknown_and_irrelevant() {
         let mut n = neg();
-        assert_eq!(reply(&mut n, "HeaderDigest", "CRC32C,None"), "None");
-        assert_eq!(reply(&mut n, "DataDigest", "CRC32C"), "Reject");
+        // The first value offered that the policy (default: either) allows.
+        assert_eq!(reply(&mut n, "HeaderDigest", "CRC32C,None"), "CRC32C");
+        assert_eq!(reply(&mut n, "DataDigest", "None,CRC32C"), "None");
+        assert_eq!(n.digests(), (true, false));
+        let mut g = Global {
+            header_digest: crate::tgt::DigestPolicy::None,
+            data_digest: crate::tgt::DigestPolicy::Crc32c,
+            ..Global::default()
+        };
+        let mut strict = Negotiator::new(&g, SessionType::Normal);
+        assert_eq!(reply(&mut strict, "HeaderDigest", "CRC32C"), "Reject");
+        assert_eq!(reply(&mut strict, "DataDigest", "None,CRC32C"), "CRC32C");
+        assert_eq!(reply(&mut strict, "DataDigest", "None"), "Reject");
+        g.header_digest = crate::tgt::DigestPolicy::Any;
+        assert_eq!(
+            reply(
+                &mut Negotiator::new(&g, SessionType::Normal),
+                "HeaderDigest",
+                "x"
+            ),
+            "Reject"
+        );
         assert_eq!(reply(&mut n, "AuthMethod", "CHAP,None"), "None");
         assert_eq!(reply(&mut n, "X-com.example.Foo", "1"), "NotUnderstood");
         assert_eq!(reply(&mut n, "Bogus", "1"), "NotUnderstood");

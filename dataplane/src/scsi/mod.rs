@@ -227,6 +227,18 @@ impl Device {
         Ok(())
     }
 
+    /// The answer to a command whose data arrived with a bad data digest: CHECK CONDITION,
+    /// ABORTED COMMAND, PROTOCOL SERVICE CRC ERROR (RFC 7143 §7.8).
+    pub fn crc_error_response(tag: u64) -> ScsiResponse {
+        response(
+            tag,
+            ScsiStatus::CheckCondition,
+            Sense::new(sense::key::ABORTED_COMMAND, asc::PROTOCOL_SERVICE_CRC_ERROR).encode(false),
+            None,
+            0,
+        )
+    }
+
     /// The answer to a command for a device that is gone (its target was removed while
     /// the command travelled to it).
     pub fn gone_response(tag: u64) -> ScsiResponse {

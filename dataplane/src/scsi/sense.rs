@@ -8,6 +8,7 @@ pub mod key {
     pub const ILLEGAL_REQUEST: u8 = 0x05;
     pub const UNIT_ATTENTION: u8 = 0x06;
     pub const DATA_PROTECT: u8 = 0x07;
+    pub const ABORTED_COMMAND: u8 = 0x0B;
     pub const MISCOMPARE: u8 = 0x0E;
 }
 
@@ -37,6 +38,7 @@ pub mod asc {
     pub const INQUIRY_DATA_CHANGED: u16 = 0x3F03;
     pub const REPORTED_LUNS_DATA_CHANGED: u16 = 0x3F0E;
     pub const INTERNAL_TARGET_FAILURE: u16 = 0x4400;
+    pub const PROTOCOL_SERVICE_CRC_ERROR: u16 = 0x4705;
 }
 
 /// Where in the CDB or parameter list an invalid field sits (sense-key specific bytes).

@@ -79,12 +79,22 @@
 //! engine = "uring"                  # uring (default) | threads
 //! direct = true                     # O_DIRECT; default true with uring
 //!
+//! [[auth_group]]                    # CHAP credentials
+//! tag = 1
+//! secrets = [ { user = "host1", secret = "host1-secret-123", mutual_user = "array1", mutual_secret = "array1-secret-45" } ]
+//!
+//! [discovery]                       # optional: CHAP for discovery sessions
+//! auth_group = 1
+//! require_chap = true
+//!
 //! [[target]]                        # none at all: discovery only
 //! name = "iqn.2026-11.io.example:disk1"   # iqn./eui./naa. name, unique
 //! alias = "Disk 1"                  # optional
 //! queue_depth = 128                 # 1..=4096 (default 128)
 //! luns = [ { lun = 0, bdev = "Malloc0" }, { lun = 1, bdev = "Disk1" } ]
 //! mappings = [ { portal_group = 1, initiator_group = 1 } ]
+//! auth_group = 1                    # optional: CHAP or None (require_chap, mutual_chap,
+//! mutual_chap = true                # disable_chap as the README says)
 //! ```
 //!
 //! Rules beyond the ranges above:
@@ -104,7 +114,7 @@
 //! - Every LUN's bdev must exist, and a bdev backs one LUN only: sharing one bdev between
 //!   LUNs or targets is not supported yet.
 
-use super::{AuthGroup, AuthSettings, DpdkConfig, Transport, UserspaceNet};
+use super::{AuthGroup, AuthSettings, DigestPolicy, DpdkConfig, Transport, UserspaceNet};
 use super::{
     BdevConfig, BdevKind, Config, FileEngine, Global, InitiatorGroup, LunMapping, Netmask,
     PortGroupMapping, PortalGroup, TargetNode, DEFAULT_PORTAL, DEFAULT_TARGET_NAME,
@@ -501,6 +511,8 @@ struct RawGlobal {
     hugepages: Option<S<bool>>,
     poll_spin_us: Option<S<i64>>,
     instance: Option<S<String>>,
+    header_digest: Option<S<String>>,
+    data_digest: Option<S<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -1153,6 +1165,20 @@ impl Cx<'_> {
                 3_600_000,
                 d.idle_park_ms,
             )?,
+            header_digest: self.digest(&g.header_digest, "global.header_digest")?,
+            data_digest: self.digest(&g.data_digest, "global.data_digest")?,
+        })
+    }
+
+    fn digest(&self, v: &Option<S<String>>, key: &str) -> R<DigestPolicy> {
+        Ok(match v {
+            None => DigestPolicy::Any,
+            Some(s) => match s.get_ref().to_ascii_lowercase().as_str() {
+                "none" => DigestPolicy::None,
+                "crc32c" => DigestPolicy::Crc32c,
+                "any" => DigestPolicy::Any,
+                _ => return Err(self.at(s, key, "expected \"none\", \"crc32c\" or \"any\"")),
+            },
         })
     }
 
@@ -1846,6 +1872,8 @@ mappings = [ { portal_group = 1, initiator_group = 1 } ]
                 instance: "default".into(),
                 cpumask: 0x1,
                 idle_park_ms: 1000,
+                header_digest: DigestPolicy::Any,
+                data_digest: DigestPolicy::Any,
             },
             portal_groups: vec![PortalGroup {
                 tag: 1,
@@ -1961,8 +1989,15 @@ mappings = [ { portal_group = 1, initiator_group = 1 } ]
                 mbufs: 16383,
             })
         );
+        // CHAP: an auth group, discovery and the target use it.
+        assert_eq!(c.auth_groups[0].secrets[0].user, "host1");
+        assert_eq!(c.discovery_auth.group, Some(1));
+        assert!(c.targets[0].auth.mutual_chap);
+        c.auth_groups.clear();
+        c.discovery_auth = AuthSettings::default();
+        c.targets[0].auth = AuthSettings::default();
         let mut expected = parse(EXAMPLE, "example").unwrap();
-        // The documented example differs from the brief's only in comments.
+        // Otherwise the documented example differs from the brief's only in comments.
         expected.global = Global::default();
         assert_eq!(c, expected);
     }

@@ -541,7 +541,9 @@ fn live_globals(cur: &super::Global, new: &super::Global, out: &mut Vec<String>)
         default_time2retain,
         error_recovery_level,
         max_connections,
-        max_sessions
+        max_sessions,
+        header_digest,
+        data_digest
     );
 }
 

@@ -85,6 +85,31 @@ pub struct Global {
     /// A connection with no command for this long is parked (0: never), and handed to the
     /// least-loaded reactor when it speaks again.
     pub idle_park_ms: u32,
+    /// Which HeaderDigest and DataDigest values the target accepts.
+    pub header_digest: DigestPolicy,
+    pub data_digest: DigestPolicy,
+}
+
+/// The digests a target accepts for a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DigestPolicy {
+    /// None only.
+    None,
+    /// CRC32C only: a login that does not agree to it fails.
+    Crc32c,
+    /// Either, the first the initiator offers.
+    #[default]
+    Any,
+}
+
+impl DigestPolicy {
+    pub fn name(self) -> &'static str {
+        match self {
+            DigestPolicy::None => "none",
+            DigestPolicy::Crc32c => "crc32c",
+            DigestPolicy::Any => "any",
+        }
+    }
 }
 
 impl Default for Global {
@@ -110,6 +135,8 @@ impl Default for Global {
             instance: "default".into(),
             cpumask: 0x1,
             idle_park_ms: 1000,
+            header_digest: DigestPolicy::Any,
+            data_digest: DigestPolicy::Any,
         }
     }
 }

@@ -58,6 +58,8 @@ pub fn to_toml(c: &Config) -> String {
     let _ = writeln!(o, "hugepages = {}", g.hugepages);
     let _ = writeln!(o, "poll_spin_us = {}", g.poll_spin_us);
     let _ = writeln!(o, "instance = {}", q(&g.instance));
+    let _ = writeln!(o, "header_digest = \"{}\"", g.header_digest.name());
+    let _ = writeln!(o, "data_digest = \"{}\"", g.data_digest.name());
     for pg in &c.portal_groups {
         let _ = writeln!(o, "\n[[portal_group]]\ntag = {}", pg.tag);
         let _ = writeln!(o, "portals = {}", list(&pg.portals, |p| q(&p.to_string())));
