@@ -165,6 +165,11 @@ impl RawSession {
         self.s.write_all(&pdu).expect("send PDU");
     }
 
+    /// Sends a 48-byte header as it is (no data).
+    pub fn send_raw(&mut self, bhs: &[u8; 48]) {
+        self.send(*bhs, &[]);
+    }
+
     /// Sends a header whose digest is wrong (the target must drop the connection).
     pub fn send_bad_header_digest(&mut self) {
         let mut bhs = [0u8; 48];

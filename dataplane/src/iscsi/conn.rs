@@ -99,6 +99,10 @@ pub enum CloseReason {
     /// The control plane removed the portal group the session came through, or no longer
     /// exposes its target there.
     Unmapped,
+    /// The login did not finish in time.
+    LoginTimeout,
+    /// The peer stopped in the middle of a PDU.
+    PduTimeout,
 }
 
 /// The data part of an outgoing PDU.
@@ -273,6 +277,10 @@ enum Phase {
 pub struct Keepalive {
     pub interval: Option<Duration>,
     pub timeout: Duration,
+    /// Longest a login may take.
+    pub login: Duration,
+    /// Longest one PDU may take to arrive once it started.
+    pub pdu: Duration,
 }
 
 /// One iSCSI connection.
@@ -330,6 +338,12 @@ pub struct Connection {
     pg_tag: u16,
     /// Commands finished on this connection, for the control plane.
     stats: control::ReactorStats,
+    /// When the connection was accepted (login timeout).
+    created: Instant,
+    /// When the first byte of the PDU being received arrived.
+    pdu_started: Instant,
+    /// Dropped with the connection (e.g. its place in a per-address count).
+    ticket: Option<Box<dyn Send>>,
 }
 
 impl Connection {
@@ -384,7 +398,15 @@ impl Connection {
             close_after_flush: false,
             pg_tag,
             stats: control::ReactorStats::default(),
+            created: now,
+            pdu_started: now,
+            ticket: None,
         }
+    }
+
+    /// Keeps `ticket` until the connection is dropped.
+    pub fn attach(&mut self, ticket: Box<dyn Send>) {
+        self.ticket = Some(ticket);
     }
 
     /// What this connection's commands amount to so far.
@@ -662,6 +684,9 @@ impl Connection {
     fn stage_filled(&mut self, n: usize, env: &mut dyn TargetEnv, now: Instant) {
         match &mut self.rx_stage {
             RxStage::Header { got } => {
+                if *got == 0 {
+                    self.pdu_started = now;
+                }
                 *got += n;
                 if *got == BHS_LEN {
                     self.on_header(env, now);
@@ -1649,6 +1674,31 @@ impl Connection {
     /// Drives keepalive: sends a NOP-In ping after `interval` of silence and closes the
     /// connection when its answer does not come within `timeout`.
     pub fn on_tick(&mut self, now: Instant) {
+        if self.close.is_some() {
+            return;
+        }
+        if matches!(self.phase, Phase::Login(_))
+            && now.duration_since(self.created) >= self.keepalive.login
+        {
+            log::info!(
+                "conn {}: login not finished in time from {}",
+                self.uid,
+                self.peer
+            );
+            self.close_with(CloseReason::LoginTimeout);
+            return;
+        }
+        if !matches!(self.rx_stage, RxStage::Header { got: 0 })
+            && now.duration_since(self.pdu_started) >= self.keepalive.pdu
+        {
+            log::info!(
+                "conn {}: {} stopped in the middle of a PDU",
+                self.uid,
+                self.peer
+            );
+            self.close_with(CloseReason::PduTimeout);
+            return;
+        }
         if !matches!(self.phase, Phase::FullFeature) {
             return;
         }

@@ -387,13 +387,14 @@ impl TargetEnv for ReactorEnv {
         key: SessionKey,
         conn_uid: u64,
     ) -> Result<Registered, LoginStatus> {
-        let max = self.model.global().max_sessions;
+        let g = self.model.global();
+        let (max, per_target) = (g.max_sessions, g.max_sessions_per_target);
         let reg = self
             .shared
             .registry
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .register(key, conn_uid, max)?;
+            .register(key, conn_uid, max, per_target)?;
         if let Some(old) = reg.reinstated {
             // The old connection may live on any reactor or in the parking lot.
             self.close_local.push(old);

@@ -246,6 +246,8 @@ impl Dataplane {
             interval: (g.nop_in_interval_s > 0)
                 .then(|| Duration::from_secs(u64::from(g.nop_in_interval_s))),
             timeout: Duration::from_secs(u64::from(g.nop_in_timeout_s.max(1))),
+            login: Duration::from_secs(u64::from(g.login_timeout_s.max(1))),
+            pdu: Duration::from_secs(u64::from(g.pdu_timeout_s.max(1))),
         };
         let park_after =
             (g.idle_park_ms > 0).then(|| Duration::from_millis(u64::from(g.idle_park_ms)));
@@ -671,9 +673,13 @@ impl Reactor {
                     peer,
                     local,
                     pg_tag,
+                    ticket,
                 } => {
                     let uid = self.env.shared.new_uid();
-                    let conn = Connection::new(uid, peer, local, pg_tag, self.keepalive, now);
+                    let mut conn = Connection::new(uid, peer, local, pg_tag, self.keepalive, now);
+                    if let Some(t) = ticket {
+                        conn.attach(Box::new(t));
+                    }
                     self.adopt(stream, conn);
                 }
                 Msg::Adopt(m) => {
@@ -729,7 +735,15 @@ impl Reactor {
             changed = true;
             log::debug!("accepted {} on {} (userspace)", a.peer, a.local);
             let uid = self.env.shared.new_uid();
-            let conn = Connection::new(uid, a.peer, a.local, a.pg_tag, self.keepalive, now);
+            let mut conn = Connection::new(uid, a.peer, a.local, a.pg_tag, self.keepalive, now);
+            let max = self.env.model.global().max_connections_per_address;
+            match self.env.shared.per_address.take(a.peer.ip(), max) {
+                Some(t) => conn.attach(Box::new(t)),
+                None => {
+                    log::warn!("refused a connection from {}: {max} already", a.peer);
+                    conn.force_close(CloseReason::PeerClosed);
+                }
+            }
             self.insert(Link::User(a.handle), conn);
         }
         if let Some(u) = self.user.as_mut() {
@@ -822,6 +836,15 @@ impl Reactor {
             }
             let local = stream.local_addr().unwrap_or(p.addr);
             let pg_tag = p.pg_tag;
+            let max = self.env.model.global().max_connections_per_address;
+            let Some(ticket) = self.env.shared.per_address.take(peer.ip(), max) else {
+                log::warn!(
+                    "refused a connection from {peer}: {max} connections from {} already",
+                    peer.ip()
+                );
+                drop(stream);
+                continue;
+            };
             let to = self.env.shared.least_loaded();
             // Count it now so a burst of accepts spreads over the reactors.
             self.env.shared.mailboxes[to]
@@ -830,7 +853,8 @@ impl Reactor {
             log::debug!("accepted {peer} on {local} for reactor {to}");
             if to == self.env.me {
                 let uid = self.env.shared.new_uid();
-                let conn = Connection::new(uid, peer, local, pg_tag, self.keepalive, now);
+                let mut conn = Connection::new(uid, peer, local, pg_tag, self.keepalive, now);
+                conn.attach(Box::new(ticket));
                 self.adopt(stream, conn);
             } else {
                 self.env.send(
@@ -840,6 +864,7 @@ impl Reactor {
                         peer,
                         local,
                         pg_tag,
+                        ticket: Some(ticket),
                     },
                 );
             }

@@ -33,6 +33,7 @@ pub enum Msg {
         peer: SocketAddr,
         local: SocketAddr,
         pg_tag: u16,
+        ticket: Option<AddressTicket>,
     },
     /// An existing connection to take over (woken from the parking lot).
     Adopt(Box<Moving>),
@@ -110,6 +111,51 @@ pub struct LunWork {
     pub replace: bool,
 }
 
+/// Connections per peer address, for `max_connections_per_address`.
+#[derive(Default)]
+pub struct AddressCounts(Mutex<std::collections::HashMap<std::net::IpAddr, u32>>);
+
+/// One connection's place in [`AddressCounts`]; given back when dropped (with the
+/// connection, wherever that happens).
+pub struct AddressTicket {
+    counts: Arc<AddressCounts>,
+    ip: std::net::IpAddr,
+}
+
+impl AddressCounts {
+    /// A place for one more connection from `ip`, unless it has `max` already (0: no limit).
+    pub fn take(self: &Arc<Self>, ip: std::net::IpAddr, max: u32) -> Option<AddressTicket> {
+        let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let n = m.entry(ip).or_insert(0);
+        if max > 0 && *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(AddressTicket {
+            counts: self.clone(),
+            ip,
+        })
+    }
+
+    /// Connections from `ip` now.
+    pub fn count(&self, ip: std::net::IpAddr) -> u32 {
+        let m = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        m.get(&ip).copied().unwrap_or(0)
+    }
+}
+
+impl Drop for AddressTicket {
+    fn drop(&mut self) {
+        let mut m = self.counts.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = m.get_mut(&self.ip) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                m.remove(&self.ip);
+            }
+        }
+    }
+}
+
 /// Messages to the parking lot.
 pub enum ParkMsg {
     Park(Box<Moving>),
@@ -143,6 +189,8 @@ pub struct Shared {
     pub woken_total: AtomicU64,
     /// The control segment (statistics, heartbeat), when it could be created.
     pub segment: Option<control::Segment>,
+    /// Connections per peer address.
+    pub per_address: Arc<AddressCounts>,
 }
 
 impl Shared {
@@ -165,6 +213,7 @@ impl Shared {
             parked_total: AtomicU64::new(0),
             woken_total: AtomicU64::new(0),
             segment,
+            per_address: Arc::new(AddressCounts::default()),
         }
     }
 

@@ -513,6 +513,10 @@ struct RawGlobal {
     instance: Option<S<String>>,
     header_digest: Option<S<String>>,
     data_digest: Option<S<String>>,
+    login_timeout: Option<S<i64>>,
+    pdu_timeout: Option<S<i64>>,
+    max_connections_per_address: Option<S<i64>>,
+    max_sessions_per_target: Option<S<i64>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -1167,6 +1171,34 @@ impl Cx<'_> {
             )?,
             header_digest: self.digest(&g.header_digest, "global.header_digest")?,
             data_digest: self.digest(&g.data_digest, "global.data_digest")?,
+            login_timeout_s: self.u32_or(
+                &g.login_timeout,
+                "global.login_timeout",
+                1,
+                3600,
+                d.login_timeout_s,
+            )?,
+            pdu_timeout_s: self.u32_or(
+                &g.pdu_timeout,
+                "global.pdu_timeout",
+                1,
+                3600,
+                d.pdu_timeout_s,
+            )?,
+            max_connections_per_address: self.u32_or(
+                &g.max_connections_per_address,
+                "global.max_connections_per_address",
+                0,
+                65535,
+                d.max_connections_per_address,
+            )?,
+            max_sessions_per_target: self.u32_or(
+                &g.max_sessions_per_target,
+                "global.max_sessions_per_target",
+                0,
+                65535,
+                d.max_sessions_per_target,
+            )?,
         })
     }
 
@@ -1874,6 +1906,10 @@ mappings = [ { portal_group = 1, initiator_group = 1 } ]
                 idle_park_ms: 1000,
                 header_digest: DigestPolicy::Any,
                 data_digest: DigestPolicy::Any,
+                login_timeout_s: 15,
+                pdu_timeout_s: 30,
+                max_connections_per_address: 256,
+                max_sessions_per_target: 256,
             },
             portal_groups: vec![PortalGroup {
                 tag: 1,

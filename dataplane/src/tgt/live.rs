@@ -516,7 +516,9 @@ fn restart_only(cur: &super::Global, new: &mut super::Global, out: &mut Vec<Stri
         poll_spin_us,
         idle_park_ms,
         nop_in_interval_s,
-        nop_in_timeout_s
+        nop_in_timeout_s,
+        login_timeout_s,
+        pdu_timeout_s
     );
 }
 
@@ -543,7 +545,9 @@ fn live_globals(cur: &super::Global, new: &super::Global, out: &mut Vec<String>)
         max_connections,
         max_sessions,
         header_digest,
-        data_digest
+        data_digest,
+        max_connections_per_address,
+        max_sessions_per_target
     );
 }
 
@@ -849,6 +853,7 @@ impl Registry {
         key: SessionKey,
         conn_uid: u64,
         max_sessions: u32,
+        max_per_target: u32,
     ) -> Result<Registered, LoginStatus> {
         let mut reinstated = None;
         if let Some((&old_tsih, old)) = self.sessions.iter().find(|(_, s)| s.key == key) {
@@ -857,6 +862,16 @@ impl Registry {
         }
         if reinstated.is_none() && self.sessions.len() >= max_sessions as usize {
             return Err(LoginStatus::OUT_OF_RESOURCES);
+        }
+        if reinstated.is_none() && max_per_target > 0 && key.target.is_some() {
+            let on_target = self
+                .sessions
+                .values()
+                .filter(|s| s.key.target == key.target)
+                .count();
+            if on_target >= max_per_target as usize {
+                return Err(LoginStatus::OUT_OF_RESOURCES);
+            }
         }
         let mut tsih = self.next_tsih;
         while tsih == 0 || self.sessions.contains_key(&tsih) {
@@ -1054,15 +1069,24 @@ mappings = [ { portal_group = 2, initiator_group = 2 } ]
             isid: [0x80, 0, 0, 0, 0, 1],
             target: Some(0),
         };
-        let a = t.register(key.clone(), 10, 16).unwrap();
+        let a = t.register(key.clone(), 10, 16, 0).unwrap();
         assert_eq!(a.reinstated, None);
         let other = SessionKey {
             isid: [0x80, 0, 0, 0, 0, 2],
             ..key.clone()
         };
-        let b = t.register(other, 11, 16).unwrap();
+        let b = t.register(other.clone(), 11, 16, 0).unwrap();
         assert_ne!(a.tsih, b.tsih);
-        let c = t.register(key, 12, 16).unwrap();
+        // Two sessions on the target: a third is refused with a cap of 2.
+        let third = SessionKey {
+            isid: [0x80, 0, 0, 0, 0, 3],
+            ..other
+        };
+        assert_eq!(
+            t.register(third, 13, 16, 2),
+            Err(LoginStatus::OUT_OF_RESOURCES)
+        );
+        let c = t.register(key, 12, 16, 2).unwrap();
         assert_eq!(c.reinstated, Some(10));
         assert!(!t.exists(a.tsih));
         assert!(t.exists(c.tsih));

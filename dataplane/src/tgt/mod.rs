@@ -88,6 +88,15 @@ pub struct Global {
     /// Which HeaderDigest and DataDigest values the target accepts.
     pub header_digest: DigestPolicy,
     pub data_digest: DigestPolicy,
+    /// Seconds a connection may take to log in before it is dropped.
+    pub login_timeout_s: u32,
+    /// Seconds a PDU may take to arrive once its first byte has (a peer that stops in the
+    /// middle of a PDU is dropped).
+    pub pdu_timeout_s: u32,
+    /// Connections at most from one IP address (0: no limit).
+    pub max_connections_per_address: u32,
+    /// Sessions at most per target (0: no limit).
+    pub max_sessions_per_target: u32,
 }
 
 /// The digests a target accepts for a connection.
@@ -137,6 +146,10 @@ impl Default for Global {
             idle_park_ms: 1000,
             header_digest: DigestPolicy::Any,
             data_digest: DigestPolicy::Any,
+            login_timeout_s: 15,
+            pdu_timeout_s: 30,
+            max_connections_per_address: 256,
+            max_sessions_per_target: 256,
         }
     }
 }

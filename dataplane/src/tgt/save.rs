@@ -60,6 +60,14 @@ pub fn to_toml(c: &Config) -> String {
     let _ = writeln!(o, "instance = {}", q(&g.instance));
     let _ = writeln!(o, "header_digest = \"{}\"", g.header_digest.name());
     let _ = writeln!(o, "data_digest = \"{}\"", g.data_digest.name());
+    let _ = writeln!(o, "login_timeout = {}", g.login_timeout_s);
+    let _ = writeln!(o, "pdu_timeout = {}", g.pdu_timeout_s);
+    let _ = writeln!(
+        o,
+        "max_connections_per_address = {}",
+        g.max_connections_per_address
+    );
+    let _ = writeln!(o, "max_sessions_per_target = {}", g.max_sessions_per_target);
     for pg in &c.portal_groups {
         let _ = writeln!(o, "\n[[portal_group]]\ntag = {}", pg.tag);
         let _ = writeln!(o, "portals = {}", list(&pg.portals, |p| q(&p.to_string())));

@@ -152,6 +152,8 @@ impl Harness {
         let ka = Keepalive {
             interval: Some(Duration::from_secs(5)),
             timeout: Duration::from_secs(5),
+            login: Duration::from_secs(15),
+            pdu: Duration::from_secs(30),
         };
         Harness {
             conn: Connection::new(
