@@ -156,6 +156,13 @@ if ! fio_ok; then
     fio_ok || die "${FIO_BIN} was built but does not list the libiscsi engine"
 fi
 
+# ---------------------------------------------------------------- cargo-fuzz
+# The fuzz targets in fuzz/ (scripts/fuzz.sh) run under cargo-fuzz.
+if ! command -v cargo-fuzz >/dev/null 2>&1; then
+    echo "deps.sh: installing cargo-fuzz (a few minutes)" >&2
+    run cargo-fuzz cargo install --locked cargo-fuzz
+fi
+
 # ---------------------------------------------------------------- final checks
 for tool in iscsi-ls iscsi-inq iscsi-test-cu tgtd tgtadm; do
     command -v "${tool}" >/dev/null 2>&1 || die "${tool} not found after installing packages"

@@ -71,6 +71,9 @@ print_summary() {
         # Compliance (iscsi-test-cu) one-liner, printed by tests/tests/compliance.rs.
         grep -E '^iscsi-test-cu \([a-z0-9-]+\): [0-9]+ tests' "${LOG_DIR}/cargo-test.log" | sed 's/^/  /' || true
     fi
+    if [[ -f "${LOG_DIR}/fuzz.log" ]]; then
+        grep -E '^fuzz [a-z_]+: ' "${LOG_DIR}/fuzz.log" | sed 's/^/  /' || true
+    fi
     echo "  total time: $((SECONDS - suite_start))s"
     if [[ ${overall} -eq 0 ]]; then
         echo "  RESULT: PASS"
@@ -93,7 +96,12 @@ if ! step cargo-build "${STEP_TIMEOUT_BUILD}" \
 fi
 # Unit tests of every crate, then the e2e crate's integration tests against the
 # freshly built target/release/iscsi-tgt. --no-fail-fast: report everything.
+# The e2e raw-socket sessions leave what they sent in target/fuzz-seeds (the fuzz corpus).
+rm -rf "${REPO_ROOT}/target/fuzz-seeds"
+export FUZZ_SEED_DIR="${REPO_ROOT}/target/fuzz-seeds"
 step cargo-test "${STEP_TIMEOUT_TEST}" \
     cargo test --release --workspace --features dpdk --no-fail-fast -- --nocapture || true
+# A short bounded run of every fuzz target (a crash fails the suite).
+step fuzz 1200 "${REPO_ROOT}/scripts/fuzz.sh" "${FUZZ_SECONDS:-15}" || true
 
 exit "${overall}"

@@ -54,6 +54,27 @@ pub struct RawSession {
     digests: bool,
     /// Corrupt the data digest of the next PDU sent with data.
     pub corrupt_next_data_digest: bool,
+    /// Everything sent, for the fuzzing corpus (see [`Drop`]).
+    sent: Vec<u8>,
+}
+
+/// With `FUZZ_SEED_DIR` set, each session leaves what it sent there
+/// (`<dir>/connection/<pid>-<n>`): real sessions seed the connection fuzzer's corpus.
+impl Drop for RawSession {
+    fn drop(&mut self) {
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let Some(dir) = std::env::var_os("FUZZ_SEED_DIR") else {
+            return;
+        };
+        let dir = std::path::Path::new(&dir).join("connection");
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if std::fs::create_dir_all(&dir).is_ok() && !self.sent.is_empty() {
+            // The fuzz target takes its first 8 bytes as read sizes.
+            let mut seed = vec![255u8; 8];
+            seed.extend_from_slice(&self.sent);
+            let _ = std::fs::write(dir.join(format!("{}-{n}", std::process::id())), seed);
+        }
+    }
 }
 
 fn crc(parts: &[&[u8]]) -> [u8; 4] {
@@ -113,6 +134,7 @@ impl RawSession {
             rejects: Vec::new(),
             digests: false,
             corrupt_next_data_digest: false,
+            sent: Vec::new(),
         };
         let d = if digests { "CRC32C" } else { "None" };
         let text = format!(
@@ -162,6 +184,7 @@ impl RawSession {
             }
             pdu.extend_from_slice(&d);
         }
+        self.sent.extend_from_slice(&pdu);
         self.s.write_all(&pdu).expect("send PDU");
     }
 

@@ -184,8 +184,13 @@ pub fn to_toml(c: &Config) -> String {
     }
     if let Some(d) = &c.dpdk {
         let _ = writeln!(o, "\n[dpdk]");
-        let _ = writeln!(o, "eal_args = {}", list(&d.eal_args, |a| q(a)));
-        let _ = writeln!(o, "pci_allow = {}", list(&d.pci_allow, |a| q(a)));
+        // Empty lists are written as absent: the loader refuses an empty list given.
+        if !d.eal_args.is_empty() {
+            let _ = writeln!(o, "eal_args = {}", list(&d.eal_args, |a| q(a)));
+        }
+        if !d.pci_allow.is_empty() {
+            let _ = writeln!(o, "pci_allow = {}", list(&d.pci_allow, |a| q(a)));
+        }
         let _ = writeln!(o, "no_huge = {}", d.no_huge);
         let _ = writeln!(o, "memory_mib = {}", d.memory_mib);
         if let Some(p) = &d.file_prefix {
@@ -245,7 +250,18 @@ mod tests {
         example.discovery_auth.require_chap = true;
         example.targets[0].auth.group = Some(4);
         example.targets[0].auth.mutual_chap = true;
-        for c in [example, super::super::config::default_config(None)] {
+        // Found by the config fuzzer: a [dpdk] section without lists saved empty ones.
+        let bare_dpdk = parse(
+            &(to_toml(&super::super::config::default_config(None)) + "\n[dpdk]\nno_huge = true\n"),
+            "dpdk",
+        )
+        .unwrap();
+        assert!(bare_dpdk.dpdk.as_ref().unwrap().eal_args.is_empty());
+        for c in [
+            example,
+            super::super::config::default_config(None),
+            bare_dpdk,
+        ] {
             let text = to_toml(&c);
             let back = parse(&text, "saved").unwrap_or_else(|e| panic!("{e}\n{text}"));
             assert_eq!(back, c, "{text}");
