@@ -112,7 +112,15 @@ impl TargetEnv for FuzzEnv {
         self.model.discover(initiator, peer, local, only)
     }
     fn register_session(&mut self, key: SessionKey, uid: u64) -> Result<Registered, LoginStatus> {
-        self.registry.register(key, uid, 16, 16)
+        self.registry.register(
+            key,
+            uid,
+            dataplane::tgt::live::SessionLimits {
+                total: 16,
+                per_target: 16,
+                per_initiator: 16,
+            },
+        )
     }
     fn session_exists(&self, tsih: u16) -> bool {
         self.registry.exists(tsih)
@@ -153,6 +161,7 @@ pub fn run_connection(data: &[u8]) {
         timeout: Duration::from_secs(5),
         login: Duration::from_secs(15),
         pdu: Duration::from_secs(30),
+        buffer_cap: 64 << 20,
     };
     let peer: SocketAddr = "127.0.0.1:5000".parse().unwrap();
     let local: SocketAddr = "127.0.0.1:3260".parse().unwrap();

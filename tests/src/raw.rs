@@ -56,6 +56,8 @@ pub struct RawSession {
     pub corrupt_next_data_digest: bool,
     /// Everything sent, for the fuzzing corpus (see [`Drop`]).
     sent: Vec<u8>,
+    /// The Expected Data Transfer Length of a write sent without data.
+    write_expecting: u32,
 }
 
 /// With `FUZZ_SEED_DIR` set, each session leaves what it sent there
@@ -135,6 +137,7 @@ impl RawSession {
             digests: false,
             corrupt_next_data_digest: false,
             sent: Vec::new(),
+            write_expecting: 0,
         };
         let d = if digests { "CRC32C" } else { "None" };
         let text = format!(
@@ -216,6 +219,19 @@ impl RawSession {
         self.command_with(lun, &cdb, 0, data)
     }
 
+    /// WRITE (10) of `blocks` blocks of 512 bytes with no data sent: the target solicits
+    /// it with R2Ts (which this client does not answer), or answers at once.
+    pub fn write10_no_data(&mut self, lun: u64, lba: u32, blocks: u16) -> Option<Reply> {
+        let mut cdb = [0u8; 10];
+        cdb[0] = 0x2a;
+        cdb[2..6].copy_from_slice(&lba.to_be_bytes());
+        cdb[7..9].copy_from_slice(&blocks.to_be_bytes());
+        self.write_expecting = u32::from(blocks) * 512;
+        let r = self.command_with(lun, &cdb, 0, &[]);
+        self.write_expecting = 0;
+        r
+    }
+
     /// READ (10) of `blocks` blocks of 512 bytes.
     pub fn read10(&mut self, lun: u64, lba: u32, blocks: u16) -> Option<Reply> {
         let mut cdb = [0u8; 10];
@@ -277,7 +293,11 @@ impl RawSession {
         bhs[0] = 0x01;
         bhs[1] = 0x80
             | if read_len > 0 { 0x40 } else { 0 }
-            | if immediate.is_empty() { 0 } else { 0x20 }
+            | if immediate.is_empty() && self.write_expecting == 0 {
+                0
+            } else {
+                0x20
+            }
             | 0x01;
         // Single-level LUN: peripheral addressing below 256, flat above.
         if lun < 256 {
@@ -287,7 +307,9 @@ impl RawSession {
             bhs[9] = lun as u8;
         }
         bhs[16..20].copy_from_slice(&itt.to_be_bytes());
-        let edtl = if immediate.is_empty() {
+        let edtl = if self.write_expecting > 0 {
+            self.write_expecting
+        } else if immediate.is_empty() {
             read_len
         } else {
             immediate.len() as u32

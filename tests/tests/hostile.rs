@@ -189,3 +189,20 @@ fn hostile_clients_do_not_disturb_a_good_session() {
     assert!(log.contains("stopped in the middle of a PDU"), "{log}");
     assert!(log.contains("refused a connection from 127.0.0.1"), "{log}");
 }
+
+/// Write buffers a connection may hold are capped: past the cap, a write gets TASK SET
+/// FULL at once (no R2T, no buffer), and the session goes on.
+#[test]
+fn a_write_past_the_buffer_budget_gets_task_set_full() {
+    let toml = config().replace(
+        "max_connections_per_address = 150",
+        "max_connections_per_address = 150\nmax_connection_buffer_mib = 1",
+    );
+    let mut t = Target::start_with_config("hostile-budget", &toml, DEFAULT_IQN, 0);
+    let mut r = RawSession::login(&t.portal(), "iqn.2026-11.io.e2e:budget", DEFAULT_IQN);
+    // 2 MiB: more than the 1 MiB budget.
+    let w = r.write10_no_data(0, 0, 4096).unwrap();
+    assert_eq!(w.status, 0x28, "TASK SET FULL: {w:?}");
+    assert_eq!(r.tur(0).unwrap().status, 0);
+    t.assert_running();
+}

@@ -196,6 +196,9 @@ struct Task {
     /// Some of its data came with a bad data digest: it ends with CHECK CONDITION once
     /// all its data is in, without reaching the device.
     digest_failed: bool,
+    /// Its write buffer would exceed the connection's budget: it ends with TASK SET FULL
+    /// (the initiator retries later) without soliciting its data.
+    over_budget: bool,
 }
 
 impl Task {
@@ -281,7 +284,13 @@ pub struct Keepalive {
     pub login: Duration,
     /// Longest one PDU may take to arrive once it started.
     pub pdu: Duration,
+    /// Bytes of write buffers the connection's commands may hold at once (0: no limit).
+    pub buffer_cap: usize,
 }
+
+/// Write buffers up to this size are not counted against the connection's budget: the
+/// command window already bounds them (queue depth x this).
+const SMALL_WRITE: usize = 256 * 1024;
 
 /// One iSCSI connection.
 pub struct Connection {
@@ -1123,8 +1132,29 @@ impl Connection {
 
     fn create_task(&mut self, cmd: ScsiCommand) {
         let lun = pdu::decode_lun(cmd.lun);
-        let buf = if cmd.write && cmd.edtl > 0 {
-            Some(IoBuf::for_io(cmd.edtl as usize))
+        let len = cmd.edtl as usize;
+        // Large write buffers count against the connection's budget (small ones are bounded
+        // by the command window); summing the held ones is rare work for large I/O only.
+        let over_budget = cmd.write
+            && len > SMALL_WRITE
+            && self.keepalive.buffer_cap > 0
+            && self
+                .tasks
+                .values()
+                .filter_map(|t| t.buf.as_ref())
+                .map(|b| b.len())
+                .filter(|&n| n > SMALL_WRITE)
+                .sum::<usize>()
+                + len
+                > self.keepalive.buffer_cap;
+        if over_budget {
+            log::debug!(
+                "conn {}: a {len}-byte write would pass the buffer budget: TASK SET FULL",
+                self.uid
+            );
+        }
+        let buf = if cmd.write && cmd.edtl > 0 && !over_budget {
+            Some(IoBuf::for_io(len))
         } else {
             None
         };
@@ -1143,6 +1173,7 @@ impl Connection {
             received: 0,
             aborted: false,
             digest_failed: false,
+            over_budget,
             received_at: self.last_rx,
             cmd,
         };
@@ -1217,6 +1248,18 @@ impl Connection {
             return;
         };
         task.state = TaskState::Collecting;
+        if task.over_budget {
+            task.state = TaskState::Submitted;
+            let r = ScsiResponse {
+                tag: (self.uid << 32) | u64::from(itt),
+                status: ScsiStatus::TaskSetFull,
+                sense: Vec::new(),
+                data_in: None,
+                data_out_wanted: 0,
+            };
+            self.scsi_done(r);
+            return;
+        }
         if task.data_complete() {
             self.submit(itt, env);
         } else {

@@ -387,14 +387,13 @@ impl TargetEnv for ReactorEnv {
         key: SessionKey,
         conn_uid: u64,
     ) -> Result<Registered, LoginStatus> {
-        let g = self.model.global();
-        let (max, per_target) = (g.max_sessions, g.max_sessions_per_target);
+        let limits = crate::tgt::live::SessionLimits::of(self.model.global());
         let reg = self
             .shared
             .registry
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .register(key, conn_uid, max, per_target)?;
+            .register(key, conn_uid, limits)?;
         if let Some(old) = reg.reinstated {
             // The old connection may live on any reactor or in the parking lot.
             self.close_local.push(old);

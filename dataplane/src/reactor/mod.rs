@@ -248,6 +248,7 @@ impl Dataplane {
             timeout: Duration::from_secs(u64::from(g.nop_in_timeout_s.max(1))),
             login: Duration::from_secs(u64::from(g.login_timeout_s.max(1))),
             pdu: Duration::from_secs(u64::from(g.pdu_timeout_s.max(1))),
+            buffer_cap: g.max_connection_buffer_mib as usize * (1 << 20),
         };
         let park_after =
             (g.idle_park_ms > 0).then(|| Duration::from_millis(u64::from(g.idle_park_ms)));
@@ -736,11 +737,10 @@ impl Reactor {
             log::debug!("accepted {} on {} (userspace)", a.peer, a.local);
             let uid = self.env.shared.new_uid();
             let mut conn = Connection::new(uid, a.peer, a.local, a.pg_tag, self.keepalive, now);
-            let max = self.env.model.global().max_connections_per_address;
-            match self.env.shared.per_address.take(a.peer.ip(), max) {
-                Some(t) => conn.attach(Box::new(t)),
-                None => {
-                    log::warn!("refused a connection from {}: {max} already", a.peer);
+            match self.take_places(a.peer, a.pg_tag) {
+                Ok(t) => conn.attach(Box::new(t)),
+                Err(why) => {
+                    log::warn!("refused a connection from {}: {why}", a.peer);
                     conn.force_close(CloseReason::PeerClosed);
                 }
             }
@@ -774,6 +774,34 @@ impl Reactor {
             }
         }
         changed
+    }
+
+    /// A new connection's places in the per-address and per-portal-group counts, or why
+    /// it is refused.
+    fn take_places(&self, peer: SocketAddr, pg_tag: u16) -> Result<shared::AddressTicket, String> {
+        use shared::CountKey;
+        let g = self.env.model.global();
+        let wanted = [
+            (CountKey::Address(peer.ip()), g.max_connections_per_address),
+            (
+                CountKey::PortalGroup(pg_tag),
+                g.max_connections_per_portal_group,
+            ),
+        ];
+        self.env
+            .shared
+            .per_address
+            .take(&wanted)
+            .map_err(|full| match full {
+                CountKey::Address(ip) => format!(
+                    "{} connections from {ip} already",
+                    g.max_connections_per_address
+                ),
+                CountKey::PortalGroup(t) => format!(
+                    "{} connections through portal group {t} already",
+                    g.max_connections_per_portal_group
+                ),
+            })
     }
 
     /// Ends the sessions the current model no longer carries: their target was removed,
@@ -836,14 +864,13 @@ impl Reactor {
             }
             let local = stream.local_addr().unwrap_or(p.addr);
             let pg_tag = p.pg_tag;
-            let max = self.env.model.global().max_connections_per_address;
-            let Some(ticket) = self.env.shared.per_address.take(peer.ip(), max) else {
-                log::warn!(
-                    "refused a connection from {peer}: {max} connections from {} already",
-                    peer.ip()
-                );
-                drop(stream);
-                continue;
+            let ticket = match self.take_places(peer, pg_tag) {
+                Ok(t) => t,
+                Err(why) => {
+                    log::warn!("refused a connection from {peer}: {why}");
+                    drop(stream);
+                    continue;
+                }
             };
             let to = self.env.shared.least_loaded();
             // Count it now so a burst of accepts spreads over the reactors.

@@ -111,46 +111,61 @@ pub struct LunWork {
     pub replace: bool,
 }
 
-/// Connections per peer address, for `max_connections_per_address`.
-#[derive(Default)]
-pub struct AddressCounts(Mutex<std::collections::HashMap<std::net::IpAddr, u32>>);
+/// What connections are counted by, for `max_connections_per_address` and
+/// `max_connections_per_portal_group`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum CountKey {
+    Address(std::net::IpAddr),
+    PortalGroup(u16),
+}
 
-/// One connection's place in [`AddressCounts`]; given back when dropped (with the
+/// Connections per peer address and per portal group (taken at accept, never per
+/// command).
+#[derive(Default)]
+pub struct AddressCounts(Mutex<std::collections::HashMap<CountKey, u32>>);
+
+/// One connection's places in [`AddressCounts`]; given back when dropped (with the
 /// connection, wherever that happens).
 pub struct AddressTicket {
     counts: Arc<AddressCounts>,
-    ip: std::net::IpAddr,
+    keys: Vec<CountKey>,
 }
 
 impl AddressCounts {
-    /// A place for one more connection from `ip`, unless it has `max` already (0: no limit).
-    pub fn take(self: &Arc<Self>, ip: std::net::IpAddr, max: u32) -> Option<AddressTicket> {
+    /// Places for one more connection under each key, unless one of them has its cap
+    /// already (0: no limit); then the key that is full.
+    pub fn take(self: &Arc<Self>, wanted: &[(CountKey, u32)]) -> Result<AddressTicket, CountKey> {
         let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        let n = m.entry(ip).or_insert(0);
-        if max > 0 && *n >= max {
-            return None;
+        for (k, max) in wanted {
+            if *max > 0 && m.get(k).copied().unwrap_or(0) >= *max {
+                return Err(*k);
+            }
         }
-        *n += 1;
-        Some(AddressTicket {
+        for (k, _) in wanted {
+            *m.entry(*k).or_insert(0) += 1;
+        }
+        Ok(AddressTicket {
             counts: self.clone(),
-            ip,
+            keys: wanted.iter().map(|(k, _)| *k).collect(),
         })
     }
 
-    /// Connections from `ip` now.
-    pub fn count(&self, ip: std::net::IpAddr) -> u32 {
+    /// Connections counted under `key` now.
+    pub fn count(&self, key: CountKey) -> u32 {
         let m = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        m.get(&ip).copied().unwrap_or(0)
+        m.get(&key).copied().unwrap_or(0)
     }
 }
 
 impl Drop for AddressTicket {
     fn drop(&mut self) {
         let mut m = self.counts.0.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(n) = m.get_mut(&self.ip) {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
-                m.remove(&self.ip);
+        for k in &self.keys {
+            if let Some(n) = m.get_mut(k) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    m.remove(k);
+                }
             }
         }
     }
@@ -247,5 +262,34 @@ impl Shared {
         if m.sleeping.load(Ordering::SeqCst) {
             let _ = m.waker.wake();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connection_counts_cap_and_give_back() {
+        let c = Arc::new(AddressCounts::default());
+        let ip: std::net::IpAddr = "10.0.0.1".parse().unwrap();
+        let (a, g) = (CountKey::Address(ip), CountKey::PortalGroup(1));
+        let t1 = c.take(&[(a, 2), (g, 3)]).unwrap();
+        let t2 = c.take(&[(a, 2), (g, 3)]).unwrap();
+        assert_eq!(c.take(&[(a, 2), (g, 3)]).err(), Some(a));
+        // Another address through the same group: the group's cap binds next.
+        let other = CountKey::Address("10.0.0.2".parse().unwrap());
+        let t3 = c.take(&[(other, 0), (g, 3)]).unwrap();
+        assert_eq!(c.take(&[(other, 0), (g, 3)]).err(), Some(g));
+        assert_eq!((c.count(a), c.count(g)), (2, 3));
+        drop(t1);
+        assert_eq!((c.count(a), c.count(g)), (1, 2));
+        drop((t2, t3));
+        assert_eq!((c.count(a), c.count(g), c.count(other)), (0, 0, 0));
+        // 0: no limit.
+        let many: Vec<_> = (0..100).map(|_| c.take(&[(a, 0)]).unwrap()).collect();
+        assert_eq!(c.count(a), 100);
+        drop(many);
+        assert_eq!(c.count(a), 0);
     }
 }

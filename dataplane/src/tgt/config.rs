@@ -517,6 +517,9 @@ struct RawGlobal {
     pdu_timeout: Option<S<i64>>,
     max_connections_per_address: Option<S<i64>>,
     max_sessions_per_target: Option<S<i64>>,
+    max_sessions_per_initiator: Option<S<i64>>,
+    max_connections_per_portal_group: Option<S<i64>>,
+    max_connection_buffer_mib: Option<S<i64>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -1198,6 +1201,27 @@ impl Cx<'_> {
                 0,
                 65535,
                 d.max_sessions_per_target,
+            )?,
+            max_sessions_per_initiator: self.u32_or(
+                &g.max_sessions_per_initiator,
+                "global.max_sessions_per_initiator",
+                0,
+                65535,
+                d.max_sessions_per_initiator,
+            )?,
+            max_connections_per_portal_group: self.u32_or(
+                &g.max_connections_per_portal_group,
+                "global.max_connections_per_portal_group",
+                0,
+                1_000_000,
+                d.max_connections_per_portal_group,
+            )?,
+            max_connection_buffer_mib: self.u32_or(
+                &g.max_connection_buffer_mib,
+                "global.max_connection_buffer_mib",
+                0,
+                1 << 20,
+                d.max_connection_buffer_mib,
             )?,
         })
     }
@@ -1910,6 +1934,9 @@ mappings = [ { portal_group = 1, initiator_group = 1 } ]
                 pdu_timeout_s: 30,
                 max_connections_per_address: 256,
                 max_sessions_per_target: 256,
+                max_sessions_per_initiator: 256,
+                max_connections_per_portal_group: 4096,
+                max_connection_buffer_mib: 256,
             },
             portal_groups: vec![PortalGroup {
                 tag: 1,

@@ -518,7 +518,8 @@ fn restart_only(cur: &super::Global, new: &mut super::Global, out: &mut Vec<Stri
         nop_in_interval_s,
         nop_in_timeout_s,
         login_timeout_s,
-        pdu_timeout_s
+        pdu_timeout_s,
+        max_connection_buffer_mib
     );
 }
 
@@ -547,7 +548,9 @@ fn live_globals(cur: &super::Global, new: &super::Global, out: &mut Vec<String>)
         header_digest,
         data_digest,
         max_connections_per_address,
-        max_sessions_per_target
+        max_sessions_per_target,
+        max_sessions_per_initiator,
+        max_connections_per_portal_group
     );
 }
 
@@ -826,6 +829,24 @@ pub fn plan(current: &Model, desired: &Config) -> Result<Plan, String> {
     })
 }
 
+/// Caps on sessions (0: no limit): in all, per target, per initiator name.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SessionLimits {
+    pub total: u32,
+    pub per_target: u32,
+    pub per_initiator: u32,
+}
+
+impl SessionLimits {
+    pub fn of(g: &super::Global) -> Self {
+        SessionLimits {
+            total: g.max_sessions,
+            per_target: g.max_sessions_per_target,
+            per_initiator: g.max_sessions_per_initiator,
+        }
+    }
+}
+
 struct SessionEntry {
     key: SessionKey,
     conn_uid: u64,
@@ -852,9 +873,13 @@ impl Registry {
         &mut self,
         key: SessionKey,
         conn_uid: u64,
-        max_sessions: u32,
-        max_per_target: u32,
+        limits: SessionLimits,
     ) -> Result<Registered, LoginStatus> {
+        let SessionLimits {
+            total: max_sessions,
+            per_target: max_per_target,
+            per_initiator: max_per_initiator,
+        } = limits;
         let mut reinstated = None;
         if let Some((&old_tsih, old)) = self.sessions.iter().find(|(_, s)| s.key == key) {
             reinstated = Some(old.conn_uid);
@@ -870,6 +895,16 @@ impl Registry {
                 .filter(|s| s.key.target == key.target)
                 .count();
             if on_target >= max_per_target as usize {
+                return Err(LoginStatus::OUT_OF_RESOURCES);
+            }
+        }
+        if reinstated.is_none() && max_per_initiator > 0 {
+            let by_initiator = self
+                .sessions
+                .values()
+                .filter(|s| s.key.initiator == key.initiator)
+                .count();
+            if by_initiator >= max_per_initiator as usize {
                 return Err(LoginStatus::OUT_OF_RESOURCES);
             }
         }
@@ -1061,6 +1096,14 @@ mappings = [ { portal_group = 2, initiator_group = 2 } ]
         assert_eq!(one.len(), 1);
     }
 
+    fn lim(total: u32, per_target: u32, per_initiator: u32) -> SessionLimits {
+        SessionLimits {
+            total,
+            per_target,
+            per_initiator,
+        }
+    }
+
     #[test]
     fn same_isid_reinstates_the_old_session() {
         let mut t = Registry::new();
@@ -1069,13 +1112,13 @@ mappings = [ { portal_group = 2, initiator_group = 2 } ]
             isid: [0x80, 0, 0, 0, 0, 1],
             target: Some(0),
         };
-        let a = t.register(key.clone(), 10, 16, 0).unwrap();
+        let a = t.register(key.clone(), 10, lim(16, 0, 0)).unwrap();
         assert_eq!(a.reinstated, None);
         let other = SessionKey {
             isid: [0x80, 0, 0, 0, 0, 2],
             ..key.clone()
         };
-        let b = t.register(other.clone(), 11, 16, 0).unwrap();
+        let b = t.register(other.clone(), 11, lim(16, 0, 0)).unwrap();
         assert_ne!(a.tsih, b.tsih);
         // Two sessions on the target: a third is refused with a cap of 2.
         let third = SessionKey {
@@ -1083,17 +1126,27 @@ mappings = [ { portal_group = 2, initiator_group = 2 } ]
             ..other
         };
         assert_eq!(
-            t.register(third, 13, 16, 2),
+            t.register(third.clone(), 13, lim(16, 2, 0)),
             Err(LoginStatus::OUT_OF_RESOURCES)
         );
-        let c = t.register(key, 12, 16, 2).unwrap();
+        // The same initiator on another target, with a cap of 2 per initiator name.
+        let elsewhere = SessionKey {
+            target: Some(1),
+            ..third
+        };
+        assert_eq!(
+            t.register(elsewhere.clone(), 14, lim(16, 0, 2)),
+            Err(LoginStatus::OUT_OF_RESOURCES)
+        );
+        assert!(t.register(elsewhere, 14, lim(16, 0, 3)).is_ok());
+        let c = t.register(key, 12, lim(16, 2, 0)).unwrap();
         assert_eq!(c.reinstated, Some(10));
         assert!(!t.exists(a.tsih));
         assert!(t.exists(c.tsih));
         // The old connection's late teardown must not remove the new session.
         t.unregister(c.tsih, 10);
         assert!(t.exists(c.tsih));
-        assert_eq!(t.len(), 2);
+        assert_eq!(t.len(), 3);
     }
 
     #[test]

@@ -97,6 +97,13 @@ pub struct Global {
     pub max_connections_per_address: u32,
     /// Sessions at most per target (0: no limit).
     pub max_sessions_per_target: u32,
+    /// Sessions at most per initiator name, over all targets (0: no limit).
+    pub max_sessions_per_initiator: u32,
+    /// Connections at most through one portal group (0: no limit).
+    pub max_connections_per_portal_group: u32,
+    /// MiB of large write buffers (over 256 KiB each) one connection's commands may hold
+    /// at once; a write past it gets TASK SET FULL (0: no limit).
+    pub max_connection_buffer_mib: u32,
 }
 
 /// The digests a target accepts for a connection.
@@ -150,6 +157,9 @@ impl Default for Global {
             pdu_timeout_s: 30,
             max_connections_per_address: 256,
             max_sessions_per_target: 256,
+            max_sessions_per_initiator: 256,
+            max_connections_per_portal_group: 4096,
+            max_connection_buffer_mib: 256,
         }
     }
 }

@@ -68,6 +68,21 @@ pub fn to_toml(c: &Config) -> String {
         g.max_connections_per_address
     );
     let _ = writeln!(o, "max_sessions_per_target = {}", g.max_sessions_per_target);
+    let _ = writeln!(
+        o,
+        "max_sessions_per_initiator = {}",
+        g.max_sessions_per_initiator
+    );
+    let _ = writeln!(
+        o,
+        "max_connections_per_portal_group = {}",
+        g.max_connections_per_portal_group
+    );
+    let _ = writeln!(
+        o,
+        "max_connection_buffer_mib = {}",
+        g.max_connection_buffer_mib
+    );
     for pg in &c.portal_groups {
         let _ = writeln!(o, "\n[[portal_group]]\ntag = {}", pg.tag);
         let _ = writeln!(o, "portals = {}", list(&pg.portals, |p| q(&p.to_string())));

@@ -154,6 +154,7 @@ impl Harness {
             timeout: Duration::from_secs(5),
             login: Duration::from_secs(15),
             pdu: Duration::from_secs(30),
+            buffer_cap: 256 << 20,
         };
         Harness {
             conn: Connection::new(
