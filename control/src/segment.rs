@@ -91,13 +91,7 @@ struct StatsBlock {
     seq: AtomicU64,
     connections: AtomicU64,
     sessions: AtomicU64,
-    commands: AtomicU64,
-    read_commands: AtomicU64,
-    write_commands: AtomicU64,
-    read_bytes: AtomicU64,
-    write_bytes: AtomicU64,
-    errors: AtomicU64,
-    latency: [AtomicU64; LATENCY_BUCKETS],
+    io: Counters,
 }
 
 /// One object's statistics block (behind its seqlock sequence). Kind 0 is a free block.
@@ -108,6 +102,13 @@ struct ObjectBlock {
     id: AtomicU64,
     name_len: AtomicU64,
     name: [AtomicU64; OBJECT_NAME_BYTES / 8],
+    io: Counters,
+}
+
+/// The command counters and latency histogram both kinds of block end with (the same
+/// layout as the fields it replaced).
+#[repr(C)]
+struct Counters {
     commands: AtomicU64,
     read_commands: AtomicU64,
     write_commands: AtomicU64,
@@ -115,6 +116,35 @@ struct ObjectBlock {
     write_bytes: AtomicU64,
     errors: AtomicU64,
     latency: [AtomicU64; LATENCY_BUCKETS],
+}
+
+impl Counters {
+    /// Relaxed loads into `s` (inside a seqlock read).
+    fn load_into(&self, s: &mut ReactorStats) {
+        s.commands = self.commands.load(Ordering::Relaxed);
+        s.read_commands = self.read_commands.load(Ordering::Relaxed);
+        s.write_commands = self.write_commands.load(Ordering::Relaxed);
+        s.read_bytes = self.read_bytes.load(Ordering::Relaxed);
+        s.write_bytes = self.write_bytes.load(Ordering::Relaxed);
+        s.errors = self.errors.load(Ordering::Relaxed);
+        for (d, a) in s.latency.iter_mut().zip(self.latency.iter()) {
+            *d = a.load(Ordering::Relaxed);
+        }
+    }
+
+    /// Relaxed stores from `s` (inside a seqlock write).
+    fn store(&self, s: &ReactorStats) {
+        self.commands.store(s.commands, Ordering::Relaxed);
+        self.read_commands.store(s.read_commands, Ordering::Relaxed);
+        self.write_commands
+            .store(s.write_commands, Ordering::Relaxed);
+        self.read_bytes.store(s.read_bytes, Ordering::Relaxed);
+        self.write_bytes.store(s.write_bytes, Ordering::Relaxed);
+        self.errors.store(s.errors, Ordering::Relaxed);
+        for (a, v) in self.latency.iter().zip(s.latency.iter()) {
+            a.store(*v, Ordering::Relaxed);
+        }
+    }
 }
 
 const _: () = assert!(std::mem::size_of::<ObjectBlock>() <= OBJECT_STRIDE);
@@ -646,17 +676,9 @@ impl Segment {
             let mut s = ReactorStats {
                 connections: b.connections.load(Ordering::Relaxed),
                 sessions: b.sessions.load(Ordering::Relaxed),
-                commands: b.commands.load(Ordering::Relaxed),
-                read_commands: b.read_commands.load(Ordering::Relaxed),
-                write_commands: b.write_commands.load(Ordering::Relaxed),
-                read_bytes: b.read_bytes.load(Ordering::Relaxed),
-                write_bytes: b.write_bytes.load(Ordering::Relaxed),
-                errors: b.errors.load(Ordering::Relaxed),
                 ..ReactorStats::default()
             };
-            for (d, a) in s.latency.iter_mut().zip(b.latency.iter()) {
-                *d = a.load(Ordering::Relaxed);
-            }
+            b.io.load_into(&mut s);
             fence(Ordering::Acquire);
             if b.seq.load(Ordering::Relaxed) == s1 {
                 return Some(s);
@@ -741,18 +763,8 @@ fn read_object(b: &ObjectBlock, reactor: usize) -> Option<ObjectStats> {
         for w in &b.name {
             name.extend_from_slice(&w.load(Ordering::Relaxed).to_le_bytes());
         }
-        let mut s = ReactorStats {
-            commands: b.commands.load(Ordering::Relaxed),
-            read_commands: b.read_commands.load(Ordering::Relaxed),
-            write_commands: b.write_commands.load(Ordering::Relaxed),
-            read_bytes: b.read_bytes.load(Ordering::Relaxed),
-            write_bytes: b.write_bytes.load(Ordering::Relaxed),
-            errors: b.errors.load(Ordering::Relaxed),
-            ..ReactorStats::default()
-        };
-        for (d, a) in s.latency.iter_mut().zip(b.latency.iter()) {
-            *d = a.load(Ordering::Relaxed);
-        }
+        let mut s = ReactorStats::default();
+        b.io.load_into(&mut s);
         fence(Ordering::Acquire);
         if b.seq.load(Ordering::Relaxed) != s1 {
             continue;
@@ -800,15 +812,7 @@ impl ObjectWriter<'_> {
                 Ordering::Relaxed,
             );
         }
-        b.commands.store(s.commands, Ordering::Relaxed);
-        b.read_commands.store(s.read_commands, Ordering::Relaxed);
-        b.write_commands.store(s.write_commands, Ordering::Relaxed);
-        b.read_bytes.store(s.read_bytes, Ordering::Relaxed);
-        b.write_bytes.store(s.write_bytes, Ordering::Relaxed);
-        b.errors.store(s.errors, Ordering::Relaxed);
-        for (a, v) in b.latency.iter().zip(s.latency.iter()) {
-            a.store(*v, Ordering::Relaxed);
-        }
+        b.io.store(s);
         b.seq.store(seq.wrapping_add(2), Ordering::Release);
     }
 
@@ -846,15 +850,7 @@ impl StatsWriter<'_> {
         fence(Ordering::Release);
         b.connections.store(s.connections, Ordering::Relaxed);
         b.sessions.store(s.sessions, Ordering::Relaxed);
-        b.commands.store(s.commands, Ordering::Relaxed);
-        b.read_commands.store(s.read_commands, Ordering::Relaxed);
-        b.write_commands.store(s.write_commands, Ordering::Relaxed);
-        b.read_bytes.store(s.read_bytes, Ordering::Relaxed);
-        b.write_bytes.store(s.write_bytes, Ordering::Relaxed);
-        b.errors.store(s.errors, Ordering::Relaxed);
-        for (a, v) in b.latency.iter().zip(s.latency.iter()) {
-            a.store(*v, Ordering::Relaxed);
-        }
+        b.io.store(s);
         b.seq.store(seq.wrapping_add(2), Ordering::Release);
     }
 }
