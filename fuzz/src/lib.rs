@@ -8,7 +8,7 @@ use dataplane::iscsi::conn::{Connection, Keepalive};
 use dataplane::iscsi::{
     DiscoveryEntry, LoginStatus, Registered, SessionKey, TargetEnv, TargetId, TargetInfo,
 };
-use dataplane::scsi::{Device, NexusId, ScsiResponse, ScsiTask};
+use dataplane::scsi::{Device, ItNexus, NexusId, ScsiResponse, ScsiTask};
 use dataplane::tgt::live::{lun_identity, Model, Registry};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -72,7 +72,12 @@ impl FuzzEnv {
         // (The scsi_device target covers the RAM disk; here the protocol path matters.)
         let bdev = NullBdev::new("M0", 512, 1 << 20).expect("null");
         device
-            .add_lun(0, Box::new(bdev), lun_identity(node, 0, "M0", 1))
+            .add_lun(0, Box::new(bdev), {
+                // No APTPL state file: a fuzzer must not write to the disk.
+                let mut id = lun_identity(node, 0, "M0", "/");
+                id.pr_file = None;
+                id
+            })
             .expect("lun");
         FuzzEnv {
             model,
@@ -137,17 +142,19 @@ impl TargetEnv for FuzzEnv {
     fn scsi_submit(&mut self, _target: TargetId, task: ScsiTask) {
         self.device.submit(task);
     }
-    fn nexus_added(&mut self, _t: TargetId, n: NexusId) {
-        self.device.nexus_added(n)
+    fn nexus_added(&mut self, _t: TargetId, n: NexusId, it: ItNexus) {
+        self.device.nexus_added(n, it)
     }
     fn nexus_removed(&mut self, _t: TargetId, n: NexusId) {
         self.device.nexus_removed(n)
     }
-    fn lun_reset(&mut self, _t: TargetId, lun: u64, by: NexusId) {
-        self.device.lun_reset(lun, by)
+    fn lun_reset(&mut self, _t: TargetId, lun: u64, by: NexusId, ack: u64) {
+        self.device.lun_reset(lun, by);
+        self.device.acknowledge(ack);
     }
-    fn target_reset(&mut self, _t: TargetId, by: NexusId, cold: bool) {
-        self.device.target_reset(by, cold)
+    fn target_reset(&mut self, _t: TargetId, by: NexusId, cold: bool, ack: u64) {
+        self.device.target_reset(by, cold);
+        self.device.acknowledge(ack);
     }
 }
 

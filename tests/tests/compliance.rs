@@ -6,15 +6,18 @@
 //! * the run must be complete: the parsed results must cover exactly the tests
 //!   `iscsi-test-cu -l` lists for the ALL family.
 //!
-//! It runs on one reactor (the default), on two (`--cpumask 0x3`), and over the userspace
-//! TCP stack (smoltcp) in a network namespace of its own: on a TAP interface, and on a DPDK
-//! port (`net_af_packet` on a veth pair; needs a build with `--features dpdk`).
+//! It runs on one reactor (the default); on two reactors with two paths (two portal groups,
+//! the second given to iscsi-test-cu as its multipath URL, so the MultipathIO tests run);
+//! with CRC32C header digests; and over the userspace TCP stack (smoltcp) in a network
+//! namespace of its own: on a TAP interface, and on a DPDK port (`net_af_packet` on a veth
+//! pair; needs a build with `--features dpdk`). Claimed tests that need a second path
+//! (`ALL.MultipathIO.*`) are only required of the two-path run.
 //!
 //! Full output: target/e2e/<label>-iscsi-test-cu.log; really passing tests (candidates
 //! for the claimed list): target/e2e/<label>-iscsi-test-cu-passing.txt.
 
 use e2e::{
-    artifacts_dir, dpdk_available, parse_claimed, parse_iscsi_test_cu, run_with_timeout,
+    artifacts_dir, dpdk_available, free_port, parse_claimed, parse_iscsi_test_cu, run_with_timeout,
     userspace_portal_group, workspace_root, NetNs, Target, Wire,
 };
 use std::collections::BTreeSet;
@@ -59,16 +62,54 @@ fn iscsi_test_cu_all() {
     run_suite("compliance", &[]);
 }
 
-/// The same suite with two reactors: the connections of the run spread over both, and the
-/// device lives on one of them, so commands cross between reactors.
+/// The same suite with two reactors and two paths: the connections of the run spread over
+/// both reactors while the device lives on one, so commands cross between reactors; the
+/// target is reached through two portal groups (127.0.0.1 and 127.0.0.2), and the second is
+/// iscsi-test-cu's multipath URL (the same LUN through another target port).
 #[test]
-fn iscsi_test_cu_all_two_reactors() {
+fn iscsi_test_cu_all_two_reactors_two_paths() {
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     if cpus < 2 {
         eprintln!("skipped: this machine has {cpus} CPU");
         return;
     }
-    run_suite("compliance-2r", &["--cpumask", "0x3"]);
+    let iqn = e2e::DEFAULT_IQN;
+    let second = free_port();
+    let toml = format!(
+        r#"
+[global]
+cpumask = "0x3"
+
+[[portal_group]]
+tag = 1
+portals = ["127.0.0.1:3260"]
+
+[[portal_group]]
+tag = 2
+portals = ["127.0.0.2:{second}"]
+
+[[initiator_group]]
+tag = 1
+initiators = ["ANY"]
+netmasks = ["ANY"]
+
+[[bdev]]
+name = "Malloc0"
+type = "malloc"
+size = "1GiB"
+
+[[target]]
+name = "{iqn}"
+luns = [ {{ lun = 0, bdev = "Malloc0" }} ]
+mappings = [ {{ portal_group = 1, initiator_group = 1 }}, {{ portal_group = 2, initiator_group = 1 }} ]
+"#
+    );
+    let t = Target::start_with_config("compliance-2r", &toml, iqn, 0);
+    let path2 = format!("iscsi://127.0.0.2:{second}/{iqn}/0");
+    let mut t = run_suite_paths("compliance-2r", t, None, "", Some(&path2));
+    let log = t.log_contents();
+    assert!(log.contains(&format!("127.0.0.2:{second}")), "{log}");
+    t.stop();
 }
 
 /// The suite with CRC32C header digests on every connection: the target requires them
@@ -178,7 +219,21 @@ fn run_suite(label: &str, args: &[&str]) {
 }
 
 /// Runs the suite against `t` (its URL plus `url_args`); returns the target, still running.
-fn run_suite_on(label: &str, mut t: Target, ns: Option<&NetNs>, url_args: &str) -> Target {
+fn run_suite_on(label: &str, t: Target, ns: Option<&NetNs>, url_args: &str) -> Target {
+    run_suite_paths(label, t, ns, url_args, None)
+}
+
+/// Claimed tests that need iscsi-test-cu's second (multipath) URL.
+const NEEDS_SECOND_PATH: &str = "ALL.MultipathIO.";
+
+/// [`run_suite_on`] with an optional second path to the same LUN.
+fn run_suite_paths(
+    label: &str,
+    mut t: Target,
+    ns: Option<&NetNs>,
+    url_args: &str,
+    second: Option<&str>,
+) -> Target {
     let claimed_path = workspace_root().join("tests/claimed-tests.txt");
     let claimed = parse_claimed(
         &fs::read_to_string(&claimed_path)
@@ -191,11 +246,12 @@ fn run_suite_on(label: &str, mut t: Target, ns: Option<&NetNs>, url_args: &str) 
         Some(ns) => ns.command("iscsi-test-cu"),
         None => Command::new("iscsi-test-cu"),
     };
-    let out = run_with_timeout(
-        cu.args(["-d", "-t", FAMILY])
-            .arg(format!("{}{url_args}", t.lun_url())),
-        cu_timeout(),
-    );
+    cu.args(["-d", "-t", FAMILY])
+        .arg(format!("{}{url_args}", t.lun_url()));
+    if let Some(url) = second {
+        cu.arg(url);
+    }
+    let out = run_with_timeout(&mut cu, cu_timeout());
     let log = artifacts_dir().join(format!("{label}-iscsi-test-cu.log"));
     fs::write(&log, format!("{out}\n")).expect("write iscsi-test-cu.log");
     eprintln!(
@@ -237,6 +293,9 @@ fn run_suite_on(label: &str, mut t: Target, ns: Option<&NetNs>, url_args: &str) 
     // Claimed tests.
     let mut problems = Vec::new();
     for name in &claimed {
+        if second.is_none() && name.starts_with(NEEDS_SECOND_PATH) {
+            continue;
+        }
         match report.get(name) {
             None => problems.push(format!("claimed test {name} did not run (unknown name?)")),
             Some(t) if t.outcome == e2e::Outcome::Failed => problems.push(format!(

@@ -21,7 +21,7 @@ use super::pdu::{
 };
 use super::{text, TargetEnv, TargetId};
 use crate::mem::IoBuf;
-use crate::scsi::{DataDirection, NexusId, ScsiResponse, ScsiStatus, ScsiTask};
+use crate::scsi::{DataDirection, ItNexus, NexusId, ScsiResponse, ScsiStatus, ScsiTask};
 use std::collections::{HashMap, VecDeque};
 use std::io::IoSlice;
 use std::net::SocketAddr;
@@ -957,7 +957,8 @@ impl Connection {
         if let Some(t) = est.target {
             self.target = Some(t.id);
             self.target_name = Some(t.name);
-            env.nexus_added(t.id, self.nexus);
+            let it = ItNexus::new(&self.initiator_name, est.isid, self.pg_tag);
+            env.nexus_added(t.id, self.nexus, it);
         }
         self.phase = Phase::FullFeature;
         let digest = |on: bool| if on { "CRC32C" } else { "None" };
@@ -1444,6 +1445,11 @@ impl Connection {
         }
     }
 
+    /// The device tag of this connection's task `itt`.
+    fn tag(&self, itt: u32) -> u64 {
+        (self.uid << 32) | u64::from(itt)
+    }
+
     fn submit(&mut self, itt: u32, env: &mut dyn TargetEnv) {
         let Some(target) = self.target else {
             return;
@@ -1479,7 +1485,11 @@ impl Connection {
     /// A response from the device for one of this connection's tasks.
     pub fn scsi_done(&mut self, resp: ScsiResponse) -> Option<CommandDone> {
         let itt = resp.tag as u32;
-        let task = self.tasks.remove(&itt)?;
+        let Some(task) = self.tasks.remove(&itt) else {
+            // A reset's acknowledgement (tagged with its TMF's ITT).
+            self.task_gone(itt);
+            return None;
+        };
         if task.aborted || !matches!(self.phase, Phase::FullFeature) {
             self.task_gone(itt);
             return None;
@@ -1601,6 +1611,10 @@ impl Connection {
             return;
         };
         let lun = pdu::decode_lun(t.lun);
+        // A reset is answered once the device has done it (its acknowledgement comes back
+        // tagged with the TMF's ITT), so no command from another connection can get past
+        // it before the initiator hears it is done.
+        let mut reset = false;
         let (response, victims, close_after): (TmfResponse, Vec<u32>, bool) = match t.function {
             TmfFunction::AbortTask => {
                 if self.tasks.contains_key(&t.referenced_tag) {
@@ -1622,14 +1636,16 @@ impl Connection {
                     (TmfResponse::LunDoesNotExist, vec![], false)
                 } else {
                     let v = self.tasks_on_lun(Some(lun), t.itt);
-                    env.lun_reset(target, lun, self.nexus);
+                    env.lun_reset(target, lun, self.nexus, self.tag(t.itt));
+                    reset = true;
                     (TmfResponse::Complete, v, false)
                 }
             }
             TmfFunction::TargetWarmReset | TmfFunction::TargetColdReset => {
                 let cold = t.function == TmfFunction::TargetColdReset;
                 let v = self.tasks_on_lun(None, t.itt);
-                env.target_reset(target, self.nexus, cold);
+                env.target_reset(target, self.nexus, cold, self.tag(t.itt));
+                reset = true;
                 // A cold reset ends every session, this one included, once answered.
                 (TmfResponse::Complete, v, cold)
             }
@@ -1638,6 +1654,9 @@ impl Connection {
             TmfFunction::Unknown(_) => (TmfResponse::Rejected, vec![], false),
         };
         let mut waiting = Vec::new();
+        if reset {
+            waiting.push(t.itt);
+        }
         for itt in victims {
             if let Some(task) = self.tasks.get_mut(&itt) {
                 task.aborted = true;

@@ -13,7 +13,7 @@ pub mod params;
 pub mod pdu;
 pub mod text;
 
-use crate::scsi::{NexusId, ScsiTask};
+use crate::scsi::{ItNexus, NexusId, ScsiTask};
 use std::net::SocketAddr;
 
 /// Index of a target node in the environment.
@@ -116,8 +116,12 @@ pub trait TargetEnv {
     }
     /// Hands a SCSI command to the target's device.
     fn scsi_submit(&mut self, target: TargetId, task: ScsiTask);
-    fn nexus_added(&mut self, target: TargetId, nexus: NexusId);
+    /// A session of I_T nexus `it` (its initiator and target ports) begins.
+    fn nexus_added(&mut self, target: TargetId, nexus: NexusId, it: ItNexus);
     fn nexus_removed(&mut self, target: TargetId, nexus: NexusId);
-    fn lun_reset(&mut self, target: TargetId, lun: u64, by: NexusId);
-    fn target_reset(&mut self, target: TargetId, by: NexusId, cold: bool);
+    /// LOGICAL UNIT RESET by session `by`; when the device has done it, it answers with a
+    /// response tagged `ack` (delivered like a command's, to the connection's `scsi_done`).
+    fn lun_reset(&mut self, target: TargetId, lun: u64, by: NexusId, ack: u64);
+    /// TARGET WARM/COLD RESET, acknowledged like [`TargetEnv::lun_reset`].
+    fn target_reset(&mut self, target: TargetId, by: NexusId, cold: bool, ack: u64);
 }

@@ -7,7 +7,7 @@ use crate::iscsi::{
     DiscoveryEntry, LoginStatus, Registered, SessionKey, TargetEnv, TargetId, TargetInfo,
 };
 use crate::mem::IoBuf;
-use crate::scsi::{Device, NexusId, ScsiResponse, ScsiTask};
+use crate::scsi::{Device, ItNexus, NexusId, ScsiResponse, ScsiTask};
 use crossbeam_channel::TrySendError;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
@@ -132,7 +132,9 @@ impl ReactorEnv {
                 }
                 continue;
             }
-            let want = &model.config().targets[*t].luns;
+            let node = &model.config().targets[*t];
+            d.set_ports(node.mappings.iter().map(|m| m.portal_group).collect());
+            let want = &node.luns;
             for lun in d.luns() {
                 if !want.iter().any(|l| l.lun == lun) {
                     d.remove_lun(lun);
@@ -267,10 +269,36 @@ impl ReactorEnv {
                 }
             }
             Msg::ScsiDone(r) => self.responses.push(r),
-            Msg::NexusAdded { target, nexus } => self.nexus_added(target, nexus),
+            Msg::NexusAdded { target, nexus, it } => self.nexus_added(target, nexus, it),
             Msg::NexusRemoved { target, nexus } => self.nexus_removed(target, nexus),
-            Msg::LunReset { target, lun, by } => self.lun_reset(target, lun, by),
-            Msg::TargetReset { target, by, cold } => self.target_reset(target, by, cold),
+            Msg::LunReset {
+                target,
+                lun,
+                by,
+                ack,
+                reply_to,
+            } => match self.devices.get_mut(&target) {
+                Some(d) => {
+                    self.remote_origin.insert(ack, reply_to);
+                    d.lun_reset(lun, by);
+                    d.acknowledge(ack);
+                }
+                None => self.send(reply_to, Msg::ScsiDone(Device::gone_response(ack))),
+            },
+            Msg::TargetReset {
+                target,
+                by,
+                cold,
+                ack,
+                reply_to,
+            } => match self.devices.get_mut(&target) {
+                Some(d) => {
+                    self.remote_origin.insert(ack, reply_to);
+                    d.target_reset(by, cold);
+                    d.acknowledge(ack);
+                }
+                None => self.send(reply_to, Msg::ScsiDone(Device::gone_response(ack))),
+            },
             Msg::Close(uid) => self.close_local.push(uid),
             Msg::Prepare { seq, luns, resize } => {
                 let errors = self.prepare(luns, resize);
@@ -448,10 +476,10 @@ impl TargetEnv for ReactorEnv {
         }
     }
 
-    fn nexus_added(&mut self, target: TargetId, nexus: NexusId) {
+    fn nexus_added(&mut self, target: TargetId, nexus: NexusId, it: ItNexus) {
         match self.devices.get_mut(&target) {
-            Some(d) => d.nexus_added(nexus),
-            None => self.forward(target, Msg::NexusAdded { target, nexus }),
+            Some(d) => d.nexus_added(nexus, it),
+            None => self.forward(target, Msg::NexusAdded { target, nexus, it }),
         }
     }
 
@@ -462,17 +490,47 @@ impl TargetEnv for ReactorEnv {
         }
     }
 
-    fn lun_reset(&mut self, target: TargetId, lun: u64, by: NexusId) {
+    fn lun_reset(&mut self, target: TargetId, lun: u64, by: NexusId, ack: u64) {
         match self.devices.get_mut(&target) {
-            Some(d) => d.lun_reset(lun, by),
-            None => self.forward(target, Msg::LunReset { target, lun, by }),
+            Some(d) => {
+                d.lun_reset(lun, by);
+                d.acknowledge(ack);
+            }
+            None => {
+                let reply_to = self.me;
+                self.forward(
+                    target,
+                    Msg::LunReset {
+                        target,
+                        lun,
+                        by,
+                        ack,
+                        reply_to,
+                    },
+                )
+            }
         }
     }
 
-    fn target_reset(&mut self, target: TargetId, by: NexusId, cold: bool) {
+    fn target_reset(&mut self, target: TargetId, by: NexusId, cold: bool, ack: u64) {
         match self.devices.get_mut(&target) {
-            Some(d) => d.target_reset(by, cold),
-            None => self.forward(target, Msg::TargetReset { target, by, cold }),
+            Some(d) => {
+                d.target_reset(by, cold);
+                d.acknowledge(ack);
+            }
+            None => {
+                let reply_to = self.me;
+                self.forward(
+                    target,
+                    Msg::TargetReset {
+                        target,
+                        by,
+                        cold,
+                        ack,
+                        reply_to,
+                    },
+                )
+            }
         }
     }
 }

@@ -6,7 +6,7 @@
 
 use crate::iscsi::conn::Connection;
 use crate::iscsi::TargetId;
-use crate::scsi::{NexusId, ScsiResponse, ScsiTask};
+use crate::scsi::{ItNexus, NexusId, ScsiResponse, ScsiTask};
 use crate::tgt::live::{Model, Registry};
 use crossbeam_channel::Sender;
 use mio::net::TcpStream;
@@ -48,20 +48,26 @@ pub enum Msg {
     NexusAdded {
         target: TargetId,
         nexus: NexusId,
+        it: ItNexus,
     },
     NexusRemoved {
         target: TargetId,
         nexus: NexusId,
     },
+    /// A reset; once done, the device answers `ack` (like a command's tag) to `reply_to`.
     LunReset {
         target: TargetId,
         lun: u64,
         by: NexusId,
+        ack: u64,
+        reply_to: usize,
     },
     TargetReset {
         target: TargetId,
         by: NexusId,
         cold: bool,
+        ack: u64,
+        reply_to: usize,
     },
     /// Close this connection (its session was reinstated by a newer login).
     Close(u64),

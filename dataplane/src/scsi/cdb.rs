@@ -184,6 +184,12 @@ pub static OPS: &[OpInfo] = &[
         [0x5F, 0x1F, F, 0, 0, F, F, F, F, CTL]
     ),
     op!(
+        "PERSISTENT RESERVE OUT / REGISTER AND MOVE",
+        0x5F,
+        Some(7),
+        [0x5F, 0x1F, F, 0, 0, F, F, F, F, CTL]
+    ),
+    op!(
         "READ(16)",
         0x88,
         None,
@@ -260,6 +266,12 @@ pub static OPS: &[OpInfo] = &[
         0xA0,
         None,
         [0xA0, 0, F, 0, 0, 0, F, F, F, F, 0, CTL]
+    ),
+    op!(
+        "REPORT TARGET PORT GROUPS",
+        0xA3,
+        Some(0x0A),
+        [0xA3, 0xFF, 0, 0, 0, 0, F, F, F, F, 0, CTL]
     ),
     op!(
         "REPORT SUPPORTED OPERATION CODES",
@@ -394,6 +406,11 @@ pub enum Command {
         scope_type: u8,
         len: u32,
     },
+    ReportTargetPortGroups {
+        /// PARAMETER DATA FORMAT 001b: the extended header.
+        extended: bool,
+        alloc: u32,
+    },
     ReportOpcodes {
         rctd: bool,
         options: u8,
@@ -495,6 +512,7 @@ impl Command {
                 | Command::Release6
                 | Command::PreventAllow { prevent: 0 }
                 | Command::ReportOpcodes { .. }
+                | Command::ReportTargetPortGroups { .. }
                 | Command::PrIn { .. }
         )
     }
@@ -509,6 +527,7 @@ impl Command {
             | Command::ReadCapacity10 { .. }
             | Command::ReadCapacity16 { .. }
             | Command::ReportOpcodes { .. }
+            | Command::ReportTargetPortGroups { .. }
             | Command::PrIn { .. }
             | Command::PrOut { .. }
             | Command::Reserve6
@@ -769,6 +788,16 @@ pub fn decode(cdb: &[u8]) -> Result<Command, Sense> {
             select: c[2],
             alloc: be32(&c[6..10]),
         },
+        0xA3 if sa == Some(0x0A) => {
+            let format = c[1] >> 5;
+            if format > 1 {
+                return Err(Sense::invalid_cdb(1, Some(7)));
+            }
+            Command::ReportTargetPortGroups {
+                extended: format == 1,
+                alloc: be32(&c[6..10]),
+            }
+        }
         0xA3 => Command::ReportOpcodes {
             rctd: c[2] & 0x80 != 0,
             options: c[2] & 0x07,

@@ -1,4 +1,8 @@
-//! INQUIRY: standard data and the vital product data pages.
+//! INQUIRY: standard data and the vital product data pages; REPORT TARGET PORT GROUPS.
+//!
+//! ALUA (SPC-4 5.16): implicit only (TPGS 01b). Every target port (portal group) of a target
+//! is in one target port group, id [`TARGET_PORT_GROUP`], always active/optimized: a
+//! multipath initiator sees one device with as many equal paths as portal groups.
 
 use super::sense::Sense;
 use super::LunIdentity;
@@ -29,11 +33,16 @@ impl Limits {
     }
 }
 
+/// The one target port group every port of a target belongs to.
+pub const TARGET_PORT_GROUP: u16 = 1;
+
 /// What INQUIRY needs to know about the LUN besides its identity.
 #[derive(Debug, Clone, Copy)]
 pub struct LunFacts {
     pub thin: bool,
     pub limits: Limits,
+    /// The target port (portal group tag) the command came through.
+    pub port: u16,
 }
 
 const VERSION_DESCRIPTORS: [u16; 4] = [
@@ -62,6 +71,7 @@ pub fn standard(id: &LunIdentity) -> Vec<u8> {
     v[2] = 0x06; // SPC-4
     v[3] = 0x10 | 0x02; // HiSup, response data format 2
     v[4] = (96 - 5) as u8;
+    v[5] = 0x10; // TPGS 01b: implicit asymmetric access
     v[7] = 0x02; // CmdQue
     v[8..16].copy_from_slice(&padded(&id.vendor, 8));
     v[16..32].copy_from_slice(&padded(&id.product, 16));
@@ -105,7 +115,7 @@ fn name_string(s: &str) -> Vec<u8> {
     v
 }
 
-fn device_identification(id: &LunIdentity) -> Vec<u8> {
+fn device_identification(id: &LunIdentity, port: u16) -> Vec<u8> {
     let mut body = Vec::new();
     // NAA, associated with the logical unit.
     body.extend(designator(0x01, 0x03, &id.naa.to_be_bytes()));
@@ -119,11 +129,15 @@ fn device_identification(id: &LunIdentity) -> Vec<u8> {
     );
     body.extend(designator(0x02, 0x01, &t10));
     // iSCSI (protocol 5) target port designators carry PIV=1, association 01b.
-    let port_name = format!("{},t,0x{:04x}", id.target_name, id.portal_group_tag);
+    // The port is the one the command came through: each path reports its own.
+    let port_name = format!("{},t,0x{:04x}", id.target_name, port);
     body.extend(designator(0x53, 0x98, &name_string(&port_name)));
     let mut rel = [0u8; 4];
-    rel[2..].copy_from_slice(&id.relative_port.to_be_bytes());
+    rel[2..].copy_from_slice(&port.to_be_bytes());
     body.extend(designator(0x51, 0x94, &rel));
+    let mut group = [0u8; 4];
+    group[2..].copy_from_slice(&TARGET_PORT_GROUP.to_be_bytes());
+    body.extend(designator(0x51, 0x95, &group));
     // The target device (association 10b) by its iSCSI name.
     body.extend(designator(0x53, 0xA8, &name_string(&id.target_name)));
     page(0x83, &body)
@@ -179,12 +193,35 @@ pub fn vpd(code: u8, id: &LunIdentity, facts: &LunFacts) -> Result<Vec<u8>, Sens
                 .collect();
             page(0x80, &serial)
         }
-        0x83 => device_identification(id),
+        0x83 => device_identification(id, facts.port),
         0xB0 => block_limits(facts),
         0xB1 => block_characteristics(),
         0xB2 => logical_block_provisioning(facts),
         _ => return Err(Sense::invalid_cdb(2, None)),
     })
+}
+
+/// REPORT TARGET PORT GROUPS parameter data (SPC-4 6.36): one group, active/optimized,
+/// holding `ports`; `extended` selects the extended header (format 001b).
+pub fn report_target_port_groups(ports: &[u16], extended: bool) -> Vec<u8> {
+    let mut d = vec![0u8; 8];
+    d[0] = 0x80; // PREF, asymmetric access state 0h: active/optimized
+    d[1] = 0x01; // AO_SUP: the only state a port here is ever in
+    d[2..4].copy_from_slice(&TARGET_PORT_GROUP.to_be_bytes());
+    d[7] = u8::try_from(ports.len()).unwrap_or(u8::MAX);
+    for p in ports.iter().take(255) {
+        d.extend_from_slice(&[0, 0]);
+        d.extend_from_slice(&p.to_be_bytes());
+    }
+    let mut v = Vec::with_capacity(8 + d.len());
+    let extra = if extended { 4 } else { 0 };
+    v.extend_from_slice(&((d.len() + extra) as u32).to_be_bytes());
+    if extended {
+        // FORMAT TYPE 001b; implicit transitions take no time (there are none).
+        v.extend_from_slice(&[0x10, 0, 0, 0]);
+    }
+    v.extend(d);
+    v
 }
 
 #[cfg(test)]
@@ -199,8 +236,7 @@ mod tests {
             serial: "SN123".into(),
             naa: 0x6001_4050_0000_0001,
             target_name: "iqn.2024-01.org.example:t1".into(),
-            portal_group_tag: 1,
-            relative_port: 1,
+            pr_file: None,
         }
     }
 
@@ -208,13 +244,14 @@ mod tests {
         LunFacts {
             thin,
             limits: Limits::for_block_size(512),
+            port: 1,
         }
     }
 
     #[test]
     fn standard_fields() {
         let v = standard(&ident());
-        assert_eq!(&v[0..8], &[0, 0, 6, 0x12, 91, 0, 0, 2]);
+        assert_eq!(&v[0..8], &[0, 0, 6, 0x12, 91, 0x10, 0, 2]);
         assert_eq!(&v[8..16], b"RUST    ");
         assert_eq!(&v[16..32], b"malloc0         ");
         assert_eq!(&v[32..36], b"0.1 ");
@@ -250,6 +287,36 @@ mod tests {
         assert_eq!(&v[37..37 + name.len()], name);
         let rel = 37 + 36;
         assert_eq!(&v[rel..rel + 8], &[0x51, 0x94, 0, 4, 0, 0, 0, 1]);
+        assert_eq!(&v[rel + 8..rel + 16], &[0x51, 0x95, 0, 4, 0, 0, 0, 1]);
+        // Through portal group 7: that port's name and relative port, the same group.
+        let f = LunFacts {
+            port: 7,
+            ..facts(true)
+        };
+        let v = vpd(0x83, &ident(), &f).unwrap();
+        assert_eq!(
+            &v[37..37 + name.len()],
+            b"iqn.2024-01.org.example:t1,t,0x0007\0"
+        );
+        assert_eq!(
+            &v[rel..rel + 16],
+            &[0x51, 0x94, 0, 4, 0, 0, 0, 7, 0x51, 0x95, 0, 4, 0, 0, 0, 1]
+        );
+        assert_eq!(&v[8..16], &0x6001_4050_0000_0001u64.to_be_bytes());
+    }
+
+    #[test]
+    fn target_port_groups() {
+        let v = report_target_port_groups(&[1, 2], false);
+        assert_eq!(
+            v,
+            vec![0, 0, 0, 16, 0x80, 0x01, 0, 1, 0, 0, 0, 2, 0, 0, 0, 1, 0, 0, 0, 2]
+        );
+        let x = report_target_port_groups(&[3], true);
+        assert_eq!(
+            x,
+            vec![0, 0, 0, 16, 0x10, 0, 0, 0, 0x80, 0x01, 0, 1, 0, 0, 0, 1, 0, 0, 0, 3]
+        );
     }
 
     #[test]

@@ -1,5 +1,6 @@
-//! One logical unit: its block device, mode state, unit attentions, SPC-2 reservation and the
-//! execution of commands, medium ones as asynchronous block-device requests.
+//! One logical unit: its block device, mode state, unit attentions, SPC-2 and persistent
+//! reservations and the execution of commands, medium ones as asynchronous block-device
+//! requests.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 
@@ -7,9 +8,9 @@ use super::cdb::{ByteCheck, Command};
 use super::inquiry::{self, Limits, LunFacts, MAX_COMPARE_AND_WRITE};
 use super::mode::{self, ModeState, SenseRequest};
 use super::opcodes;
-use super::pr::{Pr, PrError};
+use super::pr::{Effects, Pr, PrError};
 use super::sense::{asc, key, Sense};
-use super::{LunIdentity, NexusId, ScsiResponse, ScsiStatus, ScsiTask};
+use super::{ItNexus, LunIdentity, NexusId, ScsiResponse, ScsiStatus, ScsiTask};
 use crate::bdev::{BdevCompletion, BdevError, BdevIo, BdevOp, BlockDevice, LbaState};
 use crate::mem::IoBuf;
 
@@ -127,6 +128,9 @@ impl Kind {
 
 struct Op {
     tag: u64,
+    nexus: NexusId,
+    /// Aborted by a reset or PREEMPT AND ABORT: answered with TASK ABORTED.
+    aborted: bool,
     wanted: u32,
     kind: Kind,
     pending: usize,
@@ -143,6 +147,14 @@ pub(super) struct Lun {
     pub mode: ModeState,
     limits: Limits,
     ua: HashMap<NexusId, VecDeque<u16>>,
+    /// The I_T nexus of each session.
+    it: HashMap<NexusId, ItNexus>,
+    /// Persistent reservation attentions for registered I_T nexuses with no session now.
+    away_ua: HashMap<ItNexus, VecDeque<u16>>,
+    /// The target's relative port identifiers.
+    ports: Vec<u16>,
+    /// The nexus of the command being executed (ops started now belong to it).
+    running: NexusId,
     /// SPC-2 RESERVE(6) holder.
     reservation: Option<NexusId>,
     pr: Pr,
@@ -161,14 +173,19 @@ pub(super) struct Lun {
 impl Lun {
     pub fn new(bdev: Box<dyn BlockDevice>, identity: LunIdentity) -> Self {
         let limits = Limits::for_block_size(bdev.block_size());
+        let pr = Self::load_pr(&identity);
         Lun {
             bdev,
             identity,
             mode: ModeState::default(),
             limits,
             ua: HashMap::new(),
+            it: HashMap::new(),
+            away_ua: HashMap::new(),
+            ports: vec![1],
+            running: 0,
             reservation: None,
-            pr: Pr::default(),
+            pr,
             prevent: HashSet::new(),
             ops: HashMap::new(),
             next_op: 1,
@@ -203,17 +220,94 @@ impl Lun {
 
     // ---- unit attentions, reservations, nexus state ----
 
-    pub fn add_nexus(&mut self, nexus: NexusId) {
-        self.ua.entry(nexus).or_default();
+    /// Persistent reservations saved by an earlier run (APTPL), or none.
+    fn load_pr(identity: &LunIdentity) -> Pr {
+        let Some(path) = identity.pr_file.as_ref() else {
+            return Pr::default();
+        };
+        match std::fs::read_to_string(path) {
+            Ok(text) => match Pr::load(&text) {
+                Ok(pr) => {
+                    log::info!("{}: persistent reservations restored", path.display());
+                    pr
+                }
+                Err(e) => {
+                    log::error!(
+                        "{}: unusable persistent reservation state ({e}); starting without",
+                        path.display()
+                    );
+                    Pr::default()
+                }
+            },
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Pr::default(),
+            Err(e) => {
+                log::error!(
+                    "{}: {e}; starting without persistent reservations",
+                    path.display()
+                );
+                Pr::default()
+            }
+        }
+    }
+
+    /// Writes the persistent reservation state while APTPL asks for it (atomically: a
+    /// temporary file, fsync, rename), and removes the file otherwise.
+    fn store_pr(&self) -> Result<(), String> {
+        let Some(path) = self.identity.pr_file.as_ref() else {
+            return Ok(());
+        };
+        if !self.pr.aptpl() {
+            return match std::fs::remove_file(path) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e.to_string()),
+                _ => Ok(()),
+            };
+        }
+        let write = || -> std::io::Result<()> {
+            use std::io::Write;
+            if let Some(dir) = path.parent() {
+                std::fs::create_dir_all(dir)?;
+            }
+            let tmp = path.with_extension("tmp");
+            let mut f = std::fs::File::create(&tmp)?;
+            f.write_all(self.pr.save().as_bytes())?;
+            f.sync_all()?;
+            std::fs::rename(&tmp, path)?;
+            if let Some(dir) = path.parent() {
+                std::fs::File::open(dir)?.sync_all()?;
+            }
+            Ok(())
+        };
+        write().map_err(|e| format!("{}: {e}", path.display()))
+    }
+
+    pub fn set_ports(&mut self, ports: &[u16]) {
+        self.ports = ports.to_vec();
+    }
+
+    fn it_of(&self, nexus: NexusId) -> ItNexus {
+        self.it
+            .get(&nexus)
+            .cloned()
+            .unwrap_or_else(|| ItNexus::unannounced(nexus))
+    }
+
+    pub fn add_nexus(&mut self, nexus: NexusId, it: &ItNexus) {
+        let q = self.ua.entry(nexus).or_default();
+        if let Some(away) = self.away_ua.remove(it) {
+            for code in away {
+                Self::push_ua(q, code);
+            }
+        }
+        self.it.insert(nexus, it.clone());
     }
 
     pub fn remove_nexus(&mut self, nexus: NexusId) {
         self.ua.remove(&nexus);
+        self.it.remove(&nexus);
         self.prevent.remove(&nexus);
         if self.reservation == Some(nexus) {
             self.reservation = None;
         }
-        self.pr.remove_nexus(nexus);
     }
 
     /// True when a reservation held elsewhere forbids `cmd` from `nexus`.
@@ -221,11 +315,64 @@ impl Lun {
         if self.reservation.is_some_and(|h| h != nexus) && !cmd.passes_reservation() {
             return true;
         }
-        // SPC-4 5.7.1: RESERVE/RELEASE(6) meet persistent reservations with a conflict.
+        // SPC-4 5.12.3 (CRH 0): RESERVE/RELEASE(6) meet persistent reservations and
+        // registrations with a conflict.
         if matches!(cmd, Command::Reserve6 | Command::Release6) && self.pr.active() {
             return true;
         }
-        !self.pr.allows(nexus, cmd.access())
+        match self.it.get(&nexus) {
+            Some(it) => !self.pr.allows(it, cmd.access()),
+            None => !self.pr.allows(&ItNexus::unannounced(nexus), cmd.access()),
+        }
+    }
+
+    /// Applies what a PERSISTENT RESERVE OUT did to others: unit attentions (kept for
+    /// registered I_T nexuses without a session until one logs in), aborted tasks.
+    fn pr_effects(&mut self, fx: Effects) {
+        for (target_it, code) in fx.attentions {
+            let mut delivered = false;
+            for (n, it) in &self.it {
+                if *it == target_it {
+                    if let Some(q) = self.ua.get_mut(n) {
+                        Self::push_ua(q, code);
+                        delivered = true;
+                    }
+                }
+            }
+            // Registrants (and those just preempted or cleared) learn it when they return.
+            let keep = self.away_ua.len() < super::pr::MAX_REGISTRATIONS
+                || self.away_ua.contains_key(&target_it);
+            if !delivered && keep {
+                Self::push_ua(self.away_ua.entry(target_it).or_default(), code);
+            }
+        }
+        if !fx.aborted.is_empty() {
+            let sessions: HashSet<NexusId> = self
+                .it
+                .iter()
+                .filter(|(_, it)| fx.aborted.contains(it))
+                .map(|(n, _)| *n)
+                .collect();
+            self.abort_tasks(|n| sessions.contains(&n));
+        }
+    }
+
+    /// Aborts the tasks of the sessions `which` selects: those waiting for their blocks end
+    /// now, those in the block device when it finishes them; all with TASK ABORTED.
+    pub fn abort_tasks(&mut self, which: impl Fn(NexusId) -> bool) {
+        let mut now = Vec::new();
+        for (&id, op) in self.ops.iter_mut() {
+            if which(op.nexus) {
+                op.aborted = true;
+                if self.waiting.contains(&id) {
+                    now.push(id);
+                }
+            }
+        }
+        for id in now {
+            self.waiting.retain(|w| *w != id);
+            self.finish(id);
+        }
     }
 
     fn push_ua(q: &mut VecDeque<u16>, code: u16) {
@@ -257,6 +404,11 @@ impl Lun {
         self.prevent.clear();
         if power_on {
             self.mode = ModeState::default();
+            // A power on ends persistent reservations unless they persist through power
+            // loss (SPC-4 5.12.4).
+            if !self.pr.aptpl() {
+                self.pr = Pr::default();
+            }
         }
     }
 
@@ -313,10 +465,11 @@ impl Lun {
         }
     }
 
-    fn facts(&self) -> LunFacts {
+    fn facts(&self, nexus: NexusId) -> LunFacts {
         LunFacts {
             thin: self.thin(),
             limits: self.limits,
+            port: self.it.get(&nexus).map_or(1, |it| it.port),
         }
     }
 
@@ -324,6 +477,7 @@ impl Lun {
     pub fn execute(&mut self, task: ScsiTask, cmd: Command) {
         let tag = task.tag;
         let wanted = self.wanted(&cmd);
+        self.running = task.nexus;
         match self.run(task, cmd, wanted) {
             Ok(Some(r)) => self.done.push(r),
             Ok(None) => {}
@@ -384,7 +538,7 @@ impl Lun {
             }
             Command::Inquiry { evpd, page, alloc } => {
                 let data = if evpd {
-                    inquiry::vpd(page, &self.identity, &self.facts())?
+                    inquiry::vpd(page, &self.identity, &self.facts(nexus))?
                 } else if page != 0 {
                     return Err(Sense::invalid_cdb(2, None));
                 } else {
@@ -507,6 +661,10 @@ impl Lun {
                 };
                 Ok(Some(with_data(tag, data, alloc, 0)))
             }
+            Command::ReportTargetPortGroups { extended, alloc } => {
+                let data = inquiry::report_target_port_groups(&self.ports, extended);
+                Ok(Some(with_data(tag, data, alloc, 0)))
+            }
             Command::PrIn { sa, alloc } => {
                 let data = self.pr.read(sa)?;
                 Ok(Some(with_data(tag, data, alloc, 0)))
@@ -518,17 +676,26 @@ impl Lun {
             } => {
                 let data = task.data_out.as_ref().map(IoBuf::as_slice).unwrap_or(&[]);
                 let data = &data[..data.len().min(len as usize)];
-                let mut uas = Vec::new();
-                let result = self
-                    .pr
-                    .out(nexus, sa, scope_type, data, &mut |n, c| uas.push((n, c)));
-                for (n, code) in uas {
-                    if let Some(q) = self.ua.get_mut(&n) {
-                        Self::push_ua(q, code);
-                    }
-                }
+                let who = self.it_of(nexus);
+                let before = self.pr.clone();
+                let result = self.pr.out(&who, sa, scope_type, data, &self.ports);
                 match result {
-                    Ok(()) => good(),
+                    Ok(fx) => {
+                        if fx.changed || before.aptpl() != self.pr.aptpl() {
+                            if let Err(e) = self.store_pr() {
+                                // Refuse what cannot be kept: the initiator asked for it to
+                                // survive power loss.
+                                log::error!("persistent reservation state not saved: {e}");
+                                self.pr = before;
+                                return Err(Sense::new(
+                                    key::HARDWARE_ERROR,
+                                    asc::INTERNAL_TARGET_FAILURE,
+                                ));
+                            }
+                        }
+                        self.pr_effects(fx);
+                        good()
+                    }
                     Err(PrError::Check(sense)) => Err(sense),
                     Err(PrError::Conflict) => Ok(Some(response(
                         tag,
@@ -831,6 +998,8 @@ impl Lun {
             id,
             Op {
                 tag,
+                nexus: self.running,
+                aborted: false,
                 wanted,
                 kind,
                 pending: 0,
@@ -966,6 +1135,7 @@ impl Lun {
             return;
         };
         let r = match op.error {
+            _ if op.aborted => response(op.tag, ScsiStatus::TaskAborted, Vec::new(), None, 0),
             Some(sense) => self.check(op.tag, sense, op.wanted),
             None => response(op.tag, ScsiStatus::Good, Vec::new(), op.data_in, op.wanted),
         };
@@ -1116,8 +1286,7 @@ mod tests {
             serial: "S".into(),
             naa: 0x6000_0000_0000_0002,
             target_name: "iqn.t".into(),
-            portal_group_tag: 1,
-            relative_port: 1,
+            pr_file: None,
         };
         Lun::new(Box::new(m), id)
     }
@@ -1190,8 +1359,8 @@ mod tests {
     #[test]
     fn unit_attention_queue_is_bounded_and_deduplicated() {
         let mut l = lun(None);
-        l.add_nexus(1);
-        l.add_nexus(2);
+        l.add_nexus(1, &ItNexus::unannounced(1));
+        l.add_nexus(2, &ItNexus::unannounced(2));
         l.raise_ua(asc::BUS_DEVICE_RESET, None);
         l.raise_ua(asc::BUS_DEVICE_RESET, None);
         l.raise_ua(asc::MODE_PARAMETERS_CHANGED, Some(2));

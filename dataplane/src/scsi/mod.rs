@@ -18,9 +18,14 @@
 //!   arrived (GOOD; the caller reports the underflow). COMPARE AND WRITE, ORWRITE and WRITE
 //!   SAME instead refuse Data-Out of the wrong size with INVALID FIELD IN CDB.
 //! - A nexus that was never announced with [`Device::nexus_added`] is added on its first
-//!   command. A new nexus starts without unit attentions. [`Device::nexus_removed`] drops its
-//!   unit attentions, RESERVE(6), PREVENT ALLOW state and also its persistent reservation
-//!   registrations: a nexus id never returns, so nobody could release them afterwards.
+//!   command (with a made-up initiator port). A new nexus starts without unit attentions,
+//!   except those persistent reservation changes left for its initiator port while it was
+//!   away. [`Device::nexus_removed`] drops its unit attentions, RESERVE(6) and PREVENT ALLOW
+//!   state; persistent reservation registrations belong to the initiator and target ports
+//!   ([`ItNexus`]) and stay (SPC-4 5.12.5).
+//! - Aborts by the device itself (LOGICAL UNIT RESET, target resets, PREEMPT AND ABORT)
+//!   complete the affected tasks with TASK ABORTED (the control mode page says TAS=1); the
+//!   issuing session drops those of its own tasks it already answered for.
 //!
 //! Layout: `cdb` (operation table, decoding), `sense`, `inquiry` (standard data, VPD),
 //! `mode` (mode pages), `opcodes` (REPORT SUPPORTED OPERATION CODES), `pr` (persistent
@@ -36,7 +41,8 @@ mod opcodes;
 mod pr;
 mod sense;
 
-use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::path::PathBuf;
 
 use cdb::Command;
 use lun::{response, Lun};
@@ -47,6 +53,45 @@ use crate::mem::IoBuf;
 
 /// Identifies one I_T nexus (initiator port × target port), i.e. one iSCSI session.
 pub type NexusId = u64;
+
+/// The SCSI ports behind an I_T nexus (RFC 7143 §4.4.1): initiator port = initiator name and
+/// ISID, target port = target name and portal group tag (the target name is the device's).
+/// Persistent reservations are keyed by it, so a new session of the same initiator port
+/// through the same portal group is the same I_T nexus again.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ItNexus {
+    /// iSCSI initiator name, lower-case (names compare without case).
+    pub initiator: String,
+    pub isid: [u8; 6],
+    /// Relative target port identifier: the target portal group tag.
+    pub port: u16,
+}
+
+impl ItNexus {
+    pub fn new(initiator: &str, isid: [u8; 6], port: u16) -> Self {
+        ItNexus {
+            initiator: initiator.to_ascii_lowercase(),
+            isid,
+            port,
+        }
+    }
+
+    /// A stand-in for a nexus that was never announced (unit tests, fuzzing).
+    fn unannounced(nexus: NexusId) -> Self {
+        let b = nexus.to_be_bytes();
+        ItNexus::new(
+            "iqn.0000-00.invalid:unannounced",
+            [b[2], b[3], b[4], b[5], b[6], b[7]],
+            1,
+        )
+    }
+
+    /// The initiator port name: `name,i,0xISID`.
+    pub fn initiator_port(&self) -> String {
+        let isid: String = self.isid.iter().map(|b| format!("{b:02x}")).collect();
+        format!("{},i,0x{isid}", self.initiator)
+    }
+}
 
 /// SCSI status codes (SAM-5).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -119,17 +164,18 @@ pub struct LunIdentity {
     pub naa: u64,
     /// The iSCSI name of the target node (VPD 0x83 SCSI name string designators).
     pub target_name: String,
-    /// Target portal group tag of the port the LUN is reached through.
-    pub portal_group_tag: u16,
-    /// Relative target port identifier (VPD 0x83).
-    pub relative_port: u16,
+    /// Where persistent reservations are kept while an initiator asks them to persist
+    /// through power loss (APTPL); None: APTPL is refused.
+    pub pr_file: Option<PathBuf>,
 }
 
 /// The logical units of one target node and the state they share (unit attentions per
 /// I_T nexus, reservations).
 pub struct Device {
     luns: BTreeMap<u64, Lun>,
-    nexuses: HashSet<NexusId>,
+    nexuses: HashMap<NexusId, ItNexus>,
+    /// Relative target port identifiers (portal group tags) the target is reached through.
+    ports: Vec<u16>,
     /// Responses decided without a LUN (unknown LUN, REPORT LUNS, CDB errors).
     done: VecDeque<ScsiResponse>,
     in_flight: usize,
@@ -158,7 +204,8 @@ impl Device {
     pub fn new() -> Self {
         Device {
             luns: BTreeMap::new(),
-            nexuses: HashSet::new(),
+            nexuses: HashMap::new(),
+            ports: vec![1],
             done: VecDeque::new(),
             in_flight: 0,
             retiring: Vec::new(),
@@ -180,10 +227,7 @@ impl Device {
         if bs == 0 {
             return Err(format!("LUN {lun}: block size 0"));
         }
-        let mut l = Lun::new(bdev, identity);
-        for &n in &self.nexuses {
-            l.add_nexus(n);
-        }
+        let l = self.new_lun(bdev, identity);
         self.luns_changed();
         self.luns.insert(lun, l);
         Ok(())
@@ -217,14 +261,36 @@ impl Device {
         if let Some(old) = self.luns.remove(&lun) {
             self.retiring.push((lun, old));
         }
-        let mut l = Lun::new(bdev, identity);
-        for &n in &self.nexuses {
-            l.add_nexus(n);
-        }
+        let mut l = self.new_lun(bdev, identity);
         l.raise_ua(asc::INQUIRY_DATA_CHANGED, None);
         l.raise_ua(asc::CAPACITY_DATA_CHANGED, None);
         self.luns.insert(lun, l);
         Ok(())
+    }
+
+    fn new_lun(&self, bdev: Box<dyn BlockDevice>, identity: LunIdentity) -> Lun {
+        let mut l = Lun::new(bdev, identity);
+        l.set_ports(&self.ports);
+        for (&n, it) in &self.nexuses {
+            l.add_nexus(n, it);
+        }
+        l
+    }
+
+    /// The target ports (portal group tags) the target is reached through: REPORT TARGET
+    /// PORT GROUPS lists them and REGISTER AND MOVE may name them.
+    pub fn set_ports(&mut self, mut ports: Vec<u16>) {
+        ports.sort_unstable();
+        ports.dedup();
+        if ports.is_empty() {
+            ports.push(1);
+        }
+        if ports != self.ports {
+            for l in self.luns.values_mut() {
+                l.set_ports(&ports);
+            }
+            self.ports = ports;
+        }
     }
 
     /// The answer to a command whose data arrived with a bad data digest: CHECK CONDITION,
@@ -297,10 +363,8 @@ impl Device {
     /// Queue a command. Its response appears in a later [`Device::poll`].
     pub fn submit(&mut self, task: ScsiTask) {
         self.in_flight += 1;
-        if self.nexuses.insert(task.nexus) {
-            for l in self.luns.values_mut() {
-                l.add_nexus(task.nexus);
-            }
+        if !self.nexuses.contains_key(&task.nexus) {
+            self.nexus_added(task.nexus, ItNexus::unannounced(task.nexus));
         }
         let tag = task.tag;
         let decoded = cdb::decode(&task.cdb);
@@ -474,15 +538,16 @@ impl Device {
         }
     }
 
-    /// A new I_T nexus (session) starts using this device.
-    pub fn nexus_added(&mut self, nexus: NexusId) {
-        self.nexuses.insert(nexus);
+    /// A new session (`nexus`) of the I_T nexus `it` starts using this device.
+    pub fn nexus_added(&mut self, nexus: NexusId, it: ItNexus) {
         for l in self.luns.values_mut() {
-            l.add_nexus(nexus);
+            l.add_nexus(nexus, &it);
         }
+        self.nexuses.insert(nexus, it);
     }
 
-    /// An I_T nexus is gone (session closed or reinstated): drop its state.
+    /// A session is gone (closed or reinstated): drop its state but for persistent
+    /// reservations.
     pub fn nexus_removed(&mut self, nexus: NexusId) {
         self.nexuses.remove(&nexus);
         for l in self.luns.values_mut() {
@@ -496,8 +561,17 @@ impl Device {
         // SAM-5 6.3.3: every I_T nexus, the issuer included, gets the unit attention.
         let _ = by;
         if let Some(l) = self.luns.get_mut(&lun) {
+            l.abort_tasks(|_| true);
             l.reset(asc::BUS_DEVICE_RESET, false);
         }
+    }
+
+    /// Answers `tag` with GOOD in the next [`Device::poll`]: the acknowledgement of a reset
+    /// (the issuing connection answers its TMF only once the device has reset).
+    pub fn acknowledge(&mut self, tag: u64) {
+        self.in_flight += 1;
+        self.done
+            .push_back(response(tag, ScsiStatus::Good, Vec::new(), None, 0));
     }
 
     /// TARGET WARM RESET (`cold == false`) or TARGET COLD RESET issued by `by`.
@@ -507,6 +581,7 @@ impl Device {
         // BUS DEVICE RESET OCCURRED as the benign after-reset attention and retry.
         let code = asc::POWER_ON_RESET;
         for l in self.luns.values_mut() {
+            l.abort_tasks(|_| true);
             l.reset(code, cold);
         }
     }

@@ -56,6 +56,8 @@ fn render_page(code: u8, view: View) -> Vec<u8> {
                     p[2] = if s.d_sense { 0x04 } else { 0 };
                     p[3] = 0x10; // unrestricted reordering
                     p[4] = if s.swp { 0x08 } else { 0 };
+                    // TAS: tasks aborted for another I_T nexus end with TASK ABORTED.
+                    p[5] = 0x40;
                     p[8..10].copy_from_slice(&0xFFFFu16.to_be_bytes()); // busy timeout: unlimited
                 }
                 View::Changeable => {

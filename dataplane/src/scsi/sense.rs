@@ -39,6 +39,7 @@ pub mod asc {
     pub const REPORTED_LUNS_DATA_CHANGED: u16 = 0x3F0E;
     pub const INTERNAL_TARGET_FAILURE: u16 = 0x4400;
     pub const PROTOCOL_SERVICE_CRC_ERROR: u16 = 0x4705;
+    pub const INSUFFICIENT_REGISTRATION_RESOURCES: u16 = 0x5504;
 }
 
 /// Where in the CDB or parameter list an invalid field sits (sense-key specific bytes).

@@ -20,17 +20,25 @@ fn identity() -> LunIdentity {
         serial: "S1".into(),
         naa: 0x6000_0000_0000_0001,
         target_name: "iqn.2024-01.test:t".into(),
-        portal_group_tag: 1,
-        relative_port: 1,
+        pr_file: None,
     }
+}
+
+/// The I_T nexus of session `n`: initiator host<n>, ISID ending in n, portal group 1.
+fn it(n: NexusId) -> ItNexus {
+    ItNexus::new(
+        &format!("iqn.2024-01.test:host{n}"),
+        [0x40, 0, 0, 0, 0, n as u8],
+        1,
+    )
 }
 
 fn device(thin: bool) -> (Device, Arc<Mutex<Log>>) {
     let (m, log) = MockBdev::new(BS, BLOCKS, thin);
     let mut d = Device::new();
     d.add_lun(0, Box::new(m), identity()).unwrap();
-    d.nexus_added(N1);
-    d.nexus_added(N2);
+    d.nexus_added(N1, it(N1));
+    d.nexus_added(N2, it(N2));
     (d, log)
 }
 
@@ -239,7 +247,7 @@ fn unit_attention_after_lun_reset_is_delivered_once() {
 #[test]
 fn new_nexus_gets_no_unit_attention() {
     let (mut d, _) = device(true);
-    d.nexus_added(9);
+    d.nexus_added(9, it(9));
     assert_eq!(cmd(&mut d, 9, &[0; 6], None).status, ScsiStatus::Good);
 }
 
@@ -652,11 +660,11 @@ fn persistent_reservation_access() {
     let v = data(&r);
     assert_eq!(&v[8..16], &0x11u64.to_be_bytes());
     assert_eq!(v[21], 3);
-    // REGISTER AND MOVE is not supported.
+    // An unknown service action.
     let r = cmd(
         &mut d,
         N1,
-        &[0x5F, 7, 3, 0, 0, 0, 0, 0, 24, 0],
+        &[0x5F, 8, 3, 0, 0, 0, 0, 0, 24, 0],
         Some(vec![0; 24]),
     );
     assert_eq!(sense_of(&r), (5, 0x24, 0));
@@ -899,4 +907,188 @@ fn replaced_lun_tells_every_nexus_its_data_changed() {
         1,
         "the old bdev, idle, is released"
     );
+}
+
+fn write_tagged(d: &mut Device, n: NexusId, tag: u64, lba: u32) {
+    let mut t = task(n, 0, &rw10(0x2A, lba, 1), Some(vec![0xAB; BS as usize]));
+    t.tag = tag;
+    d.submit(t);
+}
+
+fn collect(d: &mut Device) -> Vec<ScsiResponse> {
+    let mut out = Vec::new();
+    for _ in 0..10 {
+        d.poll(&mut out);
+    }
+    out
+}
+
+#[test]
+fn registrations_outlive_the_session_and_return_with_its_ports() {
+    let (mut d, _) = device(true);
+    assert_eq!(prout(&mut d, N1, 6, 0, 0, 0x11), ScsiStatus::Good);
+    assert_eq!(prout(&mut d, N1, 1, 1, 0x11, 0), ScsiStatus::Good);
+    d.nexus_removed(N1);
+    // Still reserved (write exclusive) for everyone else.
+    assert_eq!(
+        cmd(&mut d, N2, &rw10(0x2A, 0, 1), Some(vec![0; 512])).status,
+        ScsiStatus::ReservationConflict
+    );
+    // A new session of the same initiator port holds it again.
+    d.nexus_added(5, it(N1));
+    assert_eq!(
+        cmd(&mut d, 5, &rw10(0x2A, 0, 1), Some(vec![0; 512])).status,
+        ScsiStatus::Good
+    );
+    // While N2 preempts, the holder is away: it learns on its return.
+    assert_eq!(prout(&mut d, N2, 6, 0, 0, 0x22), ScsiStatus::Good);
+    d.nexus_removed(5);
+    assert_eq!(prout(&mut d, N2, 4, 1, 0x22, 0x11), ScsiStatus::Good);
+    d.nexus_added(6, it(N1));
+    let r = cmd(&mut d, 6, &[0; 6], None);
+    assert_eq!(sense_of(&r), (6, 0x2A, 0x05));
+}
+
+#[test]
+fn preempt_and_abort_aborts_the_preempted_tasks() {
+    let (mut d, _) = device(true);
+    assert_eq!(prout(&mut d, N1, 6, 0, 0, 0x11), ScsiStatus::Good);
+    assert_eq!(prout(&mut d, N2, 6, 0, 0, 0x22), ScsiStatus::Good);
+    assert_eq!(prout(&mut d, N1, 1, 1, 0x11, 0), ScsiStatus::Good);
+    // Two overlapping writes of N1: one in the block device, one waiting for its blocks.
+    write_tagged(&mut d, N1, 100, 3);
+    write_tagged(&mut d, N1, 101, 3);
+    let mut p = vec![0u8; 24];
+    p[0..8].copy_from_slice(&0x22u64.to_be_bytes());
+    p[8..16].copy_from_slice(&0x11u64.to_be_bytes());
+    let mut t = task(N2, 0, &[0x5F, 5, 1, 0, 0, 0, 0, 0, 24, 0], Some(p));
+    t.tag = 102;
+    d.submit(t);
+    let out = collect(&mut d);
+    let status = |tag| out.iter().find(|r| r.tag == tag).map(|r| r.status);
+    assert_eq!(status(100), Some(ScsiStatus::TaskAborted));
+    assert_eq!(status(101), Some(ScsiStatus::TaskAborted));
+    assert_eq!(status(102), Some(ScsiStatus::Good));
+    assert_eq!(d.in_flight(), 0);
+    let r = cmd(&mut d, N1, &[0; 6], None);
+    assert_eq!(sense_of(&r), (6, 0x2A, 0x05));
+    // The control mode page says so: TAS is set.
+    assert_eq!(mode_sense6_control(&mut d, N2)[4 + 5] & 0x40, 0x40);
+}
+
+#[test]
+fn lun_reset_aborts_other_sessions_tasks() {
+    let (mut d, _) = device(true);
+    write_tagged(&mut d, N2, 200, 9);
+    write_tagged(&mut d, N2, 201, 9);
+    d.lun_reset(0, N1);
+    let out = collect(&mut d);
+    assert_eq!(out.len(), 2);
+    assert!(out.iter().all(|r| r.status == ScsiStatus::TaskAborted));
+    assert_eq!(d.in_flight(), 0);
+}
+
+#[test]
+fn each_path_reports_its_own_port_and_the_one_group() {
+    let (mut d, _) = device(true);
+    d.set_ports(vec![2, 1]);
+    d.nexus_added(
+        7,
+        ItNexus::new("iqn.2024-01.test:host1", [0x40, 0, 0, 0, 0, 1], 2),
+    );
+    let r = cmd(&mut d, 7, &[0x12, 1, 0x83, 0, 255, 0], None);
+    let v = data(&r).to_vec();
+    let rel = v.windows(4).position(|w| w == [0x51, 0x94, 0, 4]).unwrap();
+    assert_eq!(&v[rel + 4..rel + 8], &[0, 0, 0, 2]);
+    assert_eq!(&v[rel + 8..rel + 16], &[0x51, 0x95, 0, 4, 0, 0, 0, 1]);
+    let r = cmd(&mut d, N1, &[0x12, 1, 0x83, 0, 255, 0], None);
+    let v1 = data(&r).to_vec();
+    assert_eq!(&v1[rel + 4..rel + 8], &[0, 0, 0, 1]);
+    assert_eq!(&v1[4..16], &v[4..16], "the same logical unit designator");
+    let std = data(&cmd(&mut d, N1, &[0x12, 0, 0, 0, 96, 0], None)).to_vec();
+    assert_eq!(std[5] & 0x30, 0x10);
+    // REPORT TARGET PORT GROUPS: one group, active/optimized, both ports.
+    let r = cmd(
+        &mut d,
+        N2,
+        &[0xA3, 0x0A, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0],
+        None,
+    );
+    assert_eq!(
+        data(&r),
+        &[0, 0, 0, 16, 0x80, 0x01, 0, 1, 0, 0, 0, 2, 0, 0, 0, 1, 0, 0, 0, 2]
+    );
+    let r = cmd(
+        &mut d,
+        N2,
+        &[0xA3, 0x4A, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0],
+        None,
+    );
+    assert_eq!(sense_of(&r), (5, 0x24, 0));
+    // REGISTER AND MOVE to the session on port 2.
+    assert_eq!(prout(&mut d, N1, 6, 0, 0, 0x11), ScsiStatus::Good);
+    assert_eq!(prout(&mut d, N1, 1, 3, 0x11, 0), ScsiStatus::Good);
+    let dest = ItNexus::new("iqn.2024-01.test:host1", [0x40, 0, 0, 0, 0, 1], 2);
+    let tid = pr::transport_id(&dest);
+    let mut p = vec![0u8; 24];
+    p[0..8].copy_from_slice(&0x11u64.to_be_bytes());
+    p[8..16].copy_from_slice(&0x77u64.to_be_bytes());
+    p[18..20].copy_from_slice(&2u16.to_be_bytes());
+    p[20..24].copy_from_slice(&(tid.len() as u32).to_be_bytes());
+    p.extend(tid);
+    let len = p.len() as u8;
+    let r = cmd(&mut d, N1, &[0x5F, 7, 3, 0, 0, 0, 0, 0, len, 0], Some(p));
+    assert_eq!(r.status, ScsiStatus::Good);
+    assert_eq!(
+        cmd(&mut d, 7, &rw10(0x28, 0, 1), None).status,
+        ScsiStatus::Good
+    );
+    assert_eq!(
+        cmd(&mut d, N1, &rw10(0x28, 0, 1), None).status,
+        ScsiStatus::ReservationConflict
+    );
+}
+
+#[test]
+fn aptpl_state_is_written_and_read_back() {
+    let dir = std::env::temp_dir().join(format!("iscsi-tgt-pr-test-{}", std::process::id()));
+    let file = dir.join("pr").join("lun0.json");
+    let _ = std::fs::remove_dir_all(&dir);
+    let ident = LunIdentity {
+        pr_file: Some(file.clone()),
+        ..identity()
+    };
+    let (m, _) = MockBdev::new(BS, BLOCKS, true);
+    let mut d = Device::new();
+    d.add_lun(0, Box::new(m), ident.clone()).unwrap();
+    d.nexus_added(N1, it(N1));
+    let mut p = vec![0u8; 24];
+    p[8..16].copy_from_slice(&0x99u64.to_be_bytes());
+    p[20] = 0x01;
+    assert_eq!(
+        cmd(&mut d, N1, &[0x5F, 6, 0, 0, 0, 0, 0, 0, 24, 0], Some(p)).status,
+        ScsiStatus::Good
+    );
+    assert_eq!(prout(&mut d, N1, 1, 1, 0x99, 0), ScsiStatus::Good);
+    assert!(file.exists());
+    // A new device (a restart) finds the registration and the reservation.
+    let (m, _) = MockBdev::new(BS, BLOCKS, true);
+    let mut d2 = Device::new();
+    d2.add_lun(0, Box::new(m), ident.clone()).unwrap();
+    d2.nexus_added(N2, it(N2));
+    assert_eq!(
+        cmd(&mut d2, N2, &rw10(0x2A, 0, 1), Some(vec![0; 512])).status,
+        ScsiStatus::ReservationConflict
+    );
+    let caps = data(&cmd(&mut d2, N2, &[0x5E, 2, 0, 0, 0, 0, 0, 0, 8, 0], None)).to_vec();
+    assert_eq!(caps[3] & 0x01, 0x01, "PTPL_A");
+    d2.nexus_added(N1, it(N1));
+    assert_eq!(
+        cmd(&mut d2, N1, &rw10(0x2A, 0, 1), Some(vec![0; 512])).status,
+        ScsiStatus::Good
+    );
+    // Unregistering the last key removes the file.
+    assert_eq!(prout(&mut d2, N1, 0, 0, 0x99, 0), ScsiStatus::Good);
+    assert!(!file.exists());
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -21,6 +21,7 @@
 //! hugepages = true                  # buffers and malloc bdevs in hugepages when available
 //! poll_spin_us = 50                 # keep polling this long after work before sleeping
 //! instance = "default"              # control segment /dev/shm/iscsi-tgt.<instance>
+//! state_dir = "/var/lib/iscsi-tgt"  # APTPL persistent reservations (pr/), made when needed
 //! idle_park_ms = 1000               # park a connection idle this long (0: never)
 //! # negotiation defaults the target offers (RFC 7143 ranges):
 //! max_recv_data_segment_length = 262144   # 512..=16777215
@@ -511,6 +512,7 @@ struct RawGlobal {
     hugepages: Option<S<bool>>,
     poll_spin_us: Option<S<i64>>,
     instance: Option<S<String>>,
+    state_dir: Option<S<String>>,
     header_digest: Option<S<String>>,
     data_digest: Option<S<String>>,
     login_timeout: Option<S<i64>>,
@@ -1156,6 +1158,20 @@ impl Cx<'_> {
                         ));
                     }
                     v.get_ref().clone()
+                }
+            },
+            state_dir: match &g.state_dir {
+                None => d.state_dir,
+                Some(v) => {
+                    let p = v.get_ref();
+                    if !p.starts_with('/') || p.len() > 1024 || p.contains('\0') {
+                        return Err(self.at(
+                            v,
+                            "global.state_dir",
+                            "an absolute directory path (at most 1024 bytes)",
+                        ));
+                    }
+                    p.clone()
                 }
             },
             poll_spin_us: self.u32_or(
@@ -1926,6 +1942,7 @@ mappings = [ { portal_group = 1, initiator_group = 1 } ]
                 hugepages: true,
                 poll_spin_us: 50,
                 instance: "default".into(),
+                state_dir: "/var/lib/iscsi-tgt".into(),
                 cpumask: 0x1,
                 idle_park_ms: 1000,
                 header_digest: DigestPolicy::Any,

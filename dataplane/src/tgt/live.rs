@@ -85,7 +85,7 @@ fn fnv(s: &str) -> u64 {
 
 /// The identity a LUN reports: derived from the target and bdev names so it stays the same
 /// across restarts (initiators and multipath key on it).
-pub fn lun_identity(target: &TargetNode, lun: u64, bdev: &str, pg_tag: u16) -> LunIdentity {
+pub fn lun_identity(target: &TargetNode, lun: u64, bdev: &str, state_dir: &str) -> LunIdentity {
     let h = fnv(&format!("{}/{}/{}", target.name, lun, bdev));
     // NAA 6 (IEEE registered extended) would need an OUI; NAA 5 with a locally assigned
     // company id keeps the format valid: 5 | 24-bit id | 36-bit vendor specific.
@@ -97,9 +97,17 @@ pub fn lun_identity(target: &TargetNode, lun: u64, bdev: &str, pg_tag: u16) -> L
         serial: format!("{:016x}", h),
         naa,
         target_name: target.name.clone(),
-        portal_group_tag: pg_tag,
-        relative_port: 1,
+        pr_file: Some(pr_file(state_dir, &target.name, lun)),
     }
+}
+
+/// Where a LUN's persistent reservations are kept while an initiator asks for them to
+/// persist through power loss: `<state_dir>/pr/<target name>/lun<N>.json`.
+pub fn pr_file(state_dir: &str, target: &str, lun: u64) -> std::path::PathBuf {
+    std::path::Path::new(state_dir)
+        .join("pr")
+        .join(target)
+        .join(format!("lun{lun}.json"))
 }
 
 fn name_matches(pattern: &str, initiator: &str) -> bool {
@@ -167,7 +175,7 @@ pub fn build_devices(config: &Config) -> Result<(Vec<Device>, SpareBdevs), Build
     let devices = config
         .targets
         .iter()
-        .map(|node| build_device(node, &mut bdevs))
+        .map(|node| build_device(node, &config.global.state_dir, &mut bdevs))
         .collect::<Result<_, _>>()?;
     Ok((devices, bdevs))
 }
@@ -175,18 +183,19 @@ pub fn build_devices(config: &Config) -> Result<(Vec<Device>, SpareBdevs), Build
 /// Builds the SCSI device of one target from opened bdevs (taking the ones it uses).
 pub fn build_device(
     node: &TargetNode,
+    state_dir: &str,
     bdevs: &mut HashMap<String, Box<dyn BlockDevice>>,
 ) -> Result<Device, BuildError> {
     {
         let mut device = Device::new();
-        let pg_tag = node.mappings.first().map_or(1, |m| m.portal_group);
+        device.set_ports(node.mappings.iter().map(|m| m.portal_group).collect());
         for l in &node.luns {
             let bdev = bdevs.remove(&l.bdev).ok_or_else(|| BuildError::Lun {
                 target: node.name.clone(),
                 lun: l.lun,
                 error: format!("bdev {} is missing or already used", l.bdev),
             })?;
-            let ident = lun_identity(node, l.lun, &l.bdev, pg_tag);
+            let ident = lun_identity(node, l.lun, &l.bdev, state_dir);
             device
                 .add_lun(l.lun, bdev, ident)
                 .map_err(|error| BuildError::Lun {
@@ -510,6 +519,7 @@ fn restart_only(cur: &super::Global, new: &mut super::Global, out: &mut Vec<Stri
     }
     keep!(
         instance,
+        state_dir,
         cpumask,
         buffer_pool_mib,
         hugepages,
@@ -726,13 +736,14 @@ pub fn plan(current: &Model, desired: &Config) -> Result<Plan, String> {
     };
     model.config.targets = cur.targets.clone();
     let mut luns = Vec::new();
+    // The running state directory (a new one takes a restart).
+    let state_dir = cur.global.state_dir.clone();
     let mut lun_add = |id: TargetId, node: &TargetNode, lun: u64, bdev: &str, replace: bool| {
-        let pg = node.mappings.first().map_or(1, |m| m.portal_group);
         let add = LunAdd {
             target: id,
             lun,
             bdev: bdev.to_string(),
-            identity: lun_identity(node, lun, bdev, pg),
+            identity: lun_identity(node, lun, bdev, &state_dir),
             replace,
         };
         if !reopened(bdev) {
@@ -1159,9 +1170,9 @@ mappings = [ { portal_group = 2, initiator_group = 2 } ]
             queue_depth: 8,
             auth: Default::default(),
         };
-        let a = lun_identity(&node, 0, "Malloc0", 1);
-        let b = lun_identity(&node, 0, "Malloc0", 1);
-        let c = lun_identity(&node, 1, "Malloc1", 1);
+        let a = lun_identity(&node, 0, "Malloc0", "/s");
+        let b = lun_identity(&node, 0, "Malloc0", "/s");
+        let c = lun_identity(&node, 1, "Malloc1", "/s");
         assert_eq!(a, b);
         assert_ne!(a.naa, c.naa);
         assert_eq!(a.naa >> 60, 5);

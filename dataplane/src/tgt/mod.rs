@@ -80,6 +80,9 @@ pub struct Global {
     /// Name of this dataplane for the control plane: its segment is
     /// `/dev/shm/iscsi-tgt.<instance>` and `iscsictl --instance` finds it there.
     pub instance: String,
+    /// Directory for state that must outlive the process: persistent reservations of
+    /// initiators that asked for them to survive power loss (APTPL), under `pr/`.
+    pub state_dir: String,
     /// CPUs to run reactors on: one pinned reactor thread per set bit.
     pub cpumask: u64,
     /// A connection with no command for this long is parked (0: never), and handed to the
@@ -149,6 +152,7 @@ impl Default for Global {
             hugepages: true,
             poll_spin_us: 50,
             instance: "default".into(),
+            state_dir: "/var/lib/iscsi-tgt".into(),
             cpumask: 0x1,
             idle_park_ms: 1000,
             header_digest: DigestPolicy::Any,

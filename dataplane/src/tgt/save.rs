@@ -58,6 +58,7 @@ pub fn to_toml(c: &Config) -> String {
     let _ = writeln!(o, "hugepages = {}", g.hugepages);
     let _ = writeln!(o, "poll_spin_us = {}", g.poll_spin_us);
     let _ = writeln!(o, "instance = {}", q(&g.instance));
+    let _ = writeln!(o, "state_dir = {}", q(&g.state_dir));
     let _ = writeln!(o, "header_digest = \"{}\"", g.header_digest.name());
     let _ = writeln!(o, "data_digest = \"{}\"", g.data_digest.name());
     let _ = writeln!(o, "login_timeout = {}", g.login_timeout_s);

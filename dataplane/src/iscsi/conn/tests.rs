@@ -13,6 +13,8 @@ struct MockEnv {
     submitted: Vec<ScsiTask>,
     sessions: Vec<(SessionKey, u64)>,
     resets: Vec<String>,
+    /// Reset acknowledgements the device owes.
+    acks: Vec<u64>,
     target_count: usize,
 }
 
@@ -80,13 +82,15 @@ impl TargetEnv for MockEnv {
     fn scsi_submit(&mut self, _t: TargetId, task: ScsiTask) {
         self.submitted.push(task);
     }
-    fn nexus_added(&mut self, _t: TargetId, _n: NexusId) {}
+    fn nexus_added(&mut self, _t: TargetId, _n: NexusId, _it: crate::scsi::ItNexus) {}
     fn nexus_removed(&mut self, _t: TargetId, _n: NexusId) {}
-    fn lun_reset(&mut self, _t: TargetId, lun: u64, _by: NexusId) {
+    fn lun_reset(&mut self, _t: TargetId, lun: u64, _by: NexusId, ack: u64) {
         self.resets.push(format!("lun {lun}"));
+        self.acks.push(ack);
     }
-    fn target_reset(&mut self, _t: TargetId, _by: NexusId, cold: bool) {
+    fn target_reset(&mut self, _t: TargetId, _by: NexusId, cold: bool, ack: u64) {
         self.resets.push(format!("target cold={cold}"));
+        self.acks.push(ack);
     }
 }
 
@@ -641,8 +645,22 @@ fn lun_reset_and_missing_lun() {
     t.0[1] = 0x85;
     t.0[16..20].copy_from_slice(&50u32.to_be_bytes());
     h.send(t, &[]);
-    assert_eq!(h.recv()[0].bhs.0[2], 0);
+    // No answer until the device has reset.
+    assert!(h.recv().is_empty());
     assert_eq!(h.env.resets, vec!["lun 0"]);
+    let ack = h.env.acks.pop().unwrap();
+    assert_eq!(ack as u32, 50);
+    assert!(h
+        .conn
+        .scsi_done(ScsiResponse {
+            tag: ack,
+            status: ScsiStatus::Good,
+            sense: vec![],
+            data_in: None,
+            data_out_wanted: 0,
+        })
+        .is_none());
+    assert_eq!(h.recv()[0].bhs.0[2], 0);
     t.0[8..16].copy_from_slice(&pdu::encode_lun(3).to_be_bytes());
     h.send(t, &[]);
     assert_eq!(h.recv()[0].bhs.0[2], 2, "LUN does not exist");
