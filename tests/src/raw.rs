@@ -288,6 +288,12 @@ impl RawSession {
         read_len: u32,
         immediate: &[u8],
     ) -> Option<Reply> {
+        let itt = self.start_command(lun, cdb, read_len, immediate);
+        self.wait_for(itt)
+    }
+
+    /// Sends a command (as [`RawSession::command_with`]) without waiting; returns its ITT.
+    pub fn start_command(&mut self, lun: u64, cdb: &[u8], read_len: u32, immediate: &[u8]) -> u32 {
         let itt = self.next_itt();
         let mut bhs = [0u8; 48];
         bhs[0] = 0x01;
@@ -320,6 +326,11 @@ impl RawSession {
         bhs[32..32 + cdb.len()].copy_from_slice(cdb);
         self.cmdsn = self.cmdsn.wrapping_add(1);
         self.send(bhs, immediate);
+        itt
+    }
+
+    /// Reads PDUs until the status of task `itt` (Async Messages and Rejects are kept).
+    pub fn wait_for(&mut self, itt: u32) -> Option<Reply> {
         let mut reply = Reply::default();
         loop {
             let p = self.recv()?;
@@ -376,6 +387,47 @@ impl RawSession {
     }
 
     /// READ CAPACITY (16): the number of blocks and the block size.
+    /// Sends an immediate task management request (`function`: 1 ABORT TASK, 5 LOGICAL
+    /// UNIT RESET, 6 TARGET WARM RESET, ...) for `lun` and task `referenced`; returns its ITT.
+    pub fn start_tmf(&mut self, function: u8, lun: u64, referenced: u32) -> u32 {
+        let itt = self.next_itt();
+        let mut bhs = [0u8; 48];
+        bhs[0] = 0x40 | 0x02;
+        bhs[1] = 0x80 | function;
+        bhs[9] = lun as u8;
+        bhs[16..20].copy_from_slice(&itt.to_be_bytes());
+        bhs[20..24].copy_from_slice(&referenced.to_be_bytes());
+        bhs[24..28].copy_from_slice(&self.cmdsn.to_be_bytes());
+        bhs[28..32].copy_from_slice(&self.exp_statsn.to_be_bytes());
+        self.send(bhs, &[]);
+        itt
+    }
+
+    /// Reads every PDU until the target has been quiet for `quiet` (or closed).
+    pub fn drain(&mut self, quiet: Duration) -> Vec<RawPdu> {
+        self.s.set_read_timeout(Some(quiet)).unwrap();
+        let mut got = Vec::new();
+        loop {
+            let mut first = [0u8; 1];
+            match self.s.peek(&mut first) {
+                Ok(0) => break,
+                Ok(_) => {}
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => break,
+                Err(e) => panic!("receive: {e}"),
+            }
+            let Some(p) = self.recv() else { break };
+            let op = p.opcode();
+            if matches!(op, 0x21 | 0x22 | 0x32 | 0x3f) || (op == 0x25 && p.bhs[1] & 0x01 != 0) {
+                self.exp_statsn = u32_at(&p.bhs, 24).wrapping_add(1);
+            }
+            got.push(p);
+        }
+        self.s
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        got
+    }
+
     pub fn capacity(&mut self, lun: u64) -> Option<Reply> {
         let mut cdb = [0u8; 16];
         cdb[0] = 0x9e;
