@@ -125,6 +125,18 @@ impl RawSession {
     /// Like [`login`](Self::login), asking for CRC32C header and data digests (and
     /// checking that the target agreed).
     pub fn login_with(portal: &str, initiator: &str, target: &str, digests: bool) -> RawSession {
+        Self::login_full(portal, initiator, target, digests, &[])
+    }
+
+    /// [`RawSession::login_with`] offering more keys (or other values for the usual ones:
+    /// MaxRecvDataSegmentLength, ImmediateData).
+    pub fn login_full(
+        portal: &str,
+        initiator: &str,
+        target: &str,
+        digests: bool,
+        keys: &[(&str, &str)],
+    ) -> RawSession {
         let s = TcpStream::connect(portal).expect("connect");
         s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
         let mut r = RawSession {
@@ -140,11 +152,23 @@ impl RawSession {
             write_expecting: 0,
         };
         let d = if digests { "CRC32C" } else { "None" };
-        let text = format!(
+        let mut text = format!(
             "InitiatorName={initiator}\0SessionType=Normal\0TargetName={target}\0\
-             HeaderDigest={d}\0DataDigest={d}\0MaxRecvDataSegmentLength=262144\0\
-             ImmediateData=Yes\0"
+             HeaderDigest={d}\0DataDigest={d}\0"
         );
+        let defaults = [
+            ("MaxRecvDataSegmentLength", "262144"),
+            ("ImmediateData", "Yes"),
+        ];
+        for (k, v) in defaults
+            .iter()
+            .filter(|(k, _)| !keys.iter().any(|(o, _)| o == k))
+        {
+            text.push_str(&format!("{k}={v}\0"));
+        }
+        for (k, v) in keys {
+            text.push_str(&format!("{k}={v}\0"));
+        }
         let mut bhs = [0u8; 48];
         bhs[0] = 0x43; // immediate | Login Request
         bhs[1] = 0x80 | (1 << 2) | 3; // T, CSG=1 (operational), NSG=3 (full feature)
@@ -189,6 +213,23 @@ impl RawSession {
         }
         self.sent.extend_from_slice(&pdu);
         self.s.write_all(&pdu).expect("send PDU");
+    }
+
+    /// Sends a PDU as it is (digests added when the session uses them).
+    pub fn send_pdu(&mut self, bhs: [u8; 48], data: &[u8]) {
+        self.send(bhs, data);
+    }
+
+    /// The CmdSN for the next non-immediate request (and counts it as used).
+    pub fn take_cmdsn(&mut self) -> u32 {
+        let c = self.cmdsn;
+        self.cmdsn = self.cmdsn.wrapping_add(1);
+        c
+    }
+
+    /// The StatSN this initiator expects next (what it acknowledges).
+    pub fn exp_statsn(&self) -> u32 {
+        self.exp_statsn
     }
 
     /// Sends a 48-byte header as it is (no data).

@@ -16,8 +16,8 @@ use super::login::{Established, Login, LoginStep};
 use super::params::{ConnParams, SessionParams, SessionType};
 use super::pdu::{
     self, build, Bhs, DataOut, LogoutReason, NopOut, PduError, RejectReason, Request, Residual,
-    ScsiCommand, SeqNumbers, TaskMgmtRequest, TextRequest, TmfFunction, TmfResponse, BHS_LEN,
-    RESERVED_TAG,
+    ScsiCommand, SeqNumbers, SnackRequest, TaskMgmtRequest, TextRequest, TmfFunction, TmfResponse,
+    BHS_LEN, RESERVED_TAG,
 };
 use super::{text, TargetEnv, TargetId};
 use crate::mem::IoBuf;
@@ -124,7 +124,7 @@ impl OutData {
     }
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct OutPdu {
     bhs: Bhs,
     data: OutData,
@@ -143,6 +143,17 @@ impl OutPdu {
             + pdu::pad_len(d)
             + 4 * usize::from(self.header_digest.is_some())
             + 4 * usize::from(self.data_digest.is_some())
+    }
+}
+
+/// Whether a PDU the target sends carries a StatSN of its own (Status SNACK can ask for it
+/// again): responses, Data-In with status, Rejects, Async Messages, NOP-In answers.
+fn carries_status(bhs: &Bhs) -> bool {
+    match bhs.opcode() {
+        pdu::opcode::DATA_IN => bhs.0[1] & 0x01 != 0,
+        pdu::opcode::NOP_IN => bhs.u32_at(16) != RESERVED_TAG,
+        pdu::opcode::R2T => false,
+        _ => true,
     }
 }
 
@@ -199,12 +210,38 @@ struct Task {
     /// Its write buffer would exceed the connection's budget: it ends with TASK SET FULL
     /// (the initiator retries later) without soliciting its data.
     over_budget: bool,
+    /// ERL 1: ranges (offset, length) whose Data-Out came with a bad data digest; they are
+    /// asked for again with recovery R2Ts once the rest is in.
+    redo: Vec<(u32, u32)>,
+    /// Recovery R2Ts sent so far (bounded: a path that corrupts everything fails the
+    /// command instead).
+    recoveries: u32,
 }
 
 impl Task {
     fn data_complete(&self) -> bool {
         !self.cmd.write || self.received >= self.cmd.edtl
     }
+}
+
+/// Recovery R2Ts one command may take before it fails with PROTOCOL SERVICE CRC ERROR.
+const MAX_RECOVERIES: u32 = 16;
+/// Status-bearing PDUs kept for Status SNACK until acknowledged (oldest dropped beyond).
+const MAX_RETAINED_STATUS: usize = 1024;
+/// Finished reads whose Data-In is kept for Data SNACK until acknowledged.
+const MAX_RETAINED_READS: usize = 256;
+
+/// ERL 1 (RFC 7143 §7.2): what was sent and may be asked for again with a SNACK, kept
+/// until the initiator acknowledges it (ExpStatSN past its status, or a DataACK).
+#[derive(Debug, Default)]
+struct Retained {
+    /// Status-bearing PDUs with their StatSN, oldest first.
+    status: VecDeque<(u32, OutPdu)>,
+    /// Data-In PDUs of finished reads: ITT -> (StatSN of the read's status, PDUs in DataSN
+    /// order).
+    reads: HashMap<u32, (u32, Vec<OutPdu>)>,
+    /// R2Ts of tasks still collecting data, by ITT, in R2TSN order.
+    r2ts: HashMap<u32, Vec<OutPdu>>,
 }
 
 /// A task-management request waiting for aborted tasks to leave the device.
@@ -334,6 +371,8 @@ pub struct Connection {
     next_ttt: u32,
     text_cont: Option<TextContinuation>,
     text_partial: Vec<u8>,
+    /// ERL 1 retransmission state (empty at ERL 0).
+    retained: Retained,
     // Transmit queue.
     out: VecDeque<OutPdu>,
     out_offset: usize,
@@ -399,6 +438,7 @@ impl Connection {
             next_ttt: 1,
             text_cont: None,
             text_partial: Vec::new(),
+            retained: Retained::default(),
             out: VecDeque::new(),
             out_offset: 0,
             keepalive,
@@ -587,12 +627,124 @@ impl Connection {
             (self.cp.data_digest && !d.is_empty())
                 .then(|| crc32c_of(&[d, &ZERO_PAD[..pdu::pad_len(d.len())]]).to_le_bytes())
         };
-        self.out.push_back(OutPdu {
+        let pdu = OutPdu {
             bhs,
             data,
             header_digest,
             data_digest,
+        };
+        if self.sp.error_recovery_level > 0 && carries_status(&pdu.bhs) {
+            if self.retained.status.len() >= MAX_RETAINED_STATUS {
+                self.retained.status.pop_front();
+            }
+            let statsn = pdu.bhs.u32_at(24);
+            self.retained.status.push_back((statsn, pdu.clone()));
+        }
+        self.out.push_back(pdu);
+    }
+
+    /// ERL 1: the initiator has everything before `exp_statsn`; what it acknowledged
+    /// need not be kept for retransmission.
+    fn acknowledged(&mut self, exp_statsn: u32) {
+        if self.sp.error_recovery_level == 0 {
+            return;
+        }
+        let r = &mut self.retained;
+        while r
+            .status
+            .front()
+            .is_some_and(|(sn, _)| sn_lt(*sn, exp_statsn))
+        {
+            r.status.pop_front();
+        }
+        r.reads.retain(|_, (sn, _)| !sn_lt(*sn, exp_statsn));
+    }
+
+    /// Sends a kept PDU again, with the current ExpCmdSN and MaxCmdSN (and digests).
+    fn resend(&mut self, p: OutPdu) {
+        let mut bhs = p.bhs;
+        self.update_window();
+        bhs.0[28..32].copy_from_slice(&self.exp_cmdsn.to_be_bytes());
+        bhs.0[32..36].copy_from_slice(&self.max_cmdsn.to_be_bytes());
+        let header_digest = self
+            .cp
+            .header_digest
+            .then(|| crc32c_of(&[&bhs.0]).to_le_bytes());
+        self.out.push_back(OutPdu {
+            bhs,
+            header_digest,
+            ..p
         });
+    }
+
+    /// SNACK (ERL 1, RFC 7143 §11.16): Data/R2T, Status, DataACK and R-Data requests.
+    fn on_snack(&mut self, s: SnackRequest, bhs: &Bhs) {
+        if self.sp.error_recovery_level == 0 {
+            // ERL 0: SNACK is not supported.
+            self.reject(RejectReason::ProtocolError, bhs);
+            return;
+        }
+        self.acknowledged(s.exp_statsn);
+        let in_run = |sn: u32| {
+            sn_le(s.beg_run, sn)
+                && (s.run_length == 0 || sn_lt(sn, s.beg_run.wrapping_add(s.run_length)))
+        };
+        let again: Vec<OutPdu> = match s.kind {
+            // Data/R2T SNACK; R-Data SNACK asks for all of a read's data again (the segment
+            // size never changes here, so the same PDUs do).
+            0 | 3 => {
+                let live: std::collections::HashSet<u32> = self.tasks.keys().copied().collect();
+                self.retained.r2ts.retain(|itt, _| live.contains(itt));
+                if let Some((_, pdus)) = self.retained.reads.get(&s.itt) {
+                    pdus.iter()
+                        .filter(|p| s.kind == 3 || in_run(p.bhs.u32_at(36)))
+                        .cloned()
+                        .collect()
+                } else if let Some(pdus) = self.retained.r2ts.get(&s.itt) {
+                    pdus.iter()
+                        .filter(|p| in_run(p.bhs.u32_at(36)))
+                        .cloned()
+                        .collect()
+                } else {
+                    Vec::new()
+                }
+            }
+            1 => self
+                .retained
+                .status
+                .iter()
+                .filter(|(sn, _)| in_run(*sn))
+                .map(|(_, p)| p.clone())
+                .collect(),
+            2 => {
+                // DataACK: the initiator has the read's data (we never ask for it with the
+                // A bit, but an initiator may acknowledge anyway).
+                self.retained.reads.remove(&s.itt);
+                return;
+            }
+            _ => Vec::new(),
+        };
+        if again.is_empty() {
+            log::debug!(
+                "conn {}: SNACK type {} for ITT {:#x} run {}+{}: nothing to send again",
+                self.uid,
+                s.kind,
+                s.itt,
+                s.beg_run,
+                s.run_length
+            );
+            self.reject(RejectReason::ProtocolError, bhs);
+            return;
+        }
+        log::debug!(
+            "conn {}: SNACK type {}: sending {} PDUs again",
+            self.uid,
+            s.kind,
+            again.len()
+        );
+        for p in again {
+            self.resend(p);
+        }
     }
 
     fn reject(&mut self, reason: RejectReason, hdr: &Bhs) {
@@ -794,7 +946,33 @@ impl Connection {
             bhs.0[0] & 0x3f
         );
         self.reject(RejectReason::DataDigestError, &bhs);
+        let erl1 = self.sp.error_recovery_level > 0;
         match self.rx_req {
+            Some(Ok(Request::ScsiCommand(_))) if erl1 => {
+                // ERL 1 (RFC 7143 §7.8): the whole command PDU is discarded; the
+                // initiator retries it, immediate data included. The task made for its
+                // data at header time goes.
+                let itt = bhs.u32_at(16);
+                if self
+                    .tasks
+                    .get(&itt)
+                    .is_some_and(|t| t.state == TaskState::Waiting)
+                {
+                    self.tasks.remove(&itt);
+                }
+                self.rx_req = None;
+                self.rx_stage = RxStage::Header { got: 0 };
+            }
+            Some(Ok(Request::DataOut(_))) if erl1 => {
+                // ERL 1: the range is asked for again with a recovery R2T once the rest
+                // of the data is in.
+                if let (RxDest::Task { itt, offset }, len) = self.rx_data {
+                    if let Some(t) = self.tasks.get_mut(&itt) {
+                        t.redo.push((offset as u32, len as u32));
+                    }
+                }
+                self.pdu_complete(env, now);
+            }
             Some(Ok(Request::ScsiCommand(_))) | Some(Ok(Request::DataOut(_))) => {
                 let itt = u32::from_be_bytes([bhs.0[16], bhs.0[17], bhs.0[18], bhs.0[19]]);
                 if let Some(t) = self.tasks.get_mut(&itt) {
@@ -1013,13 +1191,14 @@ impl Connection {
         env: &mut dyn TargetEnv,
         now: Instant,
     ) {
+        if self.sp.error_recovery_level > 0 {
+            // Every full-feature request carries ExpStatSN here (RFC 7143 §11).
+            self.acknowledged(bhs.u32_at(28));
+        }
         match req {
             Request::DataOut(d) => self.on_data_out(d, env),
             Request::ScsiCommand(cmd) => self.on_command(cmd, bhs, env, now),
-            Request::Snack(_) => {
-                // ERL 0: SNACK is not supported (RFC 7143 §11.16).
-                self.reject(RejectReason::ProtocolError, &bhs);
-            }
+            Request::Snack(s) => self.on_snack(s, &bhs),
             Request::Login(_) => {
                 self.reject(RejectReason::ProtocolError, &bhs);
             }
@@ -1175,6 +1354,8 @@ impl Connection {
             aborted: false,
             digest_failed: false,
             over_budget,
+            redo: Vec::new(),
+            recoveries: 0,
             received_at: self.last_rx,
             cmd,
         };
@@ -1262,9 +1443,64 @@ impl Connection {
             return;
         }
         if task.data_complete() {
-            self.submit(itt, env);
+            self.data_in_hand(itt, env);
         } else {
             self.send_r2ts(itt);
+        }
+    }
+
+    /// All of a command's data has arrived: to the device, unless parts came with bad
+    /// data digests (ERL 1): those are asked for again with recovery R2Ts first.
+    fn data_in_hand(&mut self, itt: u32, env: &mut dyn TargetEnv) {
+        let Some(task) = self.tasks.get_mut(&itt) else {
+            return;
+        };
+        if task.redo.is_empty() {
+            self.submit(itt, env);
+            return;
+        }
+        if task.recoveries >= MAX_RECOVERIES {
+            log::warn!(
+                "conn {}: ITT {itt:#x}: data still corrupt after {MAX_RECOVERIES} recovery R2Ts",
+                self.uid
+            );
+            task.redo.clear();
+            task.digest_failed = true;
+            self.submit(itt, env);
+            return;
+        }
+        let redo = std::mem::take(&mut task.redo);
+        task.recoveries += redo.len() as u32;
+        let lun_raw = task.lun_raw;
+        for (offset, len) in redo {
+            let ttt = self.alloc_ttt();
+            let seq = self.seq_plain();
+            let task = self.tasks.get_mut(&itt).expect("task exists");
+            let r2tsn = task.r2tsn;
+            task.r2tsn = task.r2tsn.wrapping_add(1);
+            task.r2ts.push(R2t {
+                ttt,
+                offset,
+                len,
+                received: 0,
+                next_datasn: 0,
+            });
+            log::debug!(
+                "conn {}: ITT {itt:#x}: recovery R2T {r2tsn} for {len} bytes at {offset}",
+                self.uid
+            );
+            let b = build::r2t(itt, lun_raw, ttt, seq, r2tsn, offset, len);
+            self.push_r2t(itt, b);
+        }
+    }
+
+    /// Sends an R2T, keeping it for R2T SNACK at ERL 1.
+    fn push_r2t(&mut self, itt: u32, b: Bhs) {
+        self.push(b, OutData::None);
+        if self.sp.error_recovery_level > 0 {
+            if let Some(p) = self.out.back().cloned() {
+                self.retained.r2ts.entry(itt).or_default().push(p);
+            }
         }
     }
 
@@ -1295,7 +1531,7 @@ impl Connection {
                 next_datasn: 0,
             });
             let b = build::r2t(itt, lun_raw, ttt, seq, r2tsn, offset, len);
-            self.push(b, OutData::None);
+            self.push_r2t(itt, b);
         }
     }
 
@@ -1437,7 +1673,7 @@ impl Connection {
             return;
         }
         if complete {
-            self.submit(d.itt, env);
+            self.data_in_hand(d.itt, env);
         } else if r2t_done
             || (d.ttt == RESERVED_TAG && d.final_bit && self.tasks[&d.itt].r2ts.is_empty())
         {
@@ -1458,6 +1694,9 @@ impl Connection {
             return;
         };
         task.state = TaskState::Submitted;
+        if !self.retained.r2ts.is_empty() {
+            self.retained.r2ts.remove(&itt);
+        }
         if task.digest_failed {
             let r = crate::scsi::Device::crc_error_response((self.uid << 32) | u64::from(itt));
             self.scsi_done(r);
@@ -1531,7 +1770,14 @@ impl Connection {
         let send_len = data_len.min(edtl);
         let has_sense = !resp.sense.is_empty();
         if send_len > 0 && task.cmd.read {
-            let buf = Arc::new(resp.data_in.expect("data_in present when data_len > 0"));
+            let mut data_in = resp.data_in.expect("data_in present when data_len > 0");
+            let erl1 = self.sp.error_recovery_level > 0;
+            if erl1 {
+                // Kept for Data SNACK: a view of a RAM disk could change meanwhile.
+                data_in = data_in.into_owned_if_view();
+            }
+            let buf = Arc::new(data_in);
+            let first = self.out.len();
             let seg = self.cp.initiator_mrdsl.max(512);
             let burst = self.sp.max_burst_length.max(512);
             let mut offset = 0u32;
@@ -1570,10 +1816,33 @@ impl Connection {
                 offset += len;
                 datasn += 1;
             }
-            if status_in_data {
-                return;
+            if !status_in_data {
+                self.send_response(task.itt, status, residual, datasn, &resp.sense);
             }
-            self.send_response(task.itt, status, residual, datasn, &resp.sense);
+            if erl1 {
+                let pdus: Vec<OutPdu> = self
+                    .out
+                    .iter()
+                    .skip(first)
+                    .filter(|p| p.bhs.opcode() == pdu::opcode::DATA_IN)
+                    .cloned()
+                    .collect();
+                if self.retained.reads.len() >= MAX_RETAINED_READS {
+                    // The initiator acknowledges nothing: drop the oldest read.
+                    let now_sn = self.statsn;
+                    if let Some(old) = self
+                        .retained
+                        .reads
+                        .iter()
+                        .max_by_key(|(_, (sn, _))| now_sn.wrapping_sub(*sn))
+                        .map(|(itt, _)| *itt)
+                    {
+                        self.retained.reads.remove(&old);
+                    }
+                }
+                let statsn = self.statsn.wrapping_sub(1);
+                self.retained.reads.insert(task.itt, (statsn, pdus));
+            }
         } else {
             // ExpDataSN counts the R2Ts (and Data-Ins) sent for the command.
             self.send_response(task.itt, status, residual, task.r2tsn, &resp.sense);

@@ -32,7 +32,7 @@
 //! initial_r2t = false              # allow unsolicited Data-Out up to first_burst_length
 //! default_time2wait = 2             # 0..=3600
 //! default_time2retain = 20          # 0..=3600
-//! error_recovery_level = 0          # 0..=2
+//! error_recovery_level = 0          # 0..=2 (2 settles at 1: no connection recovery)
 //! max_connections = 1               # 1..=65535
 //!
 //! [[portal_group]]                  # at least one

@@ -863,3 +863,118 @@ fn many_small_pdus_in_one_read() {
     h.conn.rx_filled(wire.len(), &mut h.env, h.now);
     assert_eq!(h.env.submitted.len(), 4);
 }
+
+impl Harness {
+    fn snack(&mut self, kind: u8, itt: u32, beg: u32, run: u32, exp_statsn: u32) {
+        let mut h = Bhs::new();
+        h.0[0] = 0x10;
+        h.0[1] = 0x80 | kind;
+        h.0[16..20].copy_from_slice(&itt.to_be_bytes());
+        h.0[20..24].copy_from_slice(&RESERVED_TAG.to_be_bytes());
+        h.0[28..32].copy_from_slice(&exp_statsn.to_be_bytes());
+        h.0[40..44].copy_from_slice(&beg.to_be_bytes());
+        h.0[44..48].copy_from_slice(&run.to_be_bytes());
+        self.send(h, &[]);
+    }
+
+    fn login_erl1(&mut self, extra: &[(&str, &str)]) {
+        self.env.global.error_recovery_level = 1;
+        let mut keys = vec![("ErrorRecoveryLevel", "1")];
+        keys.extend_from_slice(extra);
+        let got = self.login(&keys);
+        assert!(
+            got.iter()
+                .any(|g| g.text().contains("ErrorRecoveryLevel=1")),
+            "ERL 1 negotiated"
+        );
+    }
+}
+
+#[test]
+fn snack_at_erl_0_is_rejected() {
+    let mut h = Harness::new();
+    h.login(&[]);
+    h.snack(0, 1, 0, 0, 0);
+    let got = h.recv();
+    assert_eq!(got[0].op(), pdu::opcode::REJECT);
+    assert_eq!(got[0].bhs.0[2], 0x04);
+}
+
+#[test]
+fn erl1_data_snack_resends_the_asked_data_in_pdus() {
+    let mut h = Harness::new();
+    h.login_erl1(&[]);
+    h.command(0x10, 10, &read10(20), 20 * 512, false, &[]);
+    h.complete_all();
+    let first = h.recv();
+    assert_eq!(first.len(), 3);
+    let statsn = first[2].u32(24);
+    // DataSN 1 got lost: asked for again (RunLength 1), it comes back byte for byte.
+    h.snack(0, 0x10, 1, 1, statsn);
+    let again = h.recv();
+    assert_eq!(again.len(), 1);
+    assert_eq!(again[0].op(), pdu::opcode::DATA_IN);
+    assert_eq!((again[0].u32(36), again[0].u32(40)), (1, 4096));
+    assert_eq!(again[0].data, first[1].data);
+    // RunLength 0: from BegRun to the end, the status-bearing last PDU included.
+    h.snack(0, 0x10, 1, 0, statsn);
+    let again = h.recv();
+    assert_eq!(again.len(), 2);
+    assert_eq!(again[1].bhs.0[1], 0x81);
+    assert_eq!(again[1].u32(24), statsn, "the same StatSN");
+    // Status SNACK for the read's StatSN: the last Data-In (it carries the status).
+    h.snack(1, 0, statsn, 1, statsn);
+    let again = h.recv();
+    assert_eq!(again.len(), 1);
+    assert_eq!(again[0].u32(36), 2);
+    // Once acknowledged (ExpStatSN past it), nothing is kept: a SNACK is rejected.
+    h.command(0x11, 11, &[0u8; 6], 0, false, &[]);
+    h.env.submitted.clear();
+    let mut n = Bhs::new();
+    n.0[0] = 0x40;
+    n.0[1] = 0x80;
+    n.0[16..20].copy_from_slice(&7u32.to_be_bytes());
+    n.0[20..24].copy_from_slice(&RESERVED_TAG.to_be_bytes());
+    n.0[24..28].copy_from_slice(&12u32.to_be_bytes());
+    n.0[28..32].copy_from_slice(&(statsn + 1).to_be_bytes());
+    h.send(n, &[]);
+    let _ = h.recv();
+    h.snack(0, 0x10, 0, 0, statsn + 1);
+    let got = h.recv();
+    assert_eq!(got[0].op(), pdu::opcode::REJECT);
+}
+
+#[test]
+fn erl1_r2t_and_status_snack_and_data_ack() {
+    let mut h = Harness::new();
+    h.login_erl1(&[("ImmediateData", "No"), ("InitialR2T", "Yes")]);
+    h.command(0x20, 10, &write10(2), 1024, true, &[]);
+    let r2t = h.recv().remove(0);
+    assert_eq!(r2t.op(), pdu::opcode::R2T);
+    // The R2T got lost: R2T SNACK (Data/R2T type, BegRun = R2TSN 0).
+    h.snack(0, 0x20, 0, 1, 0);
+    let again = h.recv();
+    assert_eq!(again.len(), 1);
+    assert_eq!(again[0].op(), pdu::opcode::R2T);
+    assert_eq!(again[0].u32(20), r2t.u32(20), "the same TTT");
+    assert_eq!(again[0].u32(36), 0, "the same R2TSN");
+    h.data_out(0x20, r2t.u32(20), 0, 0, true, &[9u8; 1024]);
+    h.complete_all();
+    let resp = h.recv().remove(0);
+    assert_eq!(resp.op(), pdu::opcode::SCSI_RESPONSE);
+    let statsn = resp.u32(24);
+    // The response got lost: Status SNACK.
+    h.snack(1, 0, statsn, 1, statsn);
+    let again = h.recv();
+    assert_eq!(again.len(), 1);
+    assert_eq!(again[0].op(), pdu::opcode::SCSI_RESPONSE);
+    assert_eq!((again[0].u32(16), again[0].u32(24)), (0x20, statsn));
+    // A read acknowledged with DataACK is not kept.
+    h.command(0x21, 11, &read10(1), 512, false, &[]);
+    h.complete_all();
+    let d = h.recv().remove(0);
+    h.snack(2, 0x21, 0, 0, d.u32(24));
+    assert!(h.recv().is_empty());
+    h.snack(0, 0x21, 0, 0, d.u32(24));
+    assert_eq!(h.recv()[0].op(), pdu::opcode::REJECT);
+}
