@@ -5,8 +5,9 @@
 use dataplane::bdev::null::NullBdev;
 use dataplane::iscsi::chap::AuthPolicy;
 use dataplane::iscsi::conn::{Connection, Keepalive};
+use dataplane::iscsi::params::SessionParams;
 use dataplane::iscsi::{
-    DiscoveryEntry, LoginStatus, Registered, SessionKey, TargetEnv, TargetId, TargetInfo,
+    DiscoveryEntry, Joined, LoginStatus, Registered, SessionKey, TargetEnv, TargetId, TargetInfo,
 };
 use dataplane::scsi::{Device, ItNexus, NexusId, ScsiResponse, ScsiTask};
 use dataplane::tgt::live::{lun_identity, Model, Registry};
@@ -116,21 +117,46 @@ impl TargetEnv for FuzzEnv {
     ) -> Vec<DiscoveryEntry> {
         self.model.discover(initiator, peer, local, only)
     }
-    fn register_session(&mut self, key: SessionKey, uid: u64) -> Result<Registered, LoginStatus> {
-        self.registry.register(
-            key,
-            uid,
-            dataplane::tgt::live::SessionLimits {
-                total: 16,
-                per_target: 16,
-                per_initiator: 16,
-            },
-        )
+    fn register_session(
+        &mut self,
+        key: SessionKey,
+        uid: u64,
+        cid: u16,
+        params: &SessionParams,
+        nexus: NexusId,
+    ) -> Result<Registered, LoginStatus> {
+        let new = dataplane::tgt::live::NewSession {
+            conn_uid: uid,
+            cid,
+            reactor: 0,
+            params,
+            nexus,
+        };
+        let limits = dataplane::tgt::live::SessionLimits {
+            total: 16,
+            per_target: 16,
+            per_initiator: 16,
+        };
+        self.registry.register(key, new, limits)
     }
-    fn session_exists(&self, tsih: u16) -> bool {
-        self.registry.exists(tsih)
+    fn session_to_join(
+        &self,
+        tsih: u16,
+        key: &SessionKey,
+        cid: u16,
+    ) -> Result<SessionParams, LoginStatus> {
+        self.registry.may_join(tsih, key, cid).cloned()
     }
-    fn unregister_session(&mut self, tsih: u16, uid: u64) {
+    fn join_session(
+        &mut self,
+        tsih: u16,
+        key: &SessionKey,
+        cid: u16,
+        uid: u64,
+    ) -> Result<Joined, LoginStatus> {
+        self.registry.join(tsih, key, cid, uid)
+    }
+    fn unregister_session(&mut self, tsih: u16, uid: u64) -> bool {
         self.registry.unregister(tsih, uid)
     }
     fn lun_exists(&self, target: TargetId, lun: u64) -> bool {

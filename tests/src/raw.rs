@@ -58,6 +58,10 @@ pub struct RawSession {
     sent: Vec<u8>,
     /// The Expected Data Transfer Length of a write sent without data.
     write_expecting: u32,
+    /// The session's TSIH (from the login response).
+    pub tsih: u16,
+    /// The login response's text.
+    pub login_text: String,
 }
 
 /// With `FUZZ_SEED_DIR` set, each session leaves what it sent there
@@ -137,11 +141,37 @@ impl RawSession {
         digests: bool,
         keys: &[(&str, &str)],
     ) -> RawSession {
+        Self::try_login(portal, initiator, target, digests, keys, (0, 0, 1))
+            .unwrap_or_else(|s| panic!("login status {s:?}"))
+    }
+
+    /// Adds connection `cid` to session `tsih` (MC/S; same initiator name and ISID) with
+    /// the session's next CmdSN; Err: the login status class and detail.
+    pub fn join(
+        portal: &str,
+        initiator: &str,
+        target: &str,
+        tsih: u16,
+        cid: u16,
+        cmdsn: u32,
+    ) -> Result<RawSession, (u8, u8)> {
+        Self::try_login(portal, initiator, target, false, &[], (tsih, cid, cmdsn))
+    }
+
+    /// One-PDU login (operational stage straight to full feature) with TSIH, CID and CmdSN.
+    pub fn try_login(
+        portal: &str,
+        initiator: &str,
+        target: &str,
+        digests: bool,
+        keys: &[(&str, &str)],
+        (tsih, cid, cmdsn): (u16, u16, u32),
+    ) -> Result<RawSession, (u8, u8)> {
         let s = TcpStream::connect(portal).expect("connect");
         s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
         let mut r = RawSession {
             s,
-            cmdsn: 1,
+            cmdsn,
             exp_statsn: 0,
             itt: 1,
             async_messages: Vec::new(),
@@ -150,6 +180,8 @@ impl RawSession {
             corrupt_next_data_digest: false,
             sent: Vec::new(),
             write_expecting: 0,
+            tsih: 0,
+            login_text: String::new(),
         };
         let d = if digests { "CRC32C" } else { "None" };
         let mut text = format!(
@@ -173,13 +205,19 @@ impl RawSession {
         bhs[0] = 0x43; // immediate | Login Request
         bhs[1] = 0x80 | (1 << 2) | 3; // T, CSG=1 (operational), NSG=3 (full feature)
         bhs[8..14].copy_from_slice(&[0x80, 0x00, 0x7e, 0x57, 0x00, 0x01]);
+        bhs[14..16].copy_from_slice(&tsih.to_be_bytes());
         bhs[16..20].copy_from_slice(&r.next_itt().to_be_bytes());
+        bhs[20..22].copy_from_slice(&cid.to_be_bytes());
         bhs[24..28].copy_from_slice(&r.cmdsn.to_be_bytes());
         r.send(bhs, text.as_bytes());
         let p = r.recv().expect("login response");
         assert_eq!(p.opcode(), 0x23, "not a Login Response");
-        assert_eq!((p.bhs[36], p.bhs[37]), (0, 0), "login status");
+        if (p.bhs[36], p.bhs[37]) != (0, 0) {
+            return Err((p.bhs[36], p.bhs[37]));
+        }
         assert_eq!(p.bhs[1] & 0x83, 0x83, "full feature phase");
+        r.tsih = u16::from_be_bytes([p.bhs[14], p.bhs[15]]);
+        r.login_text = String::from_utf8_lossy(&p.data).replace('\0', "\n");
         if digests {
             let text = String::from_utf8_lossy(&p.data);
             assert!(text.contains("HeaderDigest=CRC32C"), "{text}");
@@ -187,7 +225,58 @@ impl RawSession {
         }
         r.exp_statsn = u32_at(&p.bhs, 24).wrapping_add(1);
         r.digests = digests;
-        r
+        Ok(r)
+    }
+
+    /// Sets the CmdSN of the next non-immediate request (the session's, with MC/S).
+    pub fn set_cmdsn(&mut self, cmdsn: u32) {
+        self.cmdsn = cmdsn;
+    }
+
+    pub fn cmdsn(&self) -> u32 {
+        self.cmdsn
+    }
+
+    /// An immediate NOP-Out ping; returns the NOP-In (ExpCmdSN at bytes 28..32).
+    pub fn ping(&mut self) -> RawPdu {
+        let itt = self.next_itt();
+        let mut bhs = [0u8; 48];
+        bhs[0] = 0x40; // immediate NOP-Out
+        bhs[1] = 0x80;
+        bhs[16..20].copy_from_slice(&itt.to_be_bytes());
+        bhs[20..24].copy_from_slice(&u32::MAX.to_be_bytes());
+        bhs[24..28].copy_from_slice(&self.cmdsn.to_be_bytes());
+        bhs[28..32].copy_from_slice(&self.exp_statsn.to_be_bytes());
+        self.send(bhs, &[]);
+        loop {
+            let p = self.recv().expect("NOP-In");
+            if p.opcode() == 0x20 && u32_at(&p.bhs, 16) == itt {
+                self.exp_statsn = u32_at(&p.bhs, 24).wrapping_add(1);
+                return p;
+            }
+            if matches!(p.opcode(), 0x21 | 0x32 | 0x3f) {
+                self.exp_statsn = u32_at(&p.bhs, 24).wrapping_add(1);
+            }
+        }
+    }
+
+    /// Logout with `reason` (0 close the session, 1 close this connection); the response.
+    pub fn logout(&mut self, reason: u8, cid: u16) -> RawPdu {
+        let itt = self.next_itt();
+        let mut bhs = [0u8; 48];
+        bhs[0] = 0x40 | 0x06;
+        bhs[1] = 0x80 | reason;
+        bhs[16..20].copy_from_slice(&itt.to_be_bytes());
+        bhs[20..22].copy_from_slice(&cid.to_be_bytes());
+        bhs[24..28].copy_from_slice(&self.cmdsn.to_be_bytes());
+        bhs[28..32].copy_from_slice(&self.exp_statsn.to_be_bytes());
+        self.send(bhs, &[]);
+        loop {
+            let p = self.recv().expect("Logout Response");
+            if p.opcode() == 0x26 {
+                return p;
+            }
+        }
     }
 
     fn next_itt(&mut self) -> u32 {

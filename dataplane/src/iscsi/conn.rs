@@ -224,12 +224,57 @@ impl Task {
     }
 }
 
+/// Commands one connection holds for their CmdSN at most (the window bounds them: a
+/// queue depth is at most 4096).
+pub const MAX_HELD_PER_SESSION: usize = 4096;
+
 /// Recovery R2Ts one command may take before it fails with PROTOCOL SERVICE CRC ERROR.
 const MAX_RECOVERIES: u32 = 16;
 /// Status-bearing PDUs kept for Status SNACK until acknowledged (oldest dropped beyond).
 const MAX_RETAINED_STATUS: usize = 1024;
 /// Finished reads whose Data-In is kept for Data SNACK until acknowledged.
 const MAX_RETAINED_READS: usize = 256;
+/// Bytes of read data kept per connection for Data SNACK; the oldest reads go first, and
+/// a larger read is not kept (a SNACK for it is rejected: the initiator retries the
+/// command).
+const MAX_RETAINED_READ_BYTES: usize = 64 << 20;
+
+impl Retained {
+    fn read_len(pdus: &[OutPdu]) -> usize {
+        pdus.iter().map(|p| p.data.bytes().len()).sum()
+    }
+
+    fn forget_read(&mut self, itt: u32) {
+        if let Some((_, pdus)) = self.reads.remove(&itt) {
+            self.read_bytes = self.read_bytes.saturating_sub(Self::read_len(&pdus));
+        }
+    }
+
+    /// Keeps a finished read's Data-In, making room by dropping the oldest reads.
+    fn keep_read(&mut self, itt: u32, statsn: u32, now_sn: u32, pdus: Vec<OutPdu>) {
+        self.forget_read(itt);
+        let len = Self::read_len(&pdus);
+        if len > MAX_RETAINED_READ_BYTES {
+            return;
+        }
+        while !self.reads.is_empty()
+            && (self.reads.len() >= MAX_RETAINED_READS
+                || self.read_bytes + len > MAX_RETAINED_READ_BYTES)
+        {
+            let oldest = self
+                .reads
+                .iter()
+                .max_by_key(|(_, (sn, _))| now_sn.wrapping_sub(*sn))
+                .map(|(itt, _)| *itt);
+            match oldest {
+                Some(o) => self.forget_read(o),
+                None => break,
+            }
+        }
+        self.read_bytes += len;
+        self.reads.insert(itt, (statsn, pdus));
+    }
+}
 
 /// ERL 1 (RFC 7143 §7.2): what was sent and may be asked for again with a SNACK, kept
 /// until the initiator acknowledges it (ExpStatSN past its status, or a DataACK).
@@ -240,6 +285,8 @@ struct Retained {
     /// Data-In PDUs of finished reads: ITT -> (StatSN of the read's status, PDUs in DataSN
     /// order).
     reads: HashMap<u32, (u32, Vec<OutPdu>)>,
+    /// Bytes of read data `reads` holds (bounded by [`MAX_RETAINED_READ_BYTES`]).
+    read_bytes: usize,
     /// R2Ts of tasks still collecting data, by ITT, in R2TSN order.
     r2ts: HashMap<u32, Vec<OutPdu>>,
 }
@@ -373,6 +420,16 @@ pub struct Connection {
     text_partial: Vec<u8>,
     /// ERL 1 retransmission state (empty at ERL 0).
     retained: Retained,
+    /// The reactor of the session this connection joined, until the reactor moves it there.
+    home: Option<usize>,
+    /// A Logout closed the whole session.
+    session_logout: bool,
+    /// Bytes received after the login of a connection that must first move to its
+    /// session's reactor.
+    rx_held: Vec<u8>,
+    /// The task created for the data of the command PDU being received (ERL 1 discards
+    /// it with the PDU when the data digest is bad).
+    rx_new_task: Option<u32>,
     // Transmit queue.
     out: VecDeque<OutPdu>,
     out_offset: usize,
@@ -439,6 +496,10 @@ impl Connection {
             text_cont: None,
             text_partial: Vec::new(),
             retained: Retained::default(),
+            home: None,
+            session_logout: false,
+            rx_held: Vec::new(),
+            rx_new_task: None,
             out: VecDeque::new(),
             out_offset: 0,
             keepalive,
@@ -500,6 +561,62 @@ impl Connection {
 
     /// True when nothing is in progress: logged in, no command, no PDU half received, nothing
     /// to send, no TMF or text exchange pending. Only such a connection may be parked.
+    /// The TSIH of a session that may have several connections (MaxConnections > 1): its
+    /// command window is session-wide, kept by the reactor (see [`Connection::window`]).
+    pub fn mcs_session(&self) -> Option<u16> {
+        (self.sp.max_connections > 1 && self.tsih != 0 && matches!(self.phase, Phase::FullFeature))
+            .then_some(self.tsih)
+    }
+
+    /// Whether the connection must stay on its reactor: connections of a session that may
+    /// have several live where the session does, and are never parked.
+    pub fn pinned(&self) -> bool {
+        self.sp.max_connections > 1
+    }
+
+    /// A connection that joined a session living on another reactor: where it must go.
+    pub fn take_home(&mut self) -> Option<usize> {
+        self.home.take()
+    }
+
+    /// ExpCmdSN and MaxCmdSN as this connection knows them.
+    pub fn window(&self) -> (u32, u32) {
+        (self.exp_cmdsn, self.max_cmdsn)
+    }
+
+    /// Takes the session's window (MC/S): ExpCmdSN as the session has it, MaxCmdSN never
+    /// lower than what any connection announced.
+    pub fn set_window(&mut self, exp_cmdsn: u32, max_cmdsn: u32) {
+        self.exp_cmdsn = exp_cmdsn;
+        if sn_lt(self.max_cmdsn, max_cmdsn) {
+            self.max_cmdsn = max_cmdsn;
+        }
+    }
+
+    /// Delivers the commands held for CmdSNs another connection of the session has
+    /// meanwhile filled in (MC/S).
+    pub fn resume(&mut self, env: &mut dyn TargetEnv, now: Instant) {
+        if !matches!(self.phase, Phase::FullFeature) {
+            return;
+        }
+        while let Some(d) = self.deferred.remove(&self.exp_cmdsn) {
+            self.exp_cmdsn = self.exp_cmdsn.wrapping_add(1);
+            match d {
+                Deferred::Scsi(itt) => self.deliver_command(itt, env),
+                Deferred::Other(req, data, bhs) => self.execute_other(req, bhs, data, env, now),
+            }
+            if self.close.is_some() {
+                return;
+            }
+        }
+    }
+
+    /// Whether this connection ended its whole session (Logout "close the session"): the
+    /// other connections of the session close too.
+    pub fn ends_session(&self) -> bool {
+        self.session_logout
+    }
+
     pub fn is_idle(&self) -> bool {
         matches!(self.phase, Phase::FullFeature)
             && self.close.is_none()
@@ -564,8 +681,10 @@ impl Connection {
     /// transport drops the connection.
     pub fn teardown(&mut self, env: &mut dyn TargetEnv) {
         if self.tsih != 0 {
-            env.unregister_session(self.tsih, self.uid);
-            if let Some(t) = self.target {
+            // The I_T nexus ends with the session's last connection (MC/S); the tasks of
+            // this one end with it (RFC 7143 §6.3: implicitly terminated).
+            let lives_on = env.unregister_session(self.tsih, self.uid);
+            if let (Some(t), false) = (self.target, lives_on) {
                 env.nexus_removed(t, self.nexus);
             }
             self.tsih = 0;
@@ -633,7 +752,12 @@ impl Connection {
             header_digest,
             data_digest,
         };
-        if self.sp.error_recovery_level > 0 && carries_status(&pdu.bhs) {
+        // Data-In with status is kept with its read (see `respond_scsi`), not here: each
+        // would hold the whole read buffer.
+        if self.sp.error_recovery_level > 0
+            && carries_status(&pdu.bhs)
+            && pdu.bhs.opcode() != pdu::opcode::DATA_IN
+        {
             if self.retained.status.len() >= MAX_RETAINED_STATUS {
                 self.retained.status.pop_front();
             }
@@ -657,7 +781,15 @@ impl Connection {
         {
             r.status.pop_front();
         }
-        r.reads.retain(|_, (sn, _)| !sn_lt(*sn, exp_statsn));
+        let gone: Vec<u32> = r
+            .reads
+            .iter()
+            .filter(|(_, (sn, _))| sn_lt(*sn, exp_statsn))
+            .map(|(itt, _)| *itt)
+            .collect();
+        for itt in gone {
+            r.forget_read(itt);
+        }
     }
 
     /// Sends a kept PDU again, with the current ExpCmdSN and MaxCmdSN (and digests).
@@ -690,14 +822,15 @@ impl Connection {
                 && (s.run_length == 0 || sn_lt(sn, s.beg_run.wrapping_add(s.run_length)))
         };
         let again: Vec<OutPdu> = match s.kind {
-            // Data/R2T SNACK; R-Data SNACK asks for all of a read's data again (the segment
-            // size never changes here, so the same PDUs do).
-            0 | 3 => {
+            // Data/R2T SNACK. (R-Data SNACK, type 3, asks for data resegmented after a new
+            // MaxRecvDataSegmentLength and for a fresh response carrying the SNACK Tag: not
+            // supported, rejected below.)
+            0 => {
                 let live: std::collections::HashSet<u32> = self.tasks.keys().copied().collect();
                 self.retained.r2ts.retain(|itt, _| live.contains(itt));
                 if let Some((_, pdus)) = self.retained.reads.get(&s.itt) {
                     pdus.iter()
-                        .filter(|p| s.kind == 3 || in_run(p.bhs.u32_at(36)))
+                        .filter(|p| in_run(p.bhs.u32_at(36)))
                         .cloned()
                         .collect()
                 } else if let Some(pdus) = self.retained.r2ts.get(&s.itt) {
@@ -709,17 +842,29 @@ impl Connection {
                     Vec::new()
                 }
             }
-            1 => self
-                .retained
-                .status
-                .iter()
-                .filter(|(sn, _)| in_run(*sn))
-                .map(|(_, p)| p.clone())
-                .collect(),
+            1 => {
+                // Responses, and reads whose status rode in their last Data-In.
+                let mut v: Vec<(u32, OutPdu)> = self
+                    .retained
+                    .status
+                    .iter()
+                    .filter(|(sn, _)| in_run(*sn))
+                    .cloned()
+                    .collect();
+                for (sn, pdus) in self.retained.reads.values() {
+                    if let Some(last) = pdus.last().filter(|p| carries_status(&p.bhs)) {
+                        if in_run(*sn) {
+                            v.push((*sn, last.clone()));
+                        }
+                    }
+                }
+                v.sort_by_key(|(sn, _)| sn.wrapping_sub(s.beg_run));
+                v.into_iter().map(|(_, p)| p).collect()
+            }
             2 => {
                 // DataACK: the initiator has the read's data (we never ask for it with the
                 // A bit, but an initiator may acknowledge anyway).
-                self.retained.reads.remove(&s.itt);
+                self.retained.forget_read(s.itt);
                 return;
             }
             _ => Vec::new(),
@@ -771,7 +916,7 @@ impl Connection {
     /// goes through a staging buffer, so one read takes in many small PDUs and the bytes of
     /// a data segment that came along are copied once into place.
     pub fn rx_buf(&mut self) -> &mut [u8] {
-        if self.close.is_some() {
+        if self.close.is_some() || self.home.is_some() {
             return &mut [];
         }
         self.rx_direct =
@@ -796,18 +941,36 @@ impl Connection {
             return;
         }
         let stash = std::mem::take(&mut self.rx_stash);
+        self.feed(&stash[..n], env, now);
+        self.rx_stash = stash;
+    }
+
+    /// Runs received bytes through the receive stages. A connection that joined a session
+    /// living on another reactor stops at its login's end and keeps the rest for there.
+    fn feed(&mut self, bytes: &[u8], env: &mut dyn TargetEnv, now: Instant) {
         let mut at = 0;
-        while at < n && self.close.is_none() {
+        while at < bytes.len() && self.close.is_none() {
+            if self.home.is_some() {
+                self.rx_held.extend_from_slice(&bytes[at..]);
+                return;
+            }
             let dst = self.stage_buf();
-            let k = dst.len().min(n - at);
+            let k = dst.len().min(bytes.len() - at);
             if k == 0 {
                 break;
             }
-            dst[..k].copy_from_slice(&stash[at..at + k]);
+            dst[..k].copy_from_slice(&bytes[at..at + k]);
             at += k;
             self.stage_filled(k, env, now);
         }
-        self.rx_stash = stash;
+    }
+
+    /// On the session's reactor at last: the bytes that came after the login.
+    pub fn replay_held(&mut self, env: &mut dyn TargetEnv, now: Instant) {
+        let held = std::mem::take(&mut self.rx_held);
+        if !held.is_empty() {
+            self.feed(&held, env, now);
+        }
     }
 
     /// The destination of the current receive stage.
@@ -952,13 +1115,9 @@ impl Connection {
                 // ERL 1 (RFC 7143 §7.8): the whole command PDU is discarded; the
                 // initiator retries it, immediate data included. The task made for its
                 // data at header time goes.
-                let itt = bhs.u32_at(16);
-                if self
-                    .tasks
-                    .get(&itt)
-                    .is_some_and(|t| t.state == TaskState::Waiting)
-                {
+                if let Some(itt) = self.rx_new_task.take() {
                     self.tasks.remove(&itt);
+                    self.retained.r2ts.remove(&itt);
                 }
                 self.rx_req = None;
                 self.rx_stage = RxStage::Header { got: 0 };
@@ -1058,6 +1217,7 @@ impl Connection {
     }
 
     fn pdu_complete(&mut self, env: &mut dyn TargetEnv, now: Instant) {
+        self.rx_new_task = None;
         let bhs = Bhs(self.rx_hdr);
         self.rx_stage = RxStage::Header { got: 0 };
         let Some(parsed) = self.rx_req.take() else {
@@ -1135,8 +1295,17 @@ impl Connection {
         if let Some(t) = est.target {
             self.target = Some(t.id);
             self.target_name = Some(t.name);
-            let it = ItNexus::new(&self.initiator_name, est.isid, self.pg_tag);
-            env.nexus_added(t.id, self.nexus, it);
+            match est.joined {
+                Some(j) => {
+                    // One more connection of an existing session: its I_T nexus, its home.
+                    self.nexus = j.nexus;
+                    self.home = Some(j.reactor);
+                }
+                None => {
+                    let it = ItNexus::new(&self.initiator_name, est.isid, self.pg_tag);
+                    env.nexus_added(t.id, self.nexus, it);
+                }
+            }
         }
         self.phase = Phase::FullFeature;
         let digest = |on: bool| if on { "CRC32C" } else { "None" };
@@ -1171,16 +1340,7 @@ impl Connection {
     /// After ExpCmdSN moved, delivers the requests that were waiting for it.
     fn advance_cmdsn(&mut self, env: &mut dyn TargetEnv, now: Instant) {
         self.exp_cmdsn = self.exp_cmdsn.wrapping_add(1);
-        while let Some(d) = self.deferred.remove(&self.exp_cmdsn) {
-            self.exp_cmdsn = self.exp_cmdsn.wrapping_add(1);
-            match d {
-                Deferred::Scsi(itt) => self.deliver_command(itt, env),
-                Deferred::Other(req, data, bhs) => self.execute_other(req, bhs, data, env, now),
-            }
-            if self.close.is_some() {
-                return;
-            }
-        }
+        self.resume(env, now);
     }
 
     fn handle_ffp(
@@ -1253,7 +1413,10 @@ impl Connection {
             Request::Text(t) => self.on_text(t, bhs, data, env),
             Request::Logout(l) => {
                 let response = match l.reason {
-                    LogoutReason::CloseSession => 0,
+                    LogoutReason::CloseSession => {
+                        self.session_logout = true;
+                        0
+                    }
                     // One connection per session: only our own CID can be closed.
                     LogoutReason::CloseConnection if l.cid != self.cid => 1,
                     LogoutReason::CloseConnection => 0,
@@ -1304,6 +1467,7 @@ impl Connection {
             return None;
         }
         self.create_task(cmd.clone());
+        self.rx_new_task = Some(cmd.itt);
         Some(RxDest::Task {
             itt: cmd.itt,
             offset: 0,
@@ -1311,6 +1475,10 @@ impl Connection {
     }
 
     fn create_task(&mut self, cmd: ScsiCommand) {
+        if !self.retained.r2ts.is_empty() {
+            // A reused ITT starts afresh.
+            self.retained.r2ts.remove(&cmd.itt);
+        }
         let lun = pdu::decode_lun(cmd.lun);
         let len = cmd.edtl as usize;
         // Large write buffers count against the connection's budget (small ones are bounded
@@ -1469,29 +1637,17 @@ impl Connection {
             self.submit(itt, env);
             return;
         }
-        let redo = std::mem::take(&mut task.redo);
-        task.recoveries += redo.len() as u32;
-        let lun_raw = task.lun_raw;
-        for (offset, len) in redo {
-            let ttt = self.alloc_ttt();
-            let seq = self.seq_plain();
-            let task = self.tasks.get_mut(&itt).expect("task exists");
-            let r2tsn = task.r2tsn;
-            task.r2tsn = task.r2tsn.wrapping_add(1);
-            task.r2ts.push(R2t {
-                ttt,
-                offset,
-                len,
-                received: 0,
-                next_datasn: 0,
-            });
-            log::debug!(
-                "conn {}: ITT {itt:#x}: recovery R2T {r2tsn} for {len} bytes at {offset}",
-                self.uid
-            );
-            let b = build::r2t(itt, lun_raw, ttt, seq, r2tsn, offset, len);
-            self.push_r2t(itt, b);
-        }
+        // Everything from the first bad byte on is solicited again, in bursts and within
+        // MaxOutstandingR2T like any solicitation (good data in between comes again too).
+        let first = task.redo.iter().map(|r| r.0).min().unwrap_or(0);
+        task.redo.clear();
+        task.recoveries += 1;
+        task.next_solicit = first;
+        log::debug!(
+            "conn {}: ITT {itt:#x}: recovery R2Ts from offset {first}",
+            self.uid
+        );
+        self.send_r2ts(itt);
     }
 
     /// Sends an R2T, keeping it for R2T SNACK at ERL 1.
@@ -1667,7 +1823,8 @@ impl Connection {
                 r2t_done = true;
             }
         }
-        let complete = task.data_complete() && task.r2ts.is_empty();
+        let complete =
+            task.data_complete() && task.r2ts.is_empty() && task.next_solicit >= task.cmd.edtl;
         let state = task.state;
         if state != TaskState::Collecting {
             return;
@@ -1827,21 +1984,9 @@ impl Connection {
                     .filter(|p| p.bhs.opcode() == pdu::opcode::DATA_IN)
                     .cloned()
                     .collect();
-                if self.retained.reads.len() >= MAX_RETAINED_READS {
-                    // The initiator acknowledges nothing: drop the oldest read.
-                    let now_sn = self.statsn;
-                    if let Some(old) = self
-                        .retained
-                        .reads
-                        .iter()
-                        .max_by_key(|(_, (sn, _))| now_sn.wrapping_sub(*sn))
-                        .map(|(itt, _)| *itt)
-                    {
-                        self.retained.reads.remove(&old);
-                    }
-                }
                 let statsn = self.statsn.wrapping_sub(1);
-                self.retained.reads.insert(task.itt, (statsn, pdus));
+                let now_sn = self.statsn;
+                self.retained.keep_read(task.itt, statsn, now_sn, pdus);
             }
         } else {
             // ExpDataSN counts the R2Ts (and Data-Ins) sent for the command.
@@ -1879,6 +2024,13 @@ impl Connection {
             self.push(b, OutData::None);
             return;
         };
+        if self.tasks.contains_key(&t.itt) {
+            // Its ITT names a command in progress (and would name the reset's
+            // acknowledgement too).
+            let hdr = Bhs(self.rx_hdr);
+            self.reject(RejectReason::TaskInProgress, &hdr);
+            return;
+        }
         let lun = pdu::decode_lun(t.lun);
         // A reset is answered once the device has done it (its acknowledgement comes back
         // tagged with the TMF's ITT), so no command from another connection can get past

@@ -34,6 +34,8 @@ pub struct Established {
     pub exp_cmdsn: u32,
     /// The next StatSN to send.
     pub statsn: u32,
+    /// Set when the connection joined an existing session (MC/S).
+    pub joined: Option<super::Joined>,
 }
 
 /// Result of one login request.
@@ -388,16 +390,28 @@ impl Login {
         } else {
             self.auth = env.auth_policy(None);
         }
+        let mut negotiator = Negotiator::new(env.global(), self.session_type);
         if self.tsih != 0 {
-            // Adding a connection to an existing session: we run one connection per session.
-            return Err(if env.session_exists(self.tsih) {
-                LoginStatus::TOO_MANY_CONNECTIONS
-            } else {
-                LoginStatus::SESSION_DOES_NOT_EXIST
-            });
+            // Adding a connection to an existing session (MC/S): it must be this
+            // initiator's, with room for one more connection; it runs with the session's
+            // parameters.
+            let params = env.session_to_join(self.tsih, &self.session_key(), self.cid)?;
+            negotiator.join(params);
         }
-        self.negotiator = Some(Negotiator::new(env.global(), self.session_type));
+        self.negotiator = Some(negotiator);
         Ok(())
+    }
+
+    fn session_key(&self) -> SessionKey {
+        SessionKey {
+            initiator: self
+                .initiator_name
+                .clone()
+                .unwrap_or_default()
+                .to_ascii_lowercase(),
+            isid: self.isid,
+            target: self.target.as_ref().map(|t| t.id),
+        }
     }
 
     fn complete(&mut self, reply: Vec<u8>, env: &mut dyn TargetEnv) -> LoginStep {
@@ -415,27 +429,25 @@ impl Login {
                 return self.fail(LoginStatus::INITIATOR_ERROR);
             }
         }
-        let key = SessionKey {
-            initiator: self
-                .initiator_name
-                .clone()
-                .unwrap_or_default()
-                .to_ascii_lowercase(),
-            isid: self.isid,
-            target: self.target.as_ref().map(|t| t.id),
+        let key = self.session_key();
+        let Some(neg) = self.negotiator.as_mut() else {
+            return self.fail(LoginStatus::TARGET_ERROR);
         };
-        let reg = match env.register_session(key, self.conn_uid) {
-            Ok(r) => r,
-            Err(status) => return self.fail(status),
+        let (session, conn) = neg.finish();
+        let (tsih, joined) = if self.tsih != 0 {
+            match env.join_session(self.tsih, &key, self.cid, self.conn_uid) {
+                Ok(j) => (self.tsih, Some(j)),
+                Err(status) => return self.fail(status),
+            }
+        } else {
+            // The session's I_T nexus is named after its leading connection.
+            match env.register_session(key, self.conn_uid, self.cid, &session, self.conn_uid) {
+                Ok(r) => (r.tsih, None),
+                Err(status) => return self.fail(status),
+            }
         };
-        let tsih = reg.tsih;
         self.window = session_window(self.target.as_ref());
         let bhs = self.respond(true, false, STAGE_FULL_FEATURE, reply.clone(), tsih);
-        let neg = self
-            .negotiator
-            .as_mut()
-            .expect("negotiator exists at completion");
-        let (session, conn) = neg.finish();
         let est = Established {
             session_type: self.session_type,
             initiator_name: self.initiator_name.clone().unwrap_or_default(),
@@ -448,6 +460,7 @@ impl Login {
             conn,
             exp_cmdsn: self.cmdsn,
             statsn: self.statsn,
+            joined,
         };
         LoginStep::Done(bhs, reply, Box::new(est))
     }

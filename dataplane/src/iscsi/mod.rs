@@ -67,12 +67,26 @@ pub struct DiscoveryEntry {
 }
 
 /// Outcome of registering a new session.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Registered {
     pub tsih: u16,
-    /// An existing session with the same key that this login reinstates: its connection
+    /// An existing session with the same key that this login reinstates: its connections
     /// (by uid) must be closed.
-    pub reinstated: Option<u64>,
+    pub reinstated: Vec<u64>,
+}
+
+/// What a connection joining an existing session (MC/S) takes from it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Joined {
+    /// The reactor the session's connections live on (the joiner moves there).
+    pub reactor: usize,
+    /// The session's negotiated parameters.
+    pub params: params::SessionParams,
+    /// The session's I_T nexus, shared by all its connections.
+    pub nexus: NexusId,
+    /// A connection of the session with the same CID, which this one replaces
+    /// (connection reinstatement): it must be closed.
+    pub replaced: Option<u64>,
 }
 
 /// Everything a connection needs from outside itself.
@@ -96,16 +110,36 @@ pub trait TargetEnv {
         local: SocketAddr,
         only: Option<&str>,
     ) -> Vec<DiscoveryEntry>;
-    /// Registers a session (TSIH 0 login) from connection `conn_uid`.
+    /// Registers a session (TSIH 0 login) from connection `conn_uid` (CID `cid`, I_T nexus
+    /// `nexus`), negotiated with `params`.
     fn register_session(
         &mut self,
         key: SessionKey,
         conn_uid: u64,
+        cid: u16,
+        params: &params::SessionParams,
+        nexus: NexusId,
     ) -> Result<Registered, LoginStatus>;
-    /// Whether a session with this TSIH exists (a login that adds a connection).
-    fn session_exists(&self, tsih: u16) -> bool;
-    /// The session of connection `conn_uid` has ended.
-    fn unregister_session(&mut self, tsih: u16, conn_uid: u64);
+    /// The parameters of session `tsih` that a login with `key` may add a connection to:
+    /// SESSION_DOES_NOT_EXIST when there is no such session (or it is someone else's),
+    /// TOO_MANY_CONNECTIONS when it has MaxConnections already.
+    fn session_to_join(
+        &self,
+        tsih: u16,
+        key: &SessionKey,
+        cid: u16,
+    ) -> Result<params::SessionParams, LoginStatus>;
+    /// Adds connection `conn_uid` (CID `cid`) to session `tsih` at the end of its login.
+    fn join_session(
+        &mut self,
+        tsih: u16,
+        key: &SessionKey,
+        cid: u16,
+        conn_uid: u64,
+    ) -> Result<Joined, LoginStatus>;
+    /// Connection `conn_uid` of session `tsih` has ended; true when the session lives on
+    /// with other connections (MC/S), false when it ended.
+    fn unregister_session(&mut self, tsih: u16, conn_uid: u64) -> bool;
     /// Whether the target has this LUN.
     fn lun_exists(&self, target: TargetId, lun: u64) -> bool;
 

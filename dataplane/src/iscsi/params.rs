@@ -95,6 +95,9 @@ pub struct Negotiator {
     pub auth_method: Option<String>,
     /// Whether the initiator offered FirstBurstLength (we clamp it only then).
     first_burst_offered: bool,
+    /// A connection joining an existing session (MC/S): the session's values, which
+    /// leading-only keys cannot change.
+    joined: Option<SessionParams>,
 }
 
 fn parse_number(v: &str) -> Option<u64> {
@@ -141,7 +144,31 @@ impl Negotiator {
             conn,
             auth_method: None,
             first_burst_offered: false,
+            joined: None,
         }
+    }
+
+    /// This login adds a connection to a session that runs with `session`.
+    pub fn join(&mut self, session: SessionParams) {
+        self.joined = Some(session);
+    }
+
+    /// Keys only the leading connection of a session negotiates (RFC 7143 §13: "LO").
+    fn leading_only(key: &str) -> bool {
+        matches!(
+            key,
+            "MaxConnections"
+                | "InitialR2T"
+                | "ImmediateData"
+                | "MaxBurstLength"
+                | "FirstBurstLength"
+                | "DefaultTime2Wait"
+                | "DefaultTime2Retain"
+                | "MaxOutstandingR2T"
+                | "DataPDUInOrder"
+                | "DataSequenceInOrder"
+                | "ErrorRecoveryLevel"
+        )
     }
 
     pub fn set_session_type(&mut self, t: SessionType) {
@@ -176,6 +203,9 @@ impl Negotiator {
     /// Handles one offered key; returns the answer to send.
     pub fn offer(&mut self, key: &str, value: &str) -> Answer {
         if self.session_type == SessionType::Discovery && Self::discovery_irrelevant(key) {
+            return Answer::Reply(IRRELEVANT.into());
+        }
+        if self.joined.is_some() && Self::leading_only(key) {
             return Answer::Reply(IRRELEVANT.into());
         }
         let reply = match key {
@@ -324,6 +354,9 @@ impl Negotiator {
 
     /// Applies cross-key rules once all keys are in and returns the final values.
     pub fn finish(&mut self) -> (SessionParams, ConnParams) {
+        if let Some(s) = self.joined.clone() {
+            return (s, self.conn);
+        }
         let s = &mut self.session;
         if !self.first_burst_offered {
             s.first_burst_length = s.first_burst_length.min(self.limits.first_burst_length);

@@ -3,8 +3,9 @@
 
 use super::shared::{LunWork, Msg, ParkMsg, Shared};
 use crate::bdev::BlockDevice;
+use crate::iscsi::params::SessionParams;
 use crate::iscsi::{
-    DiscoveryEntry, LoginStatus, Registered, SessionKey, TargetEnv, TargetId, TargetInfo,
+    DiscoveryEntry, Joined, LoginStatus, Registered, SessionKey, TargetEnv, TargetId, TargetInfo,
 };
 use crate::mem::IoBuf;
 use crate::scsi::{Device, ItNexus, NexusId, ScsiResponse, ScsiTask};
@@ -42,9 +43,24 @@ pub struct ReactorEnv {
     pub registry: Option<mio::Registry>,
     /// Completion fds watched now.
     watched: HashSet<RawFd>,
+    /// The command windows of this reactor's sessions with several connections (MC/S),
+    /// by TSIH: ExpCmdSN and MaxCmdSN, session-wide.
+    pub windows: HashMap<u16, (u32, u32)>,
 }
 
 impl ReactorEnv {
+    /// Closes connection `uid` wherever it lives (any reactor or the parking lot).
+    fn close_anywhere(&mut self, uid: u64) {
+        self.close_local.push(uid);
+        for to in 0..self.outbox.len() {
+            if to != self.me {
+                self.send(to, Msg::Close(uid));
+            }
+        }
+        let _ = self.shared.park_tx.try_send(ParkMsg::Close(uid));
+        let _ = self.shared.park_waker.wake();
+    }
+
     pub fn new(me: usize, shared: Arc<Shared>, devices: HashMap<TargetId, Device>) -> Self {
         let n = shared.mailboxes.len();
         ReactorEnv {
@@ -62,6 +78,7 @@ impl ReactorEnv {
             pool: HashMap::new(),
             registry: None,
             watched: HashSet::new(),
+            windows: HashMap::new(),
         }
     }
 
@@ -414,42 +431,74 @@ impl TargetEnv for ReactorEnv {
         &mut self,
         key: SessionKey,
         conn_uid: u64,
+        cid: u16,
+        params: &SessionParams,
+        nexus: NexusId,
     ) -> Result<Registered, LoginStatus> {
         let limits = crate::tgt::live::SessionLimits::of(self.model.global());
+        let new = crate::tgt::live::NewSession {
+            conn_uid,
+            cid,
+            reactor: self.me,
+            params,
+            nexus,
+        };
         let reg = self
             .shared
             .registry
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .register(key, conn_uid, limits)?;
-        if let Some(old) = reg.reinstated {
-            // The old connection may live on any reactor or in the parking lot.
-            self.close_local.push(old);
-            for to in 0..self.outbox.len() {
-                if to != self.me {
-                    self.send(to, Msg::Close(old));
-                }
-            }
-            let _ = self.shared.park_tx.try_send(ParkMsg::Close(old));
-            let _ = self.shared.park_waker.wake();
+            .register(key, new, limits)?;
+        for &old in &reg.reinstated {
+            self.close_anywhere(old);
         }
         Ok(reg)
     }
 
-    fn session_exists(&self, tsih: u16) -> bool {
+    fn session_to_join(
+        &self,
+        tsih: u16,
+        key: &SessionKey,
+        cid: u16,
+    ) -> Result<SessionParams, LoginStatus> {
         self.shared
             .registry
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .exists(tsih)
+            .may_join(tsih, key, cid)
+            .cloned()
     }
 
-    fn unregister_session(&mut self, tsih: u16, conn_uid: u64) {
-        self.shared
+    fn join_session(
+        &mut self,
+        tsih: u16,
+        key: &SessionKey,
+        cid: u16,
+        conn_uid: u64,
+    ) -> Result<Joined, LoginStatus> {
+        let joined = self
+            .shared
+            .registry
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .join(tsih, key, cid, conn_uid)?;
+        if let Some(old) = joined.replaced {
+            self.close_anywhere(old);
+        }
+        Ok(joined)
+    }
+
+    fn unregister_session(&mut self, tsih: u16, conn_uid: u64) -> bool {
+        let lives_on = self
+            .shared
             .registry
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .unregister(tsih, conn_uid);
+        if !lives_on {
+            self.windows.remove(&tsih);
+        }
+        lives_on
     }
 
     fn lun_exists(&self, target: TargetId, lun: u64) -> bool {
@@ -496,6 +545,10 @@ impl TargetEnv for ReactorEnv {
                 d.lun_reset(lun, by);
                 d.acknowledge(ack);
             }
+            None if self.shared.home_of(target) == self.me => {
+                // The target is gone: answer so the TMF is not left waiting.
+                self.responses.push(Device::gone_response(ack));
+            }
             None => {
                 let reply_to = self.me;
                 self.forward(
@@ -517,6 +570,9 @@ impl TargetEnv for ReactorEnv {
             Some(d) => {
                 d.target_reset(by, cold);
                 d.acknowledge(ack);
+            }
+            None if self.shared.home_of(target) == self.me => {
+                self.responses.push(Device::gone_response(ack));
             }
             None => {
                 let reply_to = self.me;

@@ -24,7 +24,7 @@ mod env;
 pub mod park;
 pub mod shared;
 
-use crate::iscsi::conn::{CloseReason, Connection, CountCommand, Keepalive};
+use crate::iscsi::conn::{sn_lt, CloseReason, Connection, CountCommand, Keepalive};
 use crate::iscsi::TargetId;
 use crate::mem::pool::{set_thread_pool, BufferPool};
 use crate::mem::region::HugePages;
@@ -685,7 +685,16 @@ impl Reactor {
                 }
                 Msg::Adopt(m) => {
                     let m = *m;
+                    let uid = m.conn.uid();
                     self.adopt(m.stream, m.conn);
+                    // A connection that joined a session here: the bytes that followed its
+                    // login.
+                    if let Some(&token) = self.uid_to_token.get(&uid) {
+                        if let Some(e) = self.conns.get_mut(&token) {
+                            e.conn.replay_held(&mut self.env, now);
+                        }
+                        self.after_read(token, now);
+                    }
                 }
                 Msg::ControlDone { seq, answer } => {
                     if let Some(seg) = self.env.shared.segment.as_ref() {
@@ -903,6 +912,12 @@ impl Reactor {
             return;
         };
         e.read_pending = false;
+        // MC/S: the command window is the session's, whichever connection moves it.
+        if let Some(t) = e.conn.mcs_session() {
+            if let Some(&(exp, max)) = self.env.windows.get(&t) {
+                e.conn.set_window(exp, max);
+            }
+        }
         let mut budget = READ_BUDGET;
         loop {
             if budget == 0 {
@@ -934,6 +949,101 @@ impl Reactor {
                     e.conn.force_close(CloseReason::PeerClosed);
                     break;
                 }
+            }
+        }
+        self.after_read(token, now);
+    }
+
+    /// After a connection took in bytes: a connection that joined a session on another
+    /// reactor moves there; a connection of a session with several connections hands the
+    /// session's window on, and the others deliver what was waiting for it.
+    fn after_read(&mut self, token: Token, now: Instant) {
+        let Some(e) = self.conns.get_mut(&token) else {
+            return;
+        };
+        if let Some(home) = e.conn.take_home() {
+            self.send_home(token, home, now);
+            return;
+        }
+        let Some(tsih) = e.conn.mcs_session() else {
+            return;
+        };
+        let (exp, max) = e.conn.window();
+        let before = self.env.windows.get(&tsih).copied();
+        let max = before.map_or(max, |(_, m)| if sn_lt(max, m) { m } else { max });
+        self.env.windows.insert(tsih, (exp, max));
+        if before.is_some_and(|(x, _)| x != exp) {
+            self.resume_session(tsih, now);
+        }
+    }
+
+    /// Lets every connection of session `tsih` deliver the commands it holds for CmdSNs
+    /// that are now due, until none moves the window further.
+    fn resume_session(&mut self, tsih: u16, now: Instant) {
+        let members: Vec<Token> = self
+            .conns
+            .iter()
+            .filter(|(_, e)| e.conn.mcs_session() == Some(tsih))
+            .map(|(t, _)| *t)
+            .collect();
+        // Each round delivers at least one command or ends; bounded by what is held.
+        for _ in 0..=members.len() * crate::iscsi::conn::MAX_HELD_PER_SESSION {
+            let mut moved = false;
+            for t in &members {
+                let Some(e) = self.conns.get_mut(t) else {
+                    continue;
+                };
+                let Some(&(exp, max)) = self.env.windows.get(&tsih) else {
+                    return;
+                };
+                e.conn.set_window(exp, max);
+                e.conn.resume(&mut self.env, now);
+                let (exp2, max2) = e.conn.window();
+                let max = if sn_lt(max, max2) { max2 } else { max };
+                self.env.windows.insert(tsih, (exp2, max));
+                moved |= exp2 != exp;
+            }
+            if !moved {
+                return;
+            }
+        }
+    }
+
+    /// Moves a connection that joined a session to the session's reactor (kernel TCP), or
+    /// carries on here when that is this reactor.
+    fn send_home(&mut self, token: Token, home: usize, now: Instant) {
+        if home == self.env.me {
+            if let Some(e) = self.conns.get_mut(&token) {
+                e.conn.replay_held(&mut self.env, now);
+            }
+            self.after_read(token, now);
+            return;
+        }
+        let Some(mut e) = self.conns.remove(&token) else {
+            return;
+        };
+        self.uid_to_token.remove(&e.conn.uid());
+        match e.link {
+            Link::Kernel(mut stream) => {
+                let _ = self.poll.registry().deregister(&mut stream);
+                log::info!("conn {}: joins its session on reactor {home}", e.conn.uid());
+                let m = Box::new(Moving {
+                    stream,
+                    conn: e.conn,
+                });
+                self.env.send(home, Msg::Adopt(m));
+            }
+            Link::User(_) => {
+                // A userspace-TCP socket lives in reactor 0's stack and cannot move.
+                log::warn!(
+                    "conn {}: cannot join its session on reactor {home} from a userspace                      portal; closing",
+                    e.conn.uid()
+                );
+                e.conn.force_close(CloseReason::ProtocolError(
+                    "MC/S session on another reactor".into(),
+                ));
+                self.unlink(&mut e.link);
+                e.conn.teardown(&mut self.env);
             }
         }
     }
@@ -1032,6 +1142,7 @@ impl Reactor {
             .iter()
             .filter(|(_, e)| {
                 matches!(e.link, Link::Kernel(_))
+                    && !e.conn.pinned()
                     && e.conn.is_idle()
                     && !e.read_pending
                     && now.duration_since(e.conn.last_rx()) >= after
@@ -1102,8 +1213,12 @@ impl Reactor {
                 dead.push(*token);
             }
         }
+        let mut ended_sessions = Vec::new();
         for token in dead {
             if let Some(mut e) = self.conns.remove(&token) {
+                if e.conn.ends_session() {
+                    ended_sessions.push(e.conn.tsih());
+                }
                 log::info!(
                     "conn {}: closed ({:?})",
                     e.conn.uid(),
@@ -1115,6 +1230,14 @@ impl Reactor {
                 self.unlink(&mut e.link);
                 e.conn.teardown(&mut self.env);
                 self.uid_to_token.remove(&e.conn.uid());
+            }
+        }
+        // Logout "close the session": its other connections go too (they live here).
+        for tsih in ended_sessions.into_iter().filter(|t| *t != 0) {
+            for e in self.conns.values_mut() {
+                if e.conn.tsih() == tsih {
+                    e.conn.force_close(CloseReason::Logout);
+                }
             }
         }
     }

@@ -168,6 +168,9 @@ pub(super) struct Lun {
     completions: Vec<BdevCompletion>,
     /// Finished responses not yet collected by the device.
     pub done: Vec<ScsiResponse>,
+    /// Responses that wait until the tasks their command aborted have ended (PREEMPT AND
+    /// ABORT: the preempted initiator's writes are fenced off before the preemptor hears).
+    held: Vec<ScsiResponse>,
 }
 
 impl Lun {
@@ -193,6 +196,7 @@ impl Lun {
             retry: VecDeque::new(),
             completions: Vec::new(),
             done: Vec::new(),
+            held: Vec::new(),
         }
     }
 
@@ -373,6 +377,36 @@ impl Lun {
             self.waiting.retain(|w| *w != id);
             self.finish(id);
         }
+        // Requests the device refused for now are not sent at all.
+        let mut dropped: HashMap<u64, usize> = HashMap::new();
+        let ops = &self.ops;
+        self.retry.retain(|io| {
+            let abort = ops.get(&io.tag).is_some_and(|o| o.aborted);
+            if abort {
+                *dropped.entry(io.tag).or_default() += 1;
+            }
+            !abort
+        });
+        for (id, n) in dropped {
+            if let Some(op) = self.ops.get_mut(&id) {
+                op.pending = op.pending.saturating_sub(n);
+                if op.pending == 0 {
+                    self.finish(id);
+                }
+            }
+        }
+    }
+
+    /// Whether aborted tasks are still in the block device.
+    pub fn aborting(&self) -> bool {
+        self.ops.values().any(|o| o.aborted)
+    }
+
+    /// Releases held responses once no aborted task is left.
+    fn release_held(&mut self) {
+        if !self.held.is_empty() && !self.aborting() {
+            self.done.append(&mut self.held);
+        }
     }
 
     fn push_ua(q: &mut VecDeque<u16>, code: u16) {
@@ -429,6 +463,7 @@ impl Lun {
             && self.waiting.is_empty()
             && self.retry.is_empty()
             && self.done.is_empty()
+            && self.held.is_empty()
             && self.bdev.in_flight() == 0
             && !self.bdev.views_out()
     }
@@ -693,7 +728,18 @@ impl Lun {
                                 ));
                             }
                         }
+                        let fences = !fx.aborted.is_empty();
                         self.pr_effects(fx);
+                        if fences && self.aborting() {
+                            self.held.push(response(
+                                tag,
+                                ScsiStatus::Good,
+                                Vec::new(),
+                                None,
+                                wanted,
+                            ));
+                            return Ok(None);
+                        }
                         good()
                     }
                     Err(PrError::Check(sense)) => Err(sense),
@@ -1147,6 +1193,7 @@ impl Lun {
     pub fn can_sleep(&self) -> bool {
         self.retry.is_empty()
             && self.done.is_empty()
+            && (self.held.is_empty() || self.aborting())
             && (self.bdev.in_flight() == 0 || self.bdev.completion_fd().is_some())
     }
 
@@ -1184,6 +1231,7 @@ impl Lun {
         }
         self.completions = comps;
         self.start_waiting();
+        self.release_held();
     }
 
     fn io_done(
@@ -1205,7 +1253,8 @@ impl Lun {
         if op.pending > 0 {
             return;
         }
-        if op.error.is_some() {
+        if op.error.is_some() || op.aborted {
+            // An aborted COMPARE AND WRITE or ORWRITE does not go on to its write.
             self.finish(id);
             return;
         }

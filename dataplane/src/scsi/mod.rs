@@ -183,6 +183,8 @@ pub struct Device {
     retiring: Vec<(u64, Lun)>,
     /// Block devices of removed LUNs whose commands have all finished (flushed).
     released: Vec<Box<dyn BlockDevice>>,
+    /// Reset acknowledgements waiting for the tasks the reset aborted to end.
+    acks: Vec<ScsiResponse>,
 }
 
 /// REPORT LUNS single-level LUN encoding (SAM-5 4.7): peripheral below 256, else flat.
@@ -210,6 +212,7 @@ impl Device {
             in_flight: 0,
             retiring: Vec::new(),
             released: Vec::new(),
+            acks: Vec::new(),
         }
     }
 
@@ -474,6 +477,9 @@ impl Device {
         if !self.retiring.is_empty() {
             self.poll_retiring(out);
         }
+        if !self.acks.is_empty() && self.luns.values().all(|l| !l.aborting()) {
+            out.append(&mut self.acks);
+        }
         let n = out.len() - before;
         self.in_flight = self.in_flight.saturating_sub(n);
         n
@@ -517,6 +523,7 @@ impl Device {
         self.done.is_empty()
             && self.luns.values().all(|l| l.can_sleep())
             && self.retiring.iter().all(|(_, l)| l.can_sleep())
+            && (self.acks.is_empty() || self.luns.values().any(|l| l.aborting()))
     }
 
     /// The completion fds of the block devices that have one.
@@ -566,12 +573,13 @@ impl Device {
         }
     }
 
-    /// Answers `tag` with GOOD in the next [`Device::poll`]: the acknowledgement of a reset
-    /// (the issuing connection answers its TMF only once the device has reset).
+    /// Answers `tag` with GOOD once every task a reset aborted has left the block devices:
+    /// the acknowledgement of a reset (the issuing connection answers its TMF only then, so
+    /// no aborted write reaches the medium after the initiator hears the reset is done).
     pub fn acknowledge(&mut self, tag: u64) {
         self.in_flight += 1;
-        self.done
-            .push_back(response(tag, ScsiStatus::Good, Vec::new(), None, 0));
+        self.acks
+            .push(response(tag, ScsiStatus::Good, Vec::new(), None, 0));
     }
 
     /// TARGET WARM RESET (`cold == false`) or TARGET COLD RESET issued by `by`.

@@ -138,7 +138,7 @@ pub fn parse_transport_id(t: &[u8]) -> Result<(String, [u8; 6]), usize> {
     let lower = text.to_ascii_lowercase();
     let at = lower.find(",i,0x").ok_or(4usize)?;
     let (name, hex) = (&lower[..at], &lower[at + 5..]);
-    if name.is_empty() || hex.len() != 12 {
+    if name.is_empty() || hex.len() != 12 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
         return Err(4);
     }
     let mut isid = [0u8; 6];
@@ -180,7 +180,7 @@ fn isid_hex(isid: &[u8; 6]) -> String {
 
 fn parse_isid(s: &str) -> Result<[u8; 6], String> {
     let mut isid = [0u8; 6];
-    if s.len() != 12 {
+    if s.len() != 12 || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
         return Err(format!("ISID {s:?}: 12 hex digits expected"));
     }
     for (i, b) in isid.iter_mut().enumerate() {
@@ -581,7 +581,8 @@ impl Pr {
             return Err(PrError::Conflict);
         }
         let Some((holder, kind)) = self.reservation.clone() else {
-            return Err(PrError::Conflict);
+            // SPC-4 5.12.8: nothing to move.
+            return Err(Sense::invalid_cdb(1, None).into());
         };
         if all_registrants(kind) || holder != *who {
             return Err(PrError::Conflict);
@@ -596,6 +597,8 @@ impl Pr {
         }
         let dest = ItNexus::new(&name, isid, port);
         if dest == *who {
+            // The I_T nexus the command came through (the same initiator port through
+            // another target port is a move between paths, and allowed).
             return Err(Sense::invalid_param(24, None).into());
         }
         if !self.keys.contains_key(&dest) {
@@ -784,8 +787,11 @@ mod tests {
         out(&mut pr, 1, 6, 0, 0, 1).unwrap();
         let dest = ItNexus::new("iqn.2026-11.test:host2", [0x40, 0, 0, 0, 0, 2], 2);
         let p = move_params(1, 0x22, 2, &dest, 0);
-        // Not the holder (no reservation yet): conflict.
-        assert_eq!(pr.out(&it(1), 7, 0, &p, &[1, 2]), Err(PrError::Conflict));
+        // No reservation to move.
+        assert_eq!(
+            pr.out(&it(1), 7, 0, &p, &[1, 2]),
+            Err(PrError::Check(Sense::invalid_cdb(1, None)))
+        );
         out(&mut pr, 1, 1, WRITE_EXCLUSIVE, 1, 0).unwrap();
         // Unknown relative port; the issuer itself; key zero.
         let bad_port = move_params(1, 0x22, 9, &dest, 0);
@@ -794,10 +800,10 @@ mod tests {
             Err(PrError::Check(Sense::invalid_param(18, None)))
         );
         let to_self = move_params(1, 0x22, 1, &it(1), 0);
-        assert!(matches!(
+        assert_eq!(
             pr.out(&it(1), 7, 0, &to_self, &[1, 2]),
-            Err(PrError::Check(_))
-        ));
+            Err(PrError::Check(Sense::invalid_param(24, None)))
+        );
         assert!(matches!(
             pr.out(&it(1), 7, 0, &move_params(1, 0, 2, &dest, 0), &[1, 2]),
             Err(PrError::Check(_))
@@ -851,6 +857,11 @@ mod tests {
         let mut no_isid = vec![0x45, 0, 0, 8];
         no_isid.extend(b"iqn.a\0\0\0");
         assert_eq!(parse_transport_id(&no_isid), Err(4));
+        // Twelve bytes that are not twelve hex digits (a multi-byte character).
+        let mut odd = vec![0x45, 0, 0, 24];
+        odd.extend("iqn.a,i,0xab\u{20ac}cdefghi\0\0".as_bytes());
+        assert_eq!(parse_transport_id(&odd), Err(4));
+        assert!(parse_isid("ab\u{20ac}cdefghi").is_err());
         assert_eq!(parse_transport_id(&t[..10]), Err(2));
     }
 

@@ -6,8 +6,11 @@
 use super::{BdevConfig, BdevKind, Config, FileEngine, InitiatorGroup, Netmask, TargetNode};
 use crate::bdev::uring::{UringBdev, UringOptions};
 use crate::bdev::{file::FileBdev, malloc::MallocBdev, null::NullBdev, BlockDevice};
-use crate::iscsi::{DiscoveryEntry, LoginStatus, Registered, SessionKey, TargetId, TargetInfo};
-use crate::scsi::{Device, LunIdentity};
+use crate::iscsi::params::SessionParams;
+use crate::iscsi::{
+    DiscoveryEntry, Joined, LoginStatus, Registered, SessionKey, TargetId, TargetInfo,
+};
+use crate::scsi::{Device, LunIdentity, NexusId};
 use std::collections::HashMap;
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
@@ -860,7 +863,21 @@ impl SessionLimits {
 
 struct SessionEntry {
     key: SessionKey,
-    conn_uid: u64,
+    /// Connections (CID, uid), the leading one first.
+    conns: Vec<(u16, u64)>,
+    /// The reactor all its connections live on.
+    reactor: usize,
+    params: SessionParams,
+    nexus: NexusId,
+}
+
+/// A new session's registration details beyond its key.
+pub struct NewSession<'a> {
+    pub conn_uid: u64,
+    pub cid: u16,
+    pub reactor: usize,
+    pub params: &'a SessionParams,
+    pub nexus: NexusId,
 }
 
 /// The sessions of the whole dataplane: TSIH allocation and reinstatement by ISID.
@@ -883,7 +900,7 @@ impl Registry {
     pub fn register(
         &mut self,
         key: SessionKey,
-        conn_uid: u64,
+        new: NewSession<'_>,
         limits: SessionLimits,
     ) -> Result<Registered, LoginStatus> {
         let SessionLimits {
@@ -891,15 +908,16 @@ impl Registry {
             per_target: max_per_target,
             per_initiator: max_per_initiator,
         } = limits;
-        let mut reinstated = None;
+        let mut reinstated = Vec::new();
         if let Some((&old_tsih, old)) = self.sessions.iter().find(|(_, s)| s.key == key) {
-            reinstated = Some(old.conn_uid);
+            reinstated = old.conns.iter().map(|(_, uid)| *uid).collect();
             self.sessions.remove(&old_tsih);
         }
-        if reinstated.is_none() && self.sessions.len() >= max_sessions as usize {
+        let reinstating = !reinstated.is_empty();
+        if !reinstating && self.sessions.len() >= max_sessions as usize {
             return Err(LoginStatus::OUT_OF_RESOURCES);
         }
-        if reinstated.is_none() && max_per_target > 0 && key.target.is_some() {
+        if !reinstating && max_per_target > 0 && key.target.is_some() {
             let on_target = self
                 .sessions
                 .values()
@@ -909,7 +927,7 @@ impl Registry {
                 return Err(LoginStatus::OUT_OF_RESOURCES);
             }
         }
-        if reinstated.is_none() && max_per_initiator > 0 {
+        if !reinstating && max_per_initiator > 0 {
             let by_initiator = self
                 .sessions
                 .values()
@@ -924,16 +942,25 @@ impl Registry {
             tsih = tsih.wrapping_add(1);
         }
         self.next_tsih = tsih.wrapping_add(1);
-        self.sessions.insert(tsih, SessionEntry { key, conn_uid });
+        self.sessions.insert(
+            tsih,
+            SessionEntry {
+                key,
+                conns: vec![(new.cid, new.conn_uid)],
+                reactor: new.reactor,
+                params: new.params.clone(),
+                nexus: new.nexus,
+            },
+        );
         Ok(Registered { tsih, reinstated })
     }
 
-    /// Every session: TSIH, key, connection.
+    /// Every session: TSIH, key, leading connection.
     pub fn list(&self) -> Vec<(u16, SessionKey, u64)> {
         let mut v: Vec<_> = self
             .sessions
             .iter()
-            .map(|(t, s)| (*t, s.key.clone(), s.conn_uid))
+            .map(|(t, s)| (*t, s.key.clone(), s.conns.first().map_or(0, |c| c.1)))
             .collect();
         v.sort_by_key(|(t, _, _)| *t);
         v
@@ -943,15 +970,71 @@ impl Registry {
         self.sessions.contains_key(&tsih)
     }
 
-    /// Removes a session, unless a newer connection has reinstated it meanwhile.
-    pub fn unregister(&mut self, tsih: u16, conn_uid: u64) {
-        if self
+    /// Whether a login with `key` may add connection `cid` to session `tsih` (RFC 7143
+    /// §6.3.4): the session must exist and be this initiator's (same name, ISID, target);
+    /// a CID in use is replaced (connection reinstatement), otherwise MaxConnections bounds.
+    pub fn may_join(
+        &self,
+        tsih: u16,
+        key: &SessionKey,
+        cid: u16,
+    ) -> Result<&SessionParams, LoginStatus> {
+        let s = self
             .sessions
             .get(&tsih)
-            .is_some_and(|s| s.conn_uid == conn_uid)
-        {
-            self.sessions.remove(&tsih);
+            .filter(|s| s.key == *key)
+            .ok_or(LoginStatus::SESSION_DOES_NOT_EXIST)?;
+        let replacing = s.conns.iter().any(|(c, _)| *c == cid);
+        if !replacing && s.conns.len() >= s.params.max_connections.max(1) as usize {
+            return Err(LoginStatus::TOO_MANY_CONNECTIONS);
         }
+        Ok(&s.params)
+    }
+
+    /// Adds connection `conn_uid` to session `tsih` (see [`Registry::may_join`]).
+    pub fn join(
+        &mut self,
+        tsih: u16,
+        key: &SessionKey,
+        cid: u16,
+        conn_uid: u64,
+    ) -> Result<Joined, LoginStatus> {
+        self.may_join(tsih, key, cid)?;
+        let s = self
+            .sessions
+            .get_mut(&tsih)
+            .ok_or(LoginStatus::SESSION_DOES_NOT_EXIST)?;
+        let replaced = s
+            .conns
+            .iter()
+            .position(|(c, _)| *c == cid)
+            .map(|i| s.conns.remove(i).1);
+        s.conns.push((cid, conn_uid));
+        Ok(Joined {
+            reactor: s.reactor,
+            params: s.params.clone(),
+            nexus: s.nexus,
+            replaced,
+        })
+    }
+
+    /// Connection `conn_uid` of session `tsih` is gone; the session ends with its last
+    /// connection. True when the session lives on with other connections. A session
+    /// reinstated meanwhile (the connection is not in it) is not touched.
+    pub fn unregister(&mut self, tsih: u16, conn_uid: u64) -> bool {
+        let Some(s) = self.sessions.get_mut(&tsih) else {
+            return false;
+        };
+        let before = s.conns.len();
+        s.conns.retain(|(_, uid)| *uid != conn_uid);
+        if s.conns.len() == before {
+            return false;
+        }
+        if s.conns.is_empty() {
+            self.sessions.remove(&tsih);
+            return false;
+        }
+        true
     }
 
     pub fn len(&self) -> usize {
@@ -1115,21 +1198,86 @@ mappings = [ { portal_group = 2, initiator_group = 2 } ]
         }
     }
 
+    fn ns(uid: u64, p: &SessionParams) -> NewSession<'_> {
+        NewSession {
+            conn_uid: uid,
+            cid: 0,
+            reactor: 0,
+            params: p,
+            nexus: uid,
+        }
+    }
+
     #[test]
-    fn same_isid_reinstates_the_old_session() {
+    fn connections_join_a_session_up_to_max_connections() {
         let mut t = Registry::new();
+        let p = SessionParams {
+            max_connections: 2,
+            ..SessionParams::default()
+        };
         let key = SessionKey {
             initiator: "iqn.i".into(),
             isid: [0x80, 0, 0, 0, 0, 1],
             target: Some(0),
         };
-        let a = t.register(key.clone(), 10, lim(16, 0, 0)).unwrap();
-        assert_eq!(a.reinstated, None);
+        let new = NewSession {
+            reactor: 1,
+            ..ns(10, &p)
+        };
+        let a = t.register(key.clone(), new, lim(16, 0, 0)).unwrap();
+        // Someone else's key (another ISID) cannot join; an unknown TSIH neither.
         let other = SessionKey {
             isid: [0x80, 0, 0, 0, 0, 2],
             ..key.clone()
         };
-        let b = t.register(other.clone(), 11, lim(16, 0, 0)).unwrap();
+        assert_eq!(
+            t.join(a.tsih, &other, 1, 11),
+            Err(LoginStatus::SESSION_DOES_NOT_EXIST)
+        );
+        assert_eq!(
+            t.may_join(a.tsih.wrapping_add(1), &key, 1).err(),
+            Some(LoginStatus::SESSION_DOES_NOT_EXIST)
+        );
+        let j = t.join(a.tsih, &key, 1, 11).unwrap();
+        assert_eq!((j.reactor, j.nexus, j.replaced), (1, 10, None));
+        assert_eq!(j.params.max_connections, 2);
+        // MaxConnections 2: a third CID is refused, the same CID again replaces it.
+        assert_eq!(
+            t.join(a.tsih, &key, 2, 12),
+            Err(LoginStatus::TOO_MANY_CONNECTIONS)
+        );
+        assert_eq!(t.join(a.tsih, &key, 1, 13).unwrap().replaced, Some(11));
+        // The session lives on while a connection is left.
+        assert!(t.unregister(a.tsih, 10));
+        assert!(!t.unregister(a.tsih, 10), "not a member any more");
+        assert!(t.exists(a.tsih));
+        assert!(!t.unregister(a.tsih, 13));
+        assert!(!t.exists(a.tsih));
+        // Reinstating a session closes all its connections.
+        let b = t.register(key.clone(), ns(20, &p), lim(16, 0, 0)).unwrap();
+        t.join(b.tsih, &key, 1, 21).unwrap();
+        let c = t.register(key, ns(30, &p), lim(16, 0, 0)).unwrap();
+        assert_eq!(c.reinstated, vec![20, 21]);
+    }
+
+    #[test]
+    fn same_isid_reinstates_the_old_session() {
+        let mut t = Registry::new();
+        let p = SessionParams::default();
+        let key = SessionKey {
+            initiator: "iqn.i".into(),
+            isid: [0x80, 0, 0, 0, 0, 1],
+            target: Some(0),
+        };
+        let a = t.register(key.clone(), ns(10, &p), lim(16, 0, 0)).unwrap();
+        assert!(a.reinstated.is_empty());
+        let other = SessionKey {
+            isid: [0x80, 0, 0, 0, 0, 2],
+            ..key.clone()
+        };
+        let b = t
+            .register(other.clone(), ns(11, &p), lim(16, 0, 0))
+            .unwrap();
         assert_ne!(a.tsih, b.tsih);
         // Two sessions on the target: a third is refused with a cap of 2.
         let third = SessionKey {
@@ -1137,7 +1285,7 @@ mappings = [ { portal_group = 2, initiator_group = 2 } ]
             ..other
         };
         assert_eq!(
-            t.register(third.clone(), 13, lim(16, 2, 0)),
+            t.register(third.clone(), ns(13, &p), lim(16, 2, 0)),
             Err(LoginStatus::OUT_OF_RESOURCES)
         );
         // The same initiator on another target, with a cap of 2 per initiator name.
@@ -1146,12 +1294,12 @@ mappings = [ { portal_group = 2, initiator_group = 2 } ]
             ..third
         };
         assert_eq!(
-            t.register(elsewhere.clone(), 14, lim(16, 0, 2)),
+            t.register(elsewhere.clone(), ns(14, &p), lim(16, 0, 2)),
             Err(LoginStatus::OUT_OF_RESOURCES)
         );
-        assert!(t.register(elsewhere, 14, lim(16, 0, 3)).is_ok());
-        let c = t.register(key, 12, lim(16, 2, 0)).unwrap();
-        assert_eq!(c.reinstated, Some(10));
+        assert!(t.register(elsewhere, ns(14, &p), lim(16, 0, 3)).is_ok());
+        let c = t.register(key, ns(12, &p), lim(16, 2, 0)).unwrap();
+        assert_eq!(c.reinstated, vec![10]);
         assert!(!t.exists(a.tsih));
         assert!(t.exists(c.tsih));
         // The old connection's late teardown must not remove the new session.

@@ -65,17 +65,45 @@ impl TargetEnv for MockEnv {
             .filter(|e| only.is_none_or(|o| o == e.name))
             .collect()
     }
-    fn register_session(&mut self, key: SessionKey, uid: u64) -> Result<Registered, LoginStatus> {
+    fn register_session(
+        &mut self,
+        key: SessionKey,
+        uid: u64,
+        _cid: u16,
+        _params: &crate::iscsi::params::SessionParams,
+        _nexus: NexusId,
+    ) -> Result<Registered, LoginStatus> {
         self.sessions.push((key, uid));
         Ok(Registered {
             tsih: self.sessions.len() as u16,
-            reinstated: None,
+            reinstated: Vec::new(),
         })
     }
-    fn session_exists(&self, tsih: u16) -> bool {
-        (tsih as usize) <= self.sessions.len() && tsih > 0
+    /// One connection per session here (the registry has MC/S unit tests of its own).
+    fn session_to_join(
+        &self,
+        tsih: u16,
+        _key: &SessionKey,
+        _cid: u16,
+    ) -> Result<crate::iscsi::params::SessionParams, LoginStatus> {
+        if (tsih as usize) <= self.sessions.len() && tsih > 0 {
+            Err(LoginStatus::TOO_MANY_CONNECTIONS)
+        } else {
+            Err(LoginStatus::SESSION_DOES_NOT_EXIST)
+        }
     }
-    fn unregister_session(&mut self, _tsih: u16, _uid: u64) {}
+    fn join_session(
+        &mut self,
+        tsih: u16,
+        key: &SessionKey,
+        cid: u16,
+        _uid: u64,
+    ) -> Result<crate::iscsi::Joined, LoginStatus> {
+        self.session_to_join(tsih, key, cid).map(|_| unreachable!())
+    }
+    fn unregister_session(&mut self, _tsih: u16, _uid: u64) -> bool {
+        false
+    }
     fn lun_exists(&self, _t: TargetId, lun: u64) -> bool {
         lun == 0
     }
