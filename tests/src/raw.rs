@@ -237,6 +237,11 @@ impl RawSession {
         self.cmdsn
     }
 
+    /// Moves this connection's ITTs past `itt` (tasks reassigned here keep theirs).
+    pub fn skip_itts_past(&mut self, itt: u32) {
+        self.itt = self.itt.max(itt);
+    }
+
     /// An immediate NOP-Out ping; returns the NOP-In (ExpCmdSN at bytes 28..32).
     pub fn ping(&mut self) -> RawPdu {
         let itt = self.next_itt();

@@ -243,3 +243,120 @@ fn erl1_recovers_digest_errors_and_lost_pdus() {
     assert!(log.contains("data digest error"), "{log}");
     t.stop();
 }
+
+/// ERL 2 (RFC 7143 §7.2.2, connection recovery): a connection fails with a read and a write
+/// unanswered (their answers are lost with it); a new connection of the same session takes
+/// them over with TASK REASSIGN and gets their data and status; a task nobody knows is
+/// "does not exist"; a session no connection comes back to ends after DefaultTime2Wait +
+/// DefaultTime2Retain.
+#[test]
+fn erl2_reassigns_the_tasks_of_a_failed_connection() {
+    let toml = config()
+        .replace("error_recovery_level = 1", "error_recovery_level = 2")
+        .replace("header_digest = \"crc32c\"\ndata_digest = \"crc32c\"\n", "");
+    let mut t = Target::start_with_config("erl2", &toml, DEFAULT_IQN, 0);
+    let portal = t.portal();
+    let keys = [
+        ("ErrorRecoveryLevel", "2"),
+        ("DefaultTime2Wait", "0"),
+        ("DefaultTime2Retain", "2"),
+    ];
+    let mut a = RawSession::login_full(&portal, HOST, DEFAULT_IQN, false, &keys);
+    assert!(
+        a.login_text.contains("ErrorRecoveryLevel=2"),
+        "{}",
+        a.login_text
+    );
+    // Time2Wait is the larger offer (the target's 2), Time2Retain the smaller (ours, 2).
+    assert!(
+        a.login_text.contains("DefaultTime2Wait=2"),
+        "{}",
+        a.login_text
+    );
+    assert!(
+        a.login_text.contains("DefaultTime2Retain=2"),
+        "{}",
+        a.login_text
+    );
+    let tsih = a.tsih;
+    let x = pattern(7, 4096);
+    let y = pattern(9, 4096);
+    assert_eq!(a.write10(0, 500, &x).expect("write").status, 0);
+    let read_itt = a.start_command(0, &cdb10(0x28, 500, 8), 4096, &[]);
+    let write_itt = a.start_command(0, &cdb10(0x2A, 600, 8), 0, &y);
+    let cmdsn = a.cmdsn();
+    // The answers arrive but are never read: closing with unread data resets the
+    // connection, and the target sees it fail.
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    drop(a);
+    std::thread::sleep(std::time::Duration::from_millis(200));
+
+    let mut b = RawSession::join(&portal, HOST, DEFAULT_IQN, tsih, 0, cmdsn).expect("rejoin");
+    b.skip_itts_past(write_itt.max(read_itt));
+    let tmf = b.start_tmf(8, 0, read_itt);
+    let got = b.drain(std::time::Duration::from_millis(700));
+    let resp = got
+        .iter()
+        .find(|p| p.opcode() == 0x22)
+        .expect("TMF response");
+    assert_eq!(
+        (u32_at(&resp.bhs, 16), resp.bhs[2]),
+        (tmf, 0),
+        "function complete"
+    );
+    let data: Vec<u8> = got
+        .iter()
+        .filter(|p| p.opcode() == 0x25 && u32_at(&p.bhs, 16) == read_itt)
+        .flat_map(|p| p.data.clone())
+        .collect();
+    assert_eq!(data, x, "the read's data on the new connection");
+    let last = got
+        .iter()
+        .rev()
+        .find(|p| p.opcode() == 0x25)
+        .expect("Data-In");
+    assert_eq!(
+        (last.bhs[1] & 0x01, last.bhs[3]),
+        (1, 0),
+        "status GOOD with the data"
+    );
+
+    let tmf = b.start_tmf(8, 0, write_itt);
+    let got = b.drain(std::time::Duration::from_millis(700));
+    let resp = got
+        .iter()
+        .find(|p| p.opcode() == 0x22)
+        .expect("TMF response");
+    assert_eq!((u32_at(&resp.bhs, 16), resp.bhs[2]), (tmf, 0));
+    let w = got
+        .iter()
+        .find(|p| p.opcode() == 0x21 && u32_at(&p.bhs, 16) == write_itt)
+        .expect("the write's response");
+    assert_eq!(w.bhs[3], 0);
+    // Nothing left to reassign under that ITT.
+    b.start_tmf(8, 0, write_itt);
+    let got = b.drain(std::time::Duration::from_millis(500));
+    assert_eq!(
+        got.iter().find(|p| p.opcode() == 0x22).map(|p| p.bhs[2]),
+        Some(1)
+    );
+    let r = b.read10(0, 600, 8).expect("read back");
+    assert_eq!((r.status, r.data == y), (0, true));
+
+    // The last connection fails; nobody comes back within 2 + 2 s: the session ends.
+    drop(b);
+    std::thread::sleep(std::time::Duration::from_millis(4600));
+    assert_eq!(
+        RawSession::join(&portal, HOST, DEFAULT_IQN, tsih, 0, cmdsn + 1).err(),
+        Some((0x02, 0x0a)),
+        "session ended after Time2Retain"
+    );
+    t.assert_running();
+    let log = t.log_contents();
+    assert!(
+        log.contains("kept") && log.contains("for reassignment"),
+        "{log}"
+    );
+    assert!(log.contains("no connection came back"), "{log}");
+    t.stop();
+}

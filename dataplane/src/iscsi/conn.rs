@@ -103,6 +103,63 @@ pub enum CloseReason {
     LoginTimeout,
     /// The peer stopped in the middle of a PDU.
     PduTimeout,
+    /// Logout "remove the connection for recovery" (ERL 2) from another connection.
+    RemovedForRecovery,
+}
+
+impl CloseReason {
+    /// Whether the connection failed (rather than ended by logout, reinstatement or the
+    /// control plane): at ERL 2 its tasks wait for reassignment to another connection.
+    fn is_failure(&self) -> bool {
+        matches!(
+            self,
+            CloseReason::PeerClosed
+                | CloseReason::NopTimeout
+                | CloseReason::PduTimeout
+                | CloseReason::ProtocolError(_)
+                | CloseReason::RemovedForRecovery
+        )
+    }
+}
+
+/// A task of a connection that failed at ERL 2, kept for DefaultTime2Wait +
+/// DefaultTime2Retain until TASK REASSIGN moves it to another connection of its session
+/// (RFC 7143 §7.2.2, connection recovery).
+#[derive(Debug)]
+pub struct OrphanTask {
+    itt: u32,
+    state: OrphanState,
+}
+
+#[derive(Debug)]
+enum OrphanState {
+    /// Not answered yet: still collecting data, or in the device (its answer comes tagged
+    /// with the failed connection's uid, or has come: `response`).
+    Open {
+        task: Box<Task>,
+        response: Option<ScsiResponse>,
+    },
+    /// Answered, but the initiator never acknowledged the status: the PDUs to send again
+    /// (Data-In and status; StatSN renumbered on the new connection).
+    Answered(Vec<OutPdu>),
+}
+
+impl OrphanTask {
+    pub fn itt(&self) -> u32 {
+        self.itt
+    }
+
+    /// Whether the device still owes this task's answer.
+    pub fn in_device(&self) -> bool {
+        matches!(&self.state, OrphanState::Open { task, response: None } if task.state == TaskState::Submitted)
+    }
+
+    /// The device's answer, arrived after the connection failed.
+    pub fn answered(&mut self, r: ScsiResponse) {
+        if let OrphanState::Open { response, .. } = &mut self.state {
+            *response = Some(r);
+        }
+    }
 }
 
 /// The data part of an outgoing PDU.
@@ -427,6 +484,10 @@ pub struct Connection {
     /// Bytes received after the login of a connection that must first move to its
     /// session's reactor.
     rx_held: Vec<u8>,
+    /// Another connection of the session to remove for recovery (Logout reason 2).
+    remove_cid: Option<(u16, bool)>,
+    /// Answers that came after the connection failed at ERL 2, before its teardown.
+    late: HashMap<u32, ScsiResponse>,
     /// The task created for the data of the command PDU being received (ERL 1 discards
     /// it with the PDU when the data digest is bad).
     rx_new_task: Option<u32>,
@@ -499,6 +560,8 @@ impl Connection {
             home: None,
             session_logout: false,
             rx_held: Vec::new(),
+            remove_cid: None,
+            late: HashMap::new(),
             rx_new_task: None,
             out: VecDeque::new(),
             out_offset: 0,
@@ -561,6 +624,102 @@ impl Connection {
 
     /// True when nothing is in progress: logged in, no command, no PDU half received, nothing
     /// to send, no TMF or text exchange pending. Only such a connection may be parked.
+    /// Whether this connection failed in a session at ERL 2: its tasks outlive it.
+    fn keeps_orphans(&self) -> bool {
+        self.sp.error_recovery_level >= 2
+            && self.session_type == SessionType::Normal
+            && self.target.is_some()
+            && self.close.as_ref().is_some_and(CloseReason::is_failure)
+    }
+
+    /// The tasks a failed connection leaves for reassignment: those delivered and not
+    /// answered, and those answered without the initiator acknowledging the status.
+    fn orphans(&mut self) -> Vec<OrphanTask> {
+        let mut v = Vec::new();
+        let tasks: Vec<(u32, Task)> = self.tasks.drain().collect();
+        for (itt, task) in tasks {
+            let delivered = matches!(task.state, TaskState::Collecting | TaskState::Submitted);
+            if delivered && !task.aborted {
+                v.push(OrphanTask {
+                    itt,
+                    state: OrphanState::Open {
+                        task: Box::new(task),
+                        response: self.late.remove(&itt),
+                    },
+                });
+            }
+        }
+        self.late.clear();
+        let mut answered: HashMap<u32, Vec<OutPdu>> = HashMap::new();
+        for (itt, (_, pdus)) in self.retained.reads.drain() {
+            answered.entry(itt).or_default().extend(pdus);
+        }
+        for (_, p) in self.retained.status.drain(..) {
+            if p.bhs.opcode() == pdu::opcode::SCSI_RESPONSE {
+                answered.entry(p.bhs.u32_at(16)).or_default().push(p);
+            }
+        }
+        v.extend(answered.into_iter().map(|(itt, pdus)| OrphanTask {
+            itt,
+            state: OrphanState::Answered(pdus),
+        }));
+        v
+    }
+
+    /// TASK REASSIGN: a task of a failed connection continues here (allegiance moves).
+    fn adopt_orphan(&mut self, o: OrphanTask) {
+        let itt = o.itt;
+        match o.state {
+            OrphanState::Answered(pdus) => {
+                // The answer again, with this connection's StatSN and window.
+                for p in pdus {
+                    let mut bhs = p.bhs;
+                    if carries_status(&bhs) {
+                        bhs.0[24..28].copy_from_slice(&self.statsn.to_be_bytes());
+                        self.statsn = self.statsn.wrapping_add(1);
+                    }
+                    self.update_window();
+                    bhs.0[28..32].copy_from_slice(&self.exp_cmdsn.to_be_bytes());
+                    bhs.0[32..36].copy_from_slice(&self.max_cmdsn.to_be_bytes());
+                    self.push(bhs, p.data);
+                }
+            }
+            OrphanState::Open { mut task, response } => match response {
+                Some(mut r) => {
+                    r.tag = self.tag(itt);
+                    self.tasks.insert(itt, *task);
+                    if let Some(done) = self.scsi_done(r) {
+                        self.stats.count(&done);
+                    }
+                }
+                // In the device: its answer is redirected here.
+                None if task.state == TaskState::Submitted => {
+                    self.tasks.insert(itt, *task);
+                }
+                None => {
+                    // Still collecting data: all of it is solicited again here.
+                    task.r2ts.clear();
+                    task.redo.clear();
+                    task.received = 0;
+                    task.next_solicit = 0;
+                    self.tasks.insert(itt, *task);
+                    self.send_r2ts(itt);
+                }
+            },
+        }
+    }
+
+    /// The CID of this connection.
+    pub fn cid(&self) -> u16 {
+        self.cid
+    }
+
+    /// A Logout named this other connection of the session (CID, and whether it is
+    /// removed for recovery: then it closes as failed, its tasks kept at ERL 2).
+    pub fn take_remove_cid(&mut self) -> Option<(u16, bool)> {
+        self.remove_cid.take()
+    }
+
     /// The TSIH of a session that may have several connections (MaxConnections > 1): its
     /// command window is session-wide, kept by the reactor (see [`Connection::window`]).
     pub fn mcs_session(&self) -> Option<u16> {
@@ -571,7 +730,8 @@ impl Connection {
     /// Whether the connection must stay on its reactor: connections of a session that may
     /// have several live where the session does, and are never parked.
     pub fn pinned(&self) -> bool {
-        self.sp.max_connections > 1
+        // ERL 2 too: a failed connection's tasks stay on the session's reactor.
+        self.sp.max_connections > 1 || self.sp.error_recovery_level >= 2
     }
 
     /// A connection that joined a session living on another reactor: where it must go.
@@ -680,6 +840,22 @@ impl Connection {
     /// Tells the environment this connection's session is gone. Call once, when the
     /// transport drops the connection.
     pub fn teardown(&mut self, env: &mut dyn TargetEnv) {
+        if self.tsih != 0 && self.keeps_orphans() {
+            // ERL 2: the session outlives the connection; its tasks wait for TASK REASSIGN
+            // on another (or a new) connection for DefaultTime2Wait + DefaultTime2Retain.
+            let orphans = self.orphans();
+            let retain = Duration::from_secs(
+                u64::from(self.sp.default_time2wait) + u64::from(self.sp.default_time2retain),
+            );
+            log::info!(
+                "conn {}: failed; {} tasks of session {} kept {retain:?} for reassignment",
+                self.uid,
+                orphans.len(),
+                self.tsih
+            );
+            env.keep_orphans(self.tsih, self.uid, orphans, retain);
+            self.tsih = 0;
+        }
         if self.tsih != 0 {
             // The I_T nexus ends with the session's last connection (MC/S); the tasks of
             // this one end with it (RFC 7143 §6.3: implicitly terminated).
@@ -1412,16 +1588,30 @@ impl Connection {
             Request::TaskMgmt(t) => self.on_tmf(t, env),
             Request::Text(t) => self.on_text(t, bhs, data, env),
             Request::Logout(l) => {
+                let recovery = l.reason == LogoutReason::RemoveForRecovery;
+                let mut close_self = None;
                 let response = match l.reason {
                     LogoutReason::CloseSession => {
                         self.session_logout = true;
+                        close_self = Some(CloseReason::Logout);
                         0
                     }
-                    // One connection per session: only our own CID can be closed.
-                    LogoutReason::CloseConnection if l.cid != self.cid => 1,
-                    LogoutReason::CloseConnection => 0,
                     // Connection recovery needs ERL 2.
-                    LogoutReason::RemoveForRecovery => 2,
+                    LogoutReason::RemoveForRecovery if self.sp.error_recovery_level < 2 => 2,
+                    _ if l.cid == self.cid => {
+                        close_self = Some(if recovery {
+                            CloseReason::RemovedForRecovery
+                        } else {
+                            CloseReason::Logout
+                        });
+                        0
+                    }
+                    // Another connection of the session (MC/S): the reactor closes it.
+                    _ if env.session_has_cid(self.tsih, l.cid) => {
+                        self.remove_cid = Some((l.cid, recovery));
+                        0
+                    }
+                    _ => 1,
                 };
                 let seq = self.seq_status();
                 let b = build::logout_response(
@@ -1432,9 +1622,9 @@ impl Connection {
                     self.sp.default_time2retain as u16,
                 );
                 self.push(b, OutData::None);
-                if response == 0 {
+                if let Some(why) = close_self {
                     self.close_after_flush = true;
-                    self.close_with(CloseReason::Logout);
+                    self.close_with(why);
                 }
             }
             _ => self.reject(RejectReason::ProtocolError, &bhs),
@@ -1886,6 +2076,12 @@ impl Connection {
             self.task_gone(itt);
             return None;
         };
+        if !task.aborted && self.keeps_orphans() {
+            // Failed at ERL 2, not torn down yet: the answer waits with its task.
+            self.tasks.insert(itt, task);
+            self.late.insert(itt, resp);
+            return None;
+        }
         if task.aborted || !matches!(self.phase, Phase::FullFeature) {
             self.task_gone(itt);
             return None;
@@ -2036,6 +2232,7 @@ impl Connection {
         // tagged with the TMF's ITT), so no command from another connection can get past
         // it before the initiator hears it is done.
         let mut reset = false;
+        let mut reassigned = None;
         let (response, victims, close_after): (TmfResponse, Vec<u32>, bool) = match t.function {
             TmfFunction::AbortTask => {
                 if self.tasks.contains_key(&t.referenced_tag) {
@@ -2071,7 +2268,18 @@ impl Connection {
                 (TmfResponse::Complete, v, cold)
             }
             TmfFunction::ClearAca => (TmfResponse::NotSupported, vec![], false),
-            TmfFunction::TaskReassign => (TmfResponse::ReassignmentNotSupported, vec![], false),
+            TmfFunction::TaskReassign if self.sp.error_recovery_level < 2 => {
+                (TmfResponse::ReassignmentNotSupported, vec![], false)
+            }
+            TmfFunction::TaskReassign => {
+                match env.reclaim_orphan(self.tsih, t.referenced_tag, self.uid) {
+                    Some(o) => {
+                        reassigned = Some(o);
+                        (TmfResponse::Complete, vec![], false)
+                    }
+                    None => (TmfResponse::TaskDoesNotExist, vec![], false),
+                }
+            }
             TmfFunction::Unknown(_) => (TmfResponse::Rejected, vec![], false),
         };
         let mut waiting = Vec::new();
@@ -2093,6 +2301,9 @@ impl Connection {
         }
         if waiting.is_empty() {
             self.send_tmf_response(t.itt, response, close_after);
+            if let Some(o) = reassigned {
+                self.adopt_orphan(o);
+            }
         } else {
             self.pending_tmfs.push(PendingTmf {
                 itt: t.itt,

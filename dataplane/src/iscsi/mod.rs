@@ -140,6 +140,30 @@ pub trait TargetEnv {
     /// Connection `conn_uid` of session `tsih` has ended; true when the session lives on
     /// with other connections (MC/S), false when it ended.
     fn unregister_session(&mut self, tsih: u16, conn_uid: u64) -> bool;
+    /// Connection `conn_uid` of session `tsih` failed at ERL 2: the session lives on
+    /// without it, and `tasks` wait `retain` for TASK REASSIGN (then the session ends if
+    /// no connection came back). Default: they are dropped.
+    fn keep_orphans(
+        &mut self,
+        tsih: u16,
+        conn_uid: u64,
+        tasks: Vec<conn::OrphanTask>,
+        retain: std::time::Duration,
+    ) {
+        let _ = (tasks, retain);
+        self.unregister_session(tsih, conn_uid);
+    }
+    /// Takes task `itt` of session `tsih` left by a failed connection, for connection
+    /// `new_uid` (its answer from the device, if still to come, goes there).
+    fn reclaim_orphan(&mut self, tsih: u16, itt: u32, new_uid: u64) -> Option<conn::OrphanTask> {
+        let _ = (tsih, itt, new_uid);
+        None
+    }
+    /// Whether session `tsih` has a connection with this CID.
+    fn session_has_cid(&self, tsih: u16, cid: u16) -> bool {
+        let _ = (tsih, cid);
+        false
+    }
     /// Whether the target has this LUN.
     fn lun_exists(&self, target: TargetId, lun: u64) -> bool;
 

@@ -334,9 +334,7 @@ impl Negotiator {
             },
             "ErrorRecoveryLevel" => match self.numeric(value, 0, 2) {
                 Some(n) => {
-                    // ERL 2 (connection recovery) is not implemented: at most 1.
-                    self.session.error_recovery_level =
-                        n.min(self.limits.error_recovery_level).min(1);
+                    self.session.error_recovery_level = n.min(self.limits.error_recovery_level);
                     self.session.error_recovery_level.to_string()
                 }
                 None => REJECT.into(),

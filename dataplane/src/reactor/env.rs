@@ -3,6 +3,7 @@
 
 use super::shared::{LunWork, Msg, ParkMsg, Shared};
 use crate::bdev::BlockDevice;
+use crate::iscsi::conn::OrphanTask;
 use crate::iscsi::params::SessionParams;
 use crate::iscsi::{
     DiscoveryEntry, Joined, LoginStatus, Registered, SessionKey, TargetEnv, TargetId, TargetInfo,
@@ -46,9 +47,74 @@ pub struct ReactorEnv {
     /// The command windows of this reactor's sessions with several connections (MC/S),
     /// by TSIH: ExpCmdSN and MaxCmdSN, session-wide.
     pub windows: HashMap<u16, (u32, u32)>,
+    /// ERL 2: tasks of failed connections waiting for TASK REASSIGN, by TSIH.
+    orphans: HashMap<u16, Orphans>,
+    /// Failed connections (uid) whose tasks may still be answered by a device, by TSIH.
+    orphan_uids: HashMap<u64, u16>,
+    /// Reassigned tasks still in a device: the old tag and the new one.
+    redirect: HashMap<u64, u64>,
+}
+
+/// The tasks of a session's failed connections, until the session's retention time ends.
+struct Orphans {
+    tasks: HashMap<u32, (u64, OrphanTask)>,
+    until: std::time::Instant,
 }
 
 impl ReactorEnv {
+    /// A device's answer for a connection that is gone: a reassigned task's goes to its
+    /// new connection (Some: route it again), a failed connection's is kept with its
+    /// orphan task, anything else is dropped.
+    pub fn orphan_response(&mut self, mut r: ScsiResponse) -> Option<ScsiResponse> {
+        if let Some(tag) = self.redirect.remove(&r.tag) {
+            r.tag = tag;
+            return Some(r);
+        }
+        let uid = r.tag >> 32;
+        let tsih = *self.orphan_uids.get(&uid)?;
+        if let Some((_, o)) = self
+            .orphans
+            .get_mut(&tsih)
+            .and_then(|o| o.tasks.get_mut(&(r.tag as u32)))
+        {
+            o.answered(r);
+        }
+        None
+    }
+
+    /// Ends the retention of orphan tasks past their time; a session no connection came
+    /// back to ends then.
+    pub fn expire_orphans(&mut self, now: std::time::Instant) {
+        let expired: Vec<u16> = self
+            .orphans
+            .iter()
+            .filter(|(_, o)| now >= o.until)
+            .map(|(t, _)| *t)
+            .collect();
+        for tsih in expired {
+            if let Some(o) = self.orphans.remove(&tsih) {
+                if !o.tasks.is_empty() {
+                    log::info!(
+                        "session {tsih}: {} tasks not reassigned in time, dropped",
+                        o.tasks.len()
+                    );
+                }
+            }
+            self.orphan_uids.retain(|_, t| *t != tsih);
+            let ended = self
+                .shared
+                .registry
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .end_if_empty(tsih);
+            if let Some((Some(target), nexus)) = ended {
+                log::info!("session {tsih}: ended (no connection came back)");
+                self.windows.remove(&tsih);
+                self.nexus_removed(target, nexus);
+            }
+        }
+    }
+
     /// Closes connection `uid` wherever it lives (any reactor or the parking lot).
     fn close_anywhere(&mut self, uid: u64) {
         self.close_local.push(uid);
@@ -79,6 +145,9 @@ impl ReactorEnv {
             registry: None,
             watched: HashSet::new(),
             windows: HashMap::new(),
+            orphans: HashMap::new(),
+            orphan_uids: HashMap::new(),
+            redirect: HashMap::new(),
         }
     }
 
@@ -486,6 +555,48 @@ impl TargetEnv for ReactorEnv {
             self.close_anywhere(old);
         }
         Ok(joined)
+    }
+
+    fn keep_orphans(
+        &mut self,
+        tsih: u16,
+        conn_uid: u64,
+        tasks: Vec<OrphanTask>,
+        retain: std::time::Duration,
+    ) {
+        self.shared
+            .registry
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .suspend(tsih, conn_uid);
+        self.orphan_uids.insert(conn_uid, tsih);
+        let o = self.orphans.entry(tsih).or_insert_with(|| Orphans {
+            tasks: HashMap::new(),
+            until: std::time::Instant::now(),
+        });
+        o.until = std::time::Instant::now() + retain;
+        for t in tasks {
+            o.tasks.insert(t.itt(), (conn_uid, t));
+        }
+    }
+
+    fn reclaim_orphan(&mut self, tsih: u16, itt: u32, new_uid: u64) -> Option<OrphanTask> {
+        let (old_uid, o) = self.orphans.get_mut(&tsih)?.tasks.remove(&itt)?;
+        if o.in_device() {
+            self.redirect.insert(
+                (old_uid << 32) | u64::from(itt),
+                (new_uid << 32) | u64::from(itt),
+            );
+        }
+        Some(o)
+    }
+
+    fn session_has_cid(&self, tsih: u16, cid: u16) -> bool {
+        self.shared
+            .registry
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .has_cid(tsih, cid)
     }
 
     fn unregister_session(&mut self, tsih: u16, conn_uid: u64) -> bool {

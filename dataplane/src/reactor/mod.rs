@@ -651,6 +651,7 @@ impl Reactor {
                     e.conn.on_tick(now);
                 }
                 self.park_idle(now);
+                self.env.expire_orphans(now);
                 self.publish_stats();
             }
             self.flush_and_reap();
@@ -965,6 +966,23 @@ impl Reactor {
             self.send_home(token, home, now);
             return;
         }
+        if let Some((cid, recovery)) = e.conn.take_remove_cid() {
+            // Logout for another connection of the session (it lives here too).
+            let tsih = e.conn.tsih();
+            let why = if recovery {
+                CloseReason::RemovedForRecovery
+            } else {
+                CloseReason::Logout
+            };
+            for (t, other) in self.conns.iter_mut() {
+                if *t != token && other.conn.tsih() == tsih && other.conn.cid() == cid {
+                    other.conn.force_close(why.clone());
+                }
+            }
+        }
+        let Some(e) = self.conns.get_mut(&token) else {
+            return;
+        };
         let Some(tsih) = e.conn.mcs_session() else {
             return;
         };
@@ -1052,7 +1070,18 @@ impl Reactor {
         self.env.poll_devices();
         self.env.reap_removed_devices();
         for r in std::mem::take(&mut self.env.responses) {
-            let uid = r.tag >> 32;
+            let mut uid = r.tag >> 32;
+            let mut r = r;
+            if !self.uid_to_token.contains_key(&uid) {
+                // A failed connection's task (ERL 2): kept, or sent where it was reassigned.
+                match self.env.orphan_response(r) {
+                    Some(again) => {
+                        uid = again.tag >> 32;
+                        r = again;
+                    }
+                    None => continue,
+                }
+            }
             if let Some(token) = self.uid_to_token.get(&uid) {
                 if let Some(e) = self.conns.get_mut(token) {
                     if let Some(d) = e.conn.scsi_done(r) {

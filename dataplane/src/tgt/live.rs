@@ -1018,6 +1018,31 @@ impl Registry {
         })
     }
 
+    /// Connection `conn_uid` of session `tsih` failed at ERL 2: it leaves the session,
+    /// which stays (even without connections) for the failed connection's tasks to be
+    /// reassigned; [`Registry::end_if_empty`] ends it later.
+    pub fn suspend(&mut self, tsih: u16, conn_uid: u64) {
+        if let Some(s) = self.sessions.get_mut(&tsih) {
+            s.conns.retain(|(_, uid)| *uid != conn_uid);
+        }
+    }
+
+    /// Ends session `tsih` if no connection came back; returns its target and I_T nexus
+    /// when it ended.
+    pub fn end_if_empty(&mut self, tsih: u16) -> Option<(Option<TargetId>, NexusId)> {
+        if self.sessions.get(&tsih).is_some_and(|s| s.conns.is_empty()) {
+            let s = self.sessions.remove(&tsih)?;
+            return Some((s.key.target, s.nexus));
+        }
+        None
+    }
+
+    pub fn has_cid(&self, tsih: u16, cid: u16) -> bool {
+        self.sessions
+            .get(&tsih)
+            .is_some_and(|s| s.conns.iter().any(|(c, _)| *c == cid))
+    }
+
     /// Connection `conn_uid` of session `tsih` is gone; the session ends with its last
     /// connection. True when the session lives on with other connections. A session
     /// reinstated meanwhile (the connection is not in it) is not touched.
