@@ -1,6 +1,8 @@
-//! One iSCSI connection (and, with MaxConnections=1, its session): framing, login, the
-//! CmdSN window, R2T and Data-Out sequencing, Data-In generation, task management, NOPs,
-//! text and logout.
+//! One iSCSI connection and its part of the session: framing, login, the CmdSN window
+//! (session-wide with MC/S: the reactor hands it between a session's connections, see
+//! `window`/`set_window`/`resume`), R2T and Data-Out sequencing, Data-In generation, task
+//! management, NOPs, text, logout, and error recovery (ERL 1: SNACK and recovery R2Ts;
+//! ERL 2: a failed connection's tasks handed over for TASK REASSIGN).
 //!
 //! Driving it (the transport's side of the contract):
 //! - receive: [`Connection::rx_buf`] is the slice the next bytes from the socket belong in

@@ -16,8 +16,12 @@
 //!   connections stay on reactor 0 (a socket lives in its stack) and are never parked, while
 //!   their commands still reach devices homed elsewhere by message.
 //!
-//! Sessions have one connection each (MaxConnections settles at 1), so CmdSN ordering is a
-//! per-connection matter and never spans reactors.
+//! - Sessions: all connections of a session live on the reactor of its first one (a
+//!   connection joining by TSIH moves there after its login; MC/S and ERL 2 sessions are
+//!   never parked), so CmdSN ordering never spans reactors. The reactor keeps the command
+//!   window of sessions with several connections (`env.windows`) and, when one connection
+//!   moves it, lets the others deliver what they held; it keeps the tasks of connections
+//!   that failed at ERL 2 until they are reassigned or their time runs out.
 
 mod commands;
 mod env;
