@@ -107,6 +107,9 @@ pub enum CloseReason {
     PduTimeout,
     /// Logout "remove the connection for recovery" (ERL 2) from another connection.
     RemovedForRecovery,
+    /// A new connection of the session logged in with this one's CID (connection
+    /// reinstatement, RFC 7143 §6.3.4): at ERL 2 its tasks wait for reassignment.
+    Replaced,
 }
 
 impl CloseReason {
@@ -120,6 +123,7 @@ impl CloseReason {
                 | CloseReason::PduTimeout
                 | CloseReason::ProtocolError(_)
                 | CloseReason::RemovedForRecovery
+                | CloseReason::Replaced
         )
     }
 }
@@ -669,13 +673,20 @@ impl Connection {
     }
 
     /// TASK REASSIGN: a task of a failed connection continues here (allegiance moves).
-    fn adopt_orphan(&mut self, o: OrphanTask) {
+    /// Data-In the initiator has (below `exp_datasn`) is not sent again.
+    fn adopt_orphan(&mut self, o: OrphanTask, exp_datasn: u32) {
         let itt = o.itt;
         match o.state {
             OrphanState::Answered(pdus) => {
                 // The answer again, with this connection's StatSN and window.
                 for p in pdus {
                     let mut bhs = p.bhs;
+                    if bhs.opcode() == pdu::opcode::DATA_IN
+                        && !carries_status(&bhs)
+                        && bhs.u32_at(36) < exp_datasn
+                    {
+                        continue;
+                    }
                     if carries_status(&bhs) {
                         bhs.0[24..28].copy_from_slice(&self.statsn.to_be_bytes());
                         self.statsn = self.statsn.wrapping_add(1);
@@ -769,6 +780,22 @@ impl Connection {
             }
             if self.close.is_some() {
                 return;
+            }
+        }
+        // MC/S: a CmdSN another connection delivered first (an initiator's retry there)
+        // leaves this copy behind the window: it is a duplicate.
+        if self.sp.max_connections > 1 && !self.deferred.is_empty() {
+            let exp = self.exp_cmdsn;
+            let stale: Vec<u32> = self
+                .deferred
+                .keys()
+                .copied()
+                .filter(|sn| sn_lt(*sn, exp))
+                .collect();
+            for sn in stale {
+                if let Some(Deferred::Scsi(itt)) = self.deferred.remove(&sn) {
+                    self.tasks.remove(&itt);
+                }
             }
         }
     }
@@ -2304,7 +2331,7 @@ impl Connection {
         if waiting.is_empty() {
             self.send_tmf_response(t.itt, response, close_after);
             if let Some(o) = reassigned {
-                self.adopt_orphan(o);
+                self.adopt_orphan(o, t.exp_datasn);
             }
         } else {
             self.pending_tmfs.push(PendingTmf {

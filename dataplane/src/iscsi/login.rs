@@ -411,6 +411,7 @@ impl Login {
                 .to_ascii_lowercase(),
             isid: self.isid,
             target: self.target.as_ref().map(|t| t.id),
+            pg: self.pg_tag,
         }
     }
 

@@ -48,6 +48,8 @@ pub struct SessionKey {
     pub initiator: String,
     pub isid: [u8; 6],
     pub target: Option<TargetId>,
+    /// The target portal group: a session (SSID = ISID + TPGT) lives in one (RFC 7143 §4.4).
+    pub pg: u16,
 }
 
 /// What the login needs to know about a target.
@@ -73,6 +75,8 @@ pub struct Registered {
     /// An existing session with the same key that this login reinstates: its connections
     /// (by uid) must be closed.
     pub reinstated: Vec<u64>,
+    /// The session reinstatement ended (TSIH, target, I_T nexus): its nexus goes.
+    pub ended: Option<(u16, Option<TargetId>, NexusId)>,
 }
 
 /// What a connection joining an existing session (MC/S) takes from it.
@@ -138,7 +142,8 @@ pub trait TargetEnv {
         conn_uid: u64,
     ) -> Result<Joined, LoginStatus>;
     /// Connection `conn_uid` of session `tsih` has ended; true when the session lives on
-    /// with other connections (MC/S), false when it ended.
+    /// with other connections (MC/S), or the connection was no longer part of it (replaced,
+    /// or its session reinstated); false when the session ended with it.
     fn unregister_session(&mut self, tsih: u16, conn_uid: u64) -> bool;
     /// Connection `conn_uid` of session `tsih` failed at ERL 2: the session lives on
     /// without it, and `tasks` wait `retain` for TASK REASSIGN (then the session ends if

@@ -30,8 +30,9 @@ pub struct ReactorEnv {
     outbox: Vec<VecDeque<Msg>>,
     /// Commands forwarded here by other reactors: tag → reactor to answer.
     pub remote_origin: HashMap<u64, usize>,
-    /// Connections of this reactor to close (their sessions were reinstated).
-    pub close_local: Vec<u64>,
+    /// Connections of this reactor to close: their sessions were reinstated (false), or a
+    /// new connection took their CID (true).
+    pub close_local: Vec<(u64, bool)>,
     /// Responses to this reactor's own commands, ready to route to connections.
     pub responses: Vec<ScsiResponse>,
     scratch: Vec<ScsiResponse>,
@@ -116,11 +117,11 @@ impl ReactorEnv {
     }
 
     /// Closes connection `uid` wherever it lives (any reactor or the parking lot).
-    fn close_anywhere(&mut self, uid: u64) {
-        self.close_local.push(uid);
+    fn close_anywhere(&mut self, uid: u64, replaced: bool) {
+        self.close_local.push((uid, replaced));
         for to in 0..self.outbox.len() {
             if to != self.me {
-                self.send(to, Msg::Close(uid));
+                self.send(to, Msg::Close(uid, replaced));
             }
         }
         let _ = self.shared.park_tx.try_send(ParkMsg::Close(uid));
@@ -385,7 +386,7 @@ impl ReactorEnv {
                 }
                 None => self.send(reply_to, Msg::ScsiDone(Device::gone_response(ack))),
             },
-            Msg::Close(uid) => self.close_local.push(uid),
+            Msg::Close(uid, replaced) => self.close_local.push((uid, replaced)),
             Msg::Prepare { seq, luns, resize } => {
                 let errors = self.prepare(luns, resize);
                 self.send(0, Msg::Prepared { seq, errors });
@@ -519,7 +520,17 @@ impl TargetEnv for ReactorEnv {
             .unwrap_or_else(|e| e.into_inner())
             .register(key, new, limits)?;
         for &old in &reg.reinstated {
-            self.close_anywhere(old);
+            self.close_anywhere(old, false);
+        }
+        if let Some((old, target, nexus)) = reg.ended {
+            // The reinstated session's I_T nexus ends (its connections' teardowns find
+            // them no longer part of it), with whatever it kept.
+            self.windows.remove(&old);
+            self.orphans.remove(&old);
+            self.orphan_uids.retain(|_, t| *t != old);
+            if let Some(t) = target {
+                self.nexus_removed(t, nexus);
+            }
         }
         Ok(reg)
     }
@@ -552,7 +563,7 @@ impl TargetEnv for ReactorEnv {
             .unwrap_or_else(|e| e.into_inner())
             .join(tsih, key, cid, conn_uid)?;
         if let Some(old) = joined.replaced {
-            self.close_anywhere(old);
+            self.close_anywhere(old, true);
         }
         Ok(joined)
     }

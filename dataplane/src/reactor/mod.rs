@@ -695,10 +695,7 @@ impl Reactor {
                     // A connection that joined a session here: the bytes that followed its
                     // login.
                     if let Some(&token) = self.uid_to_token.get(&uid) {
-                        if let Some(e) = self.conns.get_mut(&token) {
-                            e.conn.replay_held(&mut self.env, now);
-                        }
-                        self.after_read(token, now);
+                        self.arrive(token, now);
                     }
                 }
                 Msg::ControlDone { seq, answer } => {
@@ -722,7 +719,7 @@ impl Reactor {
         }
     }
 
-    fn adopt(&mut self, mut stream: TcpStream, conn: Connection) {
+    fn adopt(&mut self, mut stream: TcpStream, mut conn: Connection) {
         let token = Token(self.next_token);
         if let Err(e) = self
             .poll
@@ -730,6 +727,8 @@ impl Reactor {
             .register(&mut stream, token, Interest::READABLE)
         {
             log::warn!("conn {}: cannot register: {e}", conn.uid());
+            conn.force_close(CloseReason::PeerClosed);
+            conn.teardown(&mut self.env);
             return;
         }
         self.insert(Link::Kernel(stream), conn);
@@ -970,20 +969,7 @@ impl Reactor {
             self.send_home(token, home, now);
             return;
         }
-        if let Some((cid, recovery)) = e.conn.take_remove_cid() {
-            // Logout for another connection of the session (it lives here too).
-            let tsih = e.conn.tsih();
-            let why = if recovery {
-                CloseReason::RemovedForRecovery
-            } else {
-                CloseReason::Logout
-            };
-            for (t, other) in self.conns.iter_mut() {
-                if *t != token && other.conn.tsih() == tsih && other.conn.cid() == cid {
-                    other.conn.force_close(why.clone());
-                }
-            }
-        }
+        self.remove_named_connection(token);
         let Some(e) = self.conns.get_mut(&token) else {
             return;
         };
@@ -996,6 +982,28 @@ impl Reactor {
         self.env.windows.insert(tsih, (exp, max));
         if before.is_some_and(|(x, _)| x != exp) {
             self.resume_session(tsih, now);
+        }
+    }
+
+    /// A Logout on `token` named another connection of its session (it lives here too):
+    /// it closes (as failed when removed for recovery).
+    fn remove_named_connection(&mut self, token: Token) {
+        let Some(e) = self.conns.get_mut(&token) else {
+            return;
+        };
+        let Some((cid, recovery)) = e.conn.take_remove_cid() else {
+            return;
+        };
+        let tsih = e.conn.tsih();
+        let why = if recovery {
+            CloseReason::RemovedForRecovery
+        } else {
+            CloseReason::Logout
+        };
+        for (t, other) in self.conns.iter_mut() {
+            if *t != token && other.conn.tsih() == tsih && other.conn.cid() == cid {
+                other.conn.force_close(why.clone());
+            }
         }
     }
 
@@ -1024,6 +1032,7 @@ impl Reactor {
                 let max = if sn_lt(max, max2) { max2 } else { max };
                 self.env.windows.insert(tsih, (exp2, max));
                 moved |= exp2 != exp;
+                self.remove_named_connection(*t);
             }
             if !moved {
                 return;
@@ -1031,14 +1040,26 @@ impl Reactor {
         }
     }
 
+    /// A connection that joined a session is where its session lives: it takes the
+    /// session's command window, then what it received after its login.
+    fn arrive(&mut self, token: Token, now: Instant) {
+        let Some(e) = self.conns.get_mut(&token) else {
+            return;
+        };
+        if let Some(t) = e.conn.mcs_session() {
+            if let Some(&(exp, max)) = self.env.windows.get(&t) {
+                e.conn.set_window(exp, max);
+            }
+        }
+        e.conn.replay_held(&mut self.env, now);
+        self.after_read(token, now);
+    }
+
     /// Moves a connection that joined a session to the session's reactor (kernel TCP), or
     /// carries on here when that is this reactor.
     fn send_home(&mut self, token: Token, home: usize, now: Instant) {
         if home == self.env.me {
-            if let Some(e) = self.conns.get_mut(&token) {
-                e.conn.replay_held(&mut self.env, now);
-            }
-            self.after_read(token, now);
+            self.arrive(token, now);
             return;
         }
         let Some(mut e) = self.conns.remove(&token) else {
@@ -1074,18 +1095,27 @@ impl Reactor {
         self.env.poll_devices();
         self.env.reap_removed_devices();
         for r in std::mem::take(&mut self.env.responses) {
-            let mut uid = r.tag >> 32;
-            let mut r = r;
-            if !self.uid_to_token.contains_key(&uid) {
-                // A failed connection's task (ERL 2): kept, or sent where it was reassigned.
-                match self.env.orphan_response(r) {
-                    Some(again) => {
-                        uid = again.tag >> 32;
-                        r = again;
-                    }
-                    None => continue,
+            // A failed connection's task (ERL 2): kept, or sent where it was reassigned
+            // (which may have failed too).
+            let mut next = Some(r);
+            let mut hops = 0;
+            let found = loop {
+                let Some(resp) = next.take() else {
+                    break None;
+                };
+                if self.uid_to_token.contains_key(&(resp.tag >> 32)) {
+                    break Some(resp);
                 }
-            }
+                hops += 1;
+                if hops > 4 {
+                    break None;
+                }
+                next = self.env.orphan_response(resp);
+            };
+            let Some(r) = found else {
+                continue;
+            };
+            let uid = r.tag >> 32;
             if let Some(token) = self.uid_to_token.get(&uid) {
                 if let Some(e) = self.conns.get_mut(token) {
                     if let Some(d) = e.conn.scsi_done(r) {
@@ -1214,11 +1244,16 @@ impl Reactor {
     }
 
     fn flush_and_reap(&mut self) {
-        for uid in std::mem::take(&mut self.env.close_local) {
+        for (uid, replaced) in std::mem::take(&mut self.env.close_local) {
             if let Some(token) = self.uid_to_token.get(&uid) {
                 if let Some(e) = self.conns.get_mut(token) {
-                    log::info!("conn {uid}: session reinstated by a new login");
-                    e.conn.force_close(CloseReason::Reinstated);
+                    if replaced {
+                        log::info!("conn {uid}: replaced by a new connection with its CID");
+                        e.conn.force_close(CloseReason::Replaced);
+                    } else {
+                        log::info!("conn {uid}: session reinstated by a new login");
+                        e.conn.force_close(CloseReason::Reinstated);
+                    }
                 }
             }
         }

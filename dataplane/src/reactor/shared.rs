@@ -70,7 +70,10 @@ pub enum Msg {
         reply_to: usize,
     },
     /// Close this connection (its session was reinstated by a newer login).
-    Close(u64),
+    /// Close this connection: its session was reinstated (false), or a new connection
+    /// with its CID replaced it (true: connection reinstatement, its tasks are kept at
+    /// ERL 2).
+    Close(u64, bool),
     /// The answer to control command `seq`, for reactor 0 to write on the response ring.
     ControlDone {
         seq: u64,

@@ -909,11 +909,13 @@ impl Registry {
             per_initiator: max_per_initiator,
         } = limits;
         let mut reinstated = Vec::new();
+        let mut ended = None;
         if let Some((&old_tsih, old)) = self.sessions.iter().find(|(_, s)| s.key == key) {
             reinstated = old.conns.iter().map(|(_, uid)| *uid).collect();
+            ended = Some((old_tsih, old.key.target, old.nexus));
             self.sessions.remove(&old_tsih);
         }
-        let reinstating = !reinstated.is_empty();
+        let reinstating = ended.is_some();
         if !reinstating && self.sessions.len() >= max_sessions as usize {
             return Err(LoginStatus::OUT_OF_RESOURCES);
         }
@@ -952,7 +954,11 @@ impl Registry {
                 nexus: new.nexus,
             },
         );
-        Ok(Registered { tsih, reinstated })
+        Ok(Registered {
+            tsih,
+            reinstated,
+            ended,
+        })
     }
 
     /// Every session: TSIH, key, leading connection.
@@ -1044,16 +1050,17 @@ impl Registry {
     }
 
     /// Connection `conn_uid` of session `tsih` is gone; the session ends with its last
-    /// connection. True when the session lives on with other connections. A session
-    /// reinstated meanwhile (the connection is not in it) is not touched.
+    /// connection. False only when the session ended now: true when it lives on with
+    /// other connections, or the connection was no longer part of it (replaced by a
+    /// connection with its CID, or its session reinstated, which ended it then).
     pub fn unregister(&mut self, tsih: u16, conn_uid: u64) -> bool {
         let Some(s) = self.sessions.get_mut(&tsih) else {
-            return false;
+            return true;
         };
         let before = s.conns.len();
         s.conns.retain(|(_, uid)| *uid != conn_uid);
         if s.conns.len() == before {
-            return false;
+            return true;
         }
         if s.conns.is_empty() {
             self.sessions.remove(&tsih);
@@ -1244,6 +1251,7 @@ mappings = [ { portal_group = 2, initiator_group = 2 } ]
             initiator: "iqn.i".into(),
             isid: [0x80, 0, 0, 0, 0, 1],
             target: Some(0),
+            pg: 1,
         };
         let new = NewSession {
             reactor: 1,
@@ -1274,15 +1282,27 @@ mappings = [ { portal_group = 2, initiator_group = 2 } ]
         assert_eq!(t.join(a.tsih, &key, 1, 13).unwrap().replaced, Some(11));
         // The session lives on while a connection is left.
         assert!(t.unregister(a.tsih, 10));
-        assert!(!t.unregister(a.tsih, 10), "not a member any more");
+        assert!(t.unregister(a.tsih, 11), "replaced: not a member any more");
         assert!(t.exists(a.tsih));
-        assert!(!t.unregister(a.tsih, 13));
+        assert!(!t.unregister(a.tsih, 13), "the last one ends it");
         assert!(!t.exists(a.tsih));
         // Reinstating a session closes all its connections.
         let b = t.register(key.clone(), ns(20, &p), lim(16, 0, 0)).unwrap();
         t.join(b.tsih, &key, 1, 21).unwrap();
-        let c = t.register(key, ns(30, &p), lim(16, 0, 0)).unwrap();
+        let c = t.register(key.clone(), ns(30, &p), lim(16, 0, 0)).unwrap();
         assert_eq!(c.reinstated, vec![20, 21]);
+        assert_eq!(c.ended, Some((b.tsih, Some(0), 20)));
+        // Another portal group is another session (SSID = ISID + TPGT).
+        let via_pg2 = SessionKey {
+            pg: 2,
+            ..key.clone()
+        };
+        assert_eq!(
+            t.join(c.tsih, &via_pg2, 1, 31),
+            Err(LoginStatus::SESSION_DOES_NOT_EXIST)
+        );
+        let d = t.register(via_pg2, ns(40, &p), lim(16, 0, 0)).unwrap();
+        assert!(d.reinstated.is_empty() && t.exists(c.tsih));
     }
 
     #[test]
@@ -1293,6 +1313,7 @@ mappings = [ { portal_group = 2, initiator_group = 2 } ]
             initiator: "iqn.i".into(),
             isid: [0x80, 0, 0, 0, 0, 1],
             target: Some(0),
+            pg: 1,
         };
         let a = t.register(key.clone(), ns(10, &p), lim(16, 0, 0)).unwrap();
         assert!(a.reinstated.is_empty());

@@ -77,6 +77,7 @@ impl TargetEnv for MockEnv {
         Ok(Registered {
             tsih: self.sessions.len() as u16,
             reinstated: Vec::new(),
+            ended: None,
         })
     }
     /// One connection per session here (the registry has MC/S unit tests of its own).
@@ -102,6 +103,7 @@ impl TargetEnv for MockEnv {
         self.session_to_join(tsih, key, cid).map(|_| unreachable!())
     }
     fn unregister_session(&mut self, _tsih: u16, _uid: u64) -> bool {
+        // One connection per session: it ends with it.
         false
     }
     fn lun_exists(&self, _t: TargetId, lun: u64) -> bool {
