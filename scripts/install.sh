@@ -34,7 +34,7 @@ DOCDIR="${DOCDIR:-${PREFIX}/share/doc/iscsi-tgt}"
 render() {
     local out="$1" f
     mkdir -p "$out"
-    for f in "${REPO}"/scripts/systemd/*.service.in; do
+    for f in "${REPO}"/scripts/systemd/*.service.in "${REPO}"/scripts/systemd/*.timer.in; do
         sed -e "s|@BINDIR@|${BINDIR}|g" -e "s|@LIBDIR@|${LIBDIR}|g" -e "s|@DOCDIR@|${DOCDIR}|g" \
             "$f" >"${out}/$(basename "${f%.in}")"
     done
@@ -63,3 +63,4 @@ fi
 echo "installed under ${DESTDIR:-/}${PREFIX}; units in ${DESTDIR}/etc/systemd/system"
 echo "next: edit /etc/iscsi-tgt/iscsi-tgt.toml and setup.env, then"
 echo "  systemctl daemon-reload && systemctl enable --now iscsi-tgt-setup iscsi-tgt iscsi-tgt-apply"
+echo "  (Prometheus via node_exporter's textfile collector: systemctl enable --now iscsi-tgt-metrics.timer)"

@@ -26,7 +26,7 @@ pub use segment::{
 /// Magic at the start of the control segment ("ISCSICTL" little-endian).
 pub const ABI_MAGIC: u64 = u64::from_le_bytes(*b"ISCSICTL");
 /// Bumped on every incompatible change of the segment layout.
-pub const ABI_VERSION: u32 = 3;
+pub const ABI_VERSION: u32 = 4;
 
 #[cfg(test)]
 mod tests {

@@ -16,8 +16,10 @@ usage: iscsictl [--instance NAME] [--json] COMMAND
 
 commands:
   status                 the dataplane: pid, uptime, heartbeat, reactors, bad records
-  stats [--watch SECS]   commands, bytes, errors and latency: per reactor and in total,
-                         per LUN and per connection
+  stats [--watch SECS] [--prometheus]
+                         commands, bytes, errors and latency: per reactor and in total,
+                         per LUN and per connection (--prometheus: Prometheus text format,
+                         e.g. for node_exporter's textfile collector)
   ping                   a round trip through the command ring
   targets | target list  the targets, their LUNs and mappings
   sessions               the logged-in sessions (TSIH, initiator, ISID, target)
@@ -62,6 +64,7 @@ commands:
 struct Args {
     instance: String,
     json: bool,
+    prometheus: bool,
     command: String,
     rest: Vec<String>,
     watch: Option<u64>,
@@ -86,6 +89,7 @@ fn parse_args() -> Result<Args, String> {
     let mut a = Args {
         instance: "default".into(),
         json: false,
+        prometheus: false,
         command: String::new(),
         rest: Vec::new(),
         watch: None,
@@ -96,6 +100,7 @@ fn parse_args() -> Result<Args, String> {
         match arg.as_str() {
             "--instance" => a.instance = it.next().ok_or("--instance needs a name")?,
             "--json" => a.json = true,
+            "--prometheus" => a.prometheus = true,
             "--pg" => a.opts.pg = Some(it.next().ok_or("--pg needs a tag")?),
             "--ig" => a.opts.ig = Some(it.next().ok_or("--ig needs a tag")?),
             "--lun" => a.opts.luns.push(it.next().ok_or("--lun needs a spec")?),
@@ -314,7 +319,8 @@ fn stats_table(per: &[ReactorStats], total: &ReactorStats) {
     row("total".into(), total);
 }
 
-fn stats(seg: &Segment, as_json: bool) -> Result<(), String> {
+/// Every reactor's statistics block, and their sum.
+fn reactor_stats(seg: &Segment) -> Result<(Vec<ReactorStats>, ReactorStats), String> {
     let per: Vec<ReactorStats> = (0..seg.reactors())
         .map(|i| {
             seg.read_stats(i)
@@ -325,6 +331,142 @@ fn stats(seg: &Segment, as_json: bool) -> Result<(), String> {
     for s in &per {
         total.add(s);
     }
+    Ok((per, total))
+}
+
+/// A Prometheus label value: backslash, double quote and newline escaped.
+fn label(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+/// The statistics in the Prometheus text exposition format (0.0.4): counters and a
+/// latency histogram per reactor, per LUN (summed over reactors) and per connection;
+/// connections and sessions per reactor as gauges.
+fn stats_prometheus(
+    per: &[ReactorStats],
+    luns: &[(String, ReactorStats)],
+    conns: &[ObjectStats],
+) -> String {
+    use std::fmt::Write;
+    let mut series: Vec<(&str, Vec<(String, &ReactorStats)>)> = Vec::new();
+    series.push((
+        "reactor",
+        per.iter()
+            .enumerate()
+            .map(|(i, s)| (format!("reactor=\"{i}\""), s))
+            .collect(),
+    ));
+    series.push((
+        "lun",
+        luns.iter()
+            .map(|(name, s)| {
+                let (target, lun) = name.rsplit_once('/').unwrap_or((name.as_str(), ""));
+                (
+                    format!("target=\"{}\",lun=\"{}\"", label(target), label(lun)),
+                    s,
+                )
+            })
+            .collect(),
+    ));
+    series.push((
+        "connection",
+        conns
+            .iter()
+            .map(|o| {
+                (
+                    format!(
+                        "id=\"{}\",reactor=\"{}\",connection=\"{}\"",
+                        o.id,
+                        o.reactor,
+                        label(&o.name)
+                    ),
+                    &o.stats,
+                )
+            })
+            .collect(),
+    ));
+    type Get = fn(&ReactorStats) -> u64;
+    let counters: [(&str, &str, Get); 6] = [
+        ("commands_total", "SCSI commands completed", |s| s.commands),
+        (
+            "read_commands_total",
+            "Commands with a Data-In phase",
+            |s| s.read_commands,
+        ),
+        (
+            "write_commands_total",
+            "Commands with a Data-Out phase",
+            |s| s.write_commands,
+        ),
+        (
+            "read_bytes_total",
+            "Bytes sent to initiators (Data-In)",
+            |s| s.read_bytes,
+        ),
+        (
+            "write_bytes_total",
+            "Bytes received from initiators (Data-Out)",
+            |s| s.write_bytes,
+        ),
+        (
+            "errors_total",
+            "Commands that ended with a status other than GOOD",
+            |s| s.errors,
+        ),
+    ];
+    let mut o = String::new();
+    for (scope, rows) in &series {
+        for (name, help, get) in counters {
+            let _ = writeln!(o, "# HELP iscsi_tgt_{scope}_{name} {help}, per {scope}.");
+            let _ = writeln!(o, "# TYPE iscsi_tgt_{scope}_{name} counter");
+            for (labels, s) in rows {
+                let _ = writeln!(o, "iscsi_tgt_{scope}_{name}{{{labels}}} {}", get(s));
+            }
+        }
+        let h = format!("iscsi_tgt_{scope}_command_latency_seconds");
+        let _ = writeln!(
+            o,
+            "# HELP {h} Command latency, arrival to answer, per {scope}."
+        );
+        let _ = writeln!(o, "# TYPE {h} histogram");
+        for (labels, s) in rows {
+            let mut cumulative = 0u64;
+            for i in 0..LATENCY_BUCKETS - 1 {
+                cumulative += s.latency[i];
+                let le = (1u64 << i) as f64 / 1e6;
+                let _ = writeln!(o, "{h}_bucket{{{labels},le=\"{le}\"}} {cumulative}");
+            }
+            let count: u64 = s.latency.iter().sum();
+            let _ = writeln!(o, "{h}_bucket{{{labels},le=\"+Inf\"}} {count}");
+            let _ = writeln!(o, "{h}_sum{{{labels}}} {}", s.latency_us_sum as f64 / 1e6);
+            let _ = writeln!(o, "{h}_count{{{labels}}} {count}");
+        }
+    }
+    for (name, help, get) in [
+        (
+            "connections",
+            "Connections a reactor serves",
+            (|s| s.connections) as Get,
+        ),
+        (
+            "sessions",
+            "Logged-in sessions of a reactor's connections",
+            |s| s.sessions,
+        ),
+    ] {
+        let _ = writeln!(o, "# HELP iscsi_tgt_reactor_{name} {help}.");
+        let _ = writeln!(o, "# TYPE iscsi_tgt_reactor_{name} gauge");
+        for (i, s) in per.iter().enumerate() {
+            let _ = writeln!(o, "iscsi_tgt_reactor_{name}{{reactor=\"{i}\"}} {}", get(s));
+        }
+    }
+    o
+}
+
+fn stats(seg: &Segment, as_json: bool) -> Result<(), String> {
+    let (per, total) = reactor_stats(seg)?;
     let (luns, conns) = objects(seg);
     if as_json {
         println!("{}", stats_json(&per, &total, &luns, &conns));
@@ -397,6 +539,13 @@ fn run() -> Result<(), String> {
         }
         "status" => {
             status(&open(&a.instance)?, a.json);
+            Ok(())
+        }
+        "stats" if a.prometheus => {
+            let seg = open(&a.instance)?;
+            let (per, _) = reactor_stats(&seg)?;
+            let (luns, conns) = objects(&seg);
+            print!("{}", stats_prometheus(&per, &luns, &conns));
             Ok(())
         }
         "stats" => {
@@ -821,6 +970,7 @@ mod tests {
         let args = |c: &str, rest: &[&str]| Args {
             instance: "x".into(),
             json: false,
+            prometheus: false,
             command: c.into(),
             rest: rest.iter().map(|s| s.to_string()).collect(),
             watch: None,
@@ -883,5 +1033,43 @@ mod tests {
         assert_eq!(v["luns"][0]["name"], "iqn.x:t/0");
         assert_eq!(v["luns"][0]["commands"], 3);
         assert_eq!(v["reactors"][1]["commands"], 3);
+    }
+
+    #[test]
+    fn prometheus_text() {
+        let mut s = ReactorStats {
+            commands: 3,
+            read_bytes: 4096,
+            ..ReactorStats::default()
+        };
+        s.record_latency(100);
+        s.record_latency(100);
+        s.record_latency(3000);
+        let conn = ObjectStats {
+            reactor: 1,
+            kind: ObjectKind::Connection,
+            id: 7,
+            name: "127.0.0.1:5 iqn.\"x\" -> iqn.t".into(),
+            stats: s.clone(),
+        };
+        let text = stats_prometheus(
+            std::slice::from_ref(&s),
+            &[("iqn.t/0".to_string(), s.clone())],
+            &[conn],
+        );
+        for line in [
+            "iscsi_tgt_reactor_commands_total{reactor=\"0\"} 3",
+            "iscsi_tgt_lun_read_bytes_total{target=\"iqn.t\",lun=\"0\"} 4096",
+            r#"iscsi_tgt_connection_commands_total{id="7",reactor="1",connection="127.0.0.1:5 iqn.\"x\" -> iqn.t"} 3"#,
+            "iscsi_tgt_reactor_command_latency_seconds_bucket{reactor=\"0\",le=\"0.000064\"} 0",
+            "iscsi_tgt_reactor_command_latency_seconds_bucket{reactor=\"0\",le=\"0.000128\"} 2",
+            "iscsi_tgt_reactor_command_latency_seconds_bucket{reactor=\"0\",le=\"0.004096\"} 3",
+            "iscsi_tgt_reactor_command_latency_seconds_bucket{reactor=\"0\",le=\"+Inf\"} 3",
+            "iscsi_tgt_reactor_command_latency_seconds_sum{reactor=\"0\"} 0.0032",
+            "iscsi_tgt_reactor_command_latency_seconds_count{reactor=\"0\"} 3",
+            "# TYPE iscsi_tgt_reactor_sessions gauge",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} in\n{text}");
+        }
     }
 }

@@ -116,6 +116,7 @@ struct Counters {
     write_bytes: AtomicU64,
     errors: AtomicU64,
     latency: [AtomicU64; LATENCY_BUCKETS],
+    latency_us_sum: AtomicU64,
 }
 
 impl Counters {
@@ -130,6 +131,7 @@ impl Counters {
         for (d, a) in s.latency.iter_mut().zip(self.latency.iter()) {
             *d = a.load(Ordering::Relaxed);
         }
+        s.latency_us_sum = self.latency_us_sum.load(Ordering::Relaxed);
     }
 
     /// Relaxed stores from `s` (inside a seqlock write).
@@ -144,6 +146,8 @@ impl Counters {
         for (a, v) in self.latency.iter().zip(s.latency.iter()) {
             a.store(*v, Ordering::Relaxed);
         }
+        self.latency_us_sum
+            .store(s.latency_us_sum, Ordering::Relaxed);
     }
 }
 
@@ -164,6 +168,8 @@ pub struct ReactorStats {
     /// Commands that ended with a status other than GOOD.
     pub errors: u64,
     pub latency: [u64; LATENCY_BUCKETS],
+    /// Sum of the commands' latencies in microseconds (with `commands`: the mean).
+    pub latency_us_sum: u64,
 }
 
 impl ReactorStats {
@@ -180,12 +186,14 @@ impl ReactorStats {
         for (a, b) in self.latency.iter_mut().zip(o.latency.iter()) {
             *a += b;
         }
+        self.latency_us_sum += o.latency_us_sum;
     }
 
     /// Records one command's latency in microseconds.
     pub fn record_latency(&mut self, micros: u64) {
         let bucket = (64 - micros.leading_zeros() as usize).min(LATENCY_BUCKETS - 1);
         self.latency[bucket] += 1;
+        self.latency_us_sum = self.latency_us_sum.wrapping_add(micros);
     }
 }
 

@@ -163,6 +163,34 @@ fn status_and_stats_match_fio() {
             .ends_with(&format!("iqn.2026-11.io.e2e:stats -> {}", e2e::DEFAULT_IQN)),
         "{conn}"
     );
+    // The same numbers in Prometheus text format (nothing runs now: they stay put).
+    let now = json(&ctl(&instance, &["--json", "stats"]));
+    let prom = ctl(&instance, &["stats", "--prometheus"]);
+    prom.assert_success();
+    let lun_commands = format!(
+        "iscsi_tgt_lun_commands_total{{target=\"{}\",lun=\"0\"}} {}",
+        e2e::DEFAULT_IQN,
+        now["luns"][0]["commands"]
+    );
+    assert!(
+        prom.stdout.contains(&lun_commands),
+        "{lun_commands} in {prom}"
+    );
+    let conn_line = prom
+        .stdout
+        .lines()
+        .find(|l| {
+            l.starts_with("iscsi_tgt_connection_commands_total{")
+                && l.contains("iqn.2026-11.io.e2e:stats")
+        })
+        .unwrap_or_default();
+    assert!(conn_line.ends_with(" 11"), "{conn_line:?} in {prom}");
+    assert!(
+        prom.stdout.lines().all(|l| l.starts_with('#')
+            || l.rsplit_once(' ')
+                .is_some_and(|(_, v)| v.parse::<f64>().is_ok())),
+        "{prom}"
+    );
     let table = ctl(&instance, &["stats"]);
     table.assert_success();
     assert!(

@@ -34,7 +34,7 @@ fn systemd_units_verify() {
         .unwrap()
         .map(|e| e.unwrap().path())
         .collect();
-    assert_eq!(units.len(), 3, "{units:?}");
+    assert_eq!(units.len(), 5, "{units:?}");
     let unit = fs::read_to_string(dir.join("iscsi-tgt.service")).unwrap();
     assert!(unit.contains(&format!(
         "ExecStart={}/iscsi-tgt --config",
