@@ -53,6 +53,8 @@ APT_PACKAGES=(
     dpdk libdpdk-dev libclang-dev iproute2 ethtool
     # fio build deps (only what the libiscsi build needs)
     build-essential pkg-config dpkg-dev zlib1g-dev libaio-dev
+    # the benchmark charts; systemd-analyze for the unit files' check
+    python3-matplotlib systemd
 )
 
 if [[ "$(id -u)" -ne 0 ]]; then
