@@ -722,6 +722,13 @@ impl Connection {
         }
     }
 
+    /// Whether the reactor has session work after this connection read: a move to its
+    /// session's reactor, a sibling to close, or the window of a session with several
+    /// connections.
+    pub fn needs_session_work(&self) -> bool {
+        self.home.is_some() || self.remove_cid.is_some() || self.mcs_session().is_some()
+    }
+
     /// The CID of this connection.
     pub fn cid(&self) -> u16 {
         self.cid

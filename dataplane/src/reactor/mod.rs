@@ -955,7 +955,10 @@ impl Reactor {
                 }
             }
         }
-        self.after_read(token, now);
+        // Sessions of one connection (the common case) need nothing more.
+        if e.conn.needs_session_work() {
+            self.after_read(token, now);
+        }
     }
 
     /// After a connection took in bytes: a connection that joined a session on another
@@ -1095,6 +1098,17 @@ impl Reactor {
         self.env.poll_devices();
         self.env.reap_removed_devices();
         for r in std::mem::take(&mut self.env.responses) {
+            if let Some(token) = self.uid_to_token.get(&(r.tag >> 32)) {
+                if let Some(e) = self.conns.get_mut(token) {
+                    if let Some(d) = e.conn.scsi_done(r) {
+                        self.stats.count(&d);
+                        if let Some(t) = e.conn.target() {
+                            self.lun_stats.entry((t, d.lun)).or_default().count(&d);
+                        }
+                    }
+                }
+                continue;
+            }
             // A failed connection's task (ERL 2): kept, or sent where it was reassigned
             // (which may have failed too).
             let mut next = Some(r);

@@ -316,6 +316,10 @@ impl Lun {
 
     /// True when a reservation held elsewhere forbids `cmd` from `nexus`.
     pub fn conflicts(&self, nexus: NexusId, cmd: &Command) -> bool {
+        if self.reservation.is_none() && !self.pr.active() {
+            // No reservation of either kind: the common case, decided without lookups.
+            return false;
+        }
         if self.reservation.is_some_and(|h| h != nexus) && !cmd.passes_reservation() {
             return true;
         }
