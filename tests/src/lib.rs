@@ -40,6 +40,39 @@ pub const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(10);
 // ------------------------------------------------------------------ paths
 
 /// Root of the cargo workspace (the parent of this crate).
+/// A configuration with `global` lines under `[global]`, one kernel portal group
+/// (127.0.0.1:3260; the harness's `--listen` moves it), an initiator group for everyone, and
+/// the bdev `bdev_toml` (a `[[bdev]]` table named `bdev_name`) as LUN 0 of [`DEFAULT_IQN`].
+pub fn one_lun_config(global: &str, bdev_toml: &str, bdev_name: &str) -> String {
+    format!(
+        r#"
+[global]
+{global}
+
+[[portal_group]]
+tag = 1
+portals = ["127.0.0.1:3260"]
+
+[[initiator_group]]
+tag = 1
+initiators = ["ANY"]
+netmasks = ["ANY"]
+
+{bdev_toml}
+
+[[target]]
+name = "{DEFAULT_IQN}"
+luns = [ {{ lun = 0, bdev = "{bdev_name}" }} ]
+mappings = [ {{ portal_group = 1, initiator_group = 1 }} ]
+"#
+    )
+}
+
+/// A `[[bdev]]` table for a RAM disk.
+pub fn malloc_bdev(name: &str, size: &str) -> String {
+    format!("[[bdev]]\nname = \"{name}\"\ntype = \"malloc\"\nsize = \"{size}\"")
+}
+
 pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()

@@ -17,8 +17,9 @@
 //! for the claimed list): target/e2e/<label>-iscsi-test-cu-passing.txt.
 
 use e2e::{
-    artifacts_dir, dpdk_available, free_port, parse_claimed, parse_iscsi_test_cu, run_with_timeout,
-    userspace_portal_group, workspace_root, NetNs, Target, Wire,
+    artifacts_dir, dpdk_available, free_port, malloc_bdev, one_lun_config, parse_claimed,
+    parse_iscsi_test_cu, run_with_timeout, userspace_portal_group, workspace_root, NetNs, Target,
+    Wire,
 };
 use std::collections::BTreeSet;
 use std::fs;
@@ -75,34 +76,19 @@ fn iscsi_test_cu_all_two_reactors_two_paths() {
     }
     let iqn = e2e::DEFAULT_IQN;
     let second = free_port();
-    let toml = format!(
-        r#"
-[global]
-cpumask = "0x3"
-
-[[portal_group]]
-tag = 1
-portals = ["127.0.0.1:3260"]
-
-[[portal_group]]
-tag = 2
-portals = ["127.0.0.2:{second}"]
-
-[[initiator_group]]
-tag = 1
-initiators = ["ANY"]
-netmasks = ["ANY"]
-
-[[bdev]]
-name = "Malloc0"
-type = "malloc"
-size = "1GiB"
-
-[[target]]
-name = "{iqn}"
-luns = [ {{ lun = 0, bdev = "Malloc0" }} ]
-mappings = [ {{ portal_group = 1, initiator_group = 1 }}, {{ portal_group = 2, initiator_group = 1 }} ]
-"#
+    // The one-LUN configuration with a second portal group mapped too.
+    let toml = one_lun_config("cpumask = \"0x3\"", &malloc_bdev("Malloc0", "1GiB"), "Malloc0")
+        .replace(
+            "[[initiator_group]]",
+            &format!("[[portal_group]]\ntag = 2\nportals = [\"127.0.0.2:{second}\"]\n\n[[initiator_group]]"),
+        )
+        .replace(
+            "mappings = [ { portal_group = 1, initiator_group = 1 } ]",
+            "mappings = [ { portal_group = 1, initiator_group = 1 }, { portal_group = 2, initiator_group = 1 } ]",
+        );
+    assert!(
+        toml.contains("127.0.0.2") && toml.contains("portal_group = 2"),
+        "{toml}"
     );
     let t = Target::start_with_config("compliance-2r", &toml, iqn, 0);
     let path2 = format!("iscsi://127.0.0.2:{second}/{iqn}/0");
@@ -118,30 +104,10 @@ mappings = [ {{ portal_group = 1, initiator_group = 1 }}, {{ portal_group = 2, i
 #[test]
 fn iscsi_test_cu_all_header_digests() {
     let iqn = e2e::DEFAULT_IQN;
-    let toml = format!(
-        r#"
-[global]
-header_digest = "crc32c"
-
-[[portal_group]]
-tag = 1
-portals = ["127.0.0.1:3260"]
-
-[[initiator_group]]
-tag = 1
-initiators = ["ANY"]
-netmasks = ["ANY"]
-
-[[bdev]]
-name = "Malloc0"
-type = "malloc"
-size = "1GiB"
-
-[[target]]
-name = "{iqn}"
-luns = [ {{ lun = 0, bdev = "Malloc0" }} ]
-mappings = [ {{ portal_group = 1, initiator_group = 1 }} ]
-"#
+    let toml = one_lun_config(
+        "header_digest = \"crc32c\"",
+        &malloc_bdev("Malloc0", "1GiB"),
+        "Malloc0",
     );
     let t = Target::start_with_config("compliance-hd", &toml, iqn, 0);
     let mut t = run_suite_on("compliance-hd", t, None, "");

@@ -9,37 +9,16 @@
 //! write: every block reads back as written, every write has exactly one GOOD.
 
 use e2e::raw::RawSession;
-use e2e::{Target, DEFAULT_IQN};
+use e2e::{malloc_bdev, one_lun_config, Target, DEFAULT_IQN};
 use std::collections::HashMap;
 
 const HOST: &str = "iqn.2026-11.io.test:mcs";
 
 fn config() -> String {
-    format!(
-        r#"
-[global]
-cpumask = "0x3"
-max_connections = 4
-
-[[portal_group]]
-tag = 1
-portals = ["127.0.0.1:3260"]
-
-[[initiator_group]]
-tag = 1
-initiators = ["ANY"]
-netmasks = ["ANY"]
-
-[[bdev]]
-name = "M0"
-type = "malloc"
-size = "64MiB"
-
-[[target]]
-name = "{DEFAULT_IQN}"
-luns = [ {{ lun = 0, bdev = "M0" }} ]
-mappings = [ {{ portal_group = 1, initiator_group = 1 }} ]
-"#
+    one_lun_config(
+        "cpumask = \"0x3\"\nmax_connections = 4",
+        &malloc_bdev("M0", "64MiB"),
+        "M0",
     )
 }
 

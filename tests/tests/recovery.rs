@@ -4,37 +4,15 @@
 //! (recovery R2T, command retry, Data SNACK, Status SNACK). Every write is read back.
 
 use e2e::raw::{RawPdu, RawSession};
-use e2e::{Target, DEFAULT_IQN};
+use e2e::{malloc_bdev, one_lun_config, Target, DEFAULT_IQN};
 
 const HOST: &str = "iqn.2026-11.io.test:erl1";
 
 fn config() -> String {
-    format!(
-        r#"
-[global]
-error_recovery_level = 1
-header_digest = "crc32c"
-data_digest = "crc32c"
-
-[[portal_group]]
-tag = 1
-portals = ["127.0.0.1:3260"]
-
-[[initiator_group]]
-tag = 1
-initiators = ["ANY"]
-netmasks = ["ANY"]
-
-[[bdev]]
-name = "M0"
-type = "malloc"
-size = "64MiB"
-
-[[target]]
-name = "{DEFAULT_IQN}"
-luns = [ {{ lun = 0, bdev = "M0" }} ]
-mappings = [ {{ portal_group = 1, initiator_group = 1 }} ]
-"#
+    one_lun_config(
+        "error_recovery_level = 1\nheader_digest = \"crc32c\"\ndata_digest = \"crc32c\"",
+        &malloc_bdev("M0", "64MiB"),
+        "M0",
     )
 }
 
@@ -251,9 +229,11 @@ fn erl1_recovers_digest_errors_and_lost_pdus() {
 /// DefaultTime2Retain.
 #[test]
 fn erl2_reassigns_the_tasks_of_a_failed_connection() {
-    let toml = config()
-        .replace("error_recovery_level = 1", "error_recovery_level = 2")
-        .replace("header_digest = \"crc32c\"\ndata_digest = \"crc32c\"\n", "");
+    let toml = one_lun_config(
+        "error_recovery_level = 2",
+        &malloc_bdev("M0", "64MiB"),
+        "M0",
+    );
     let mut t = Target::start_with_config("erl2", &toml, DEFAULT_IQN, 0);
     let portal = t.portal();
     let keys = [

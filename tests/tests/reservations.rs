@@ -10,7 +10,7 @@
 //!   with TASK ABORTED, and the LUN serves every session afterwards.
 
 use e2e::raw::{RawPdu, RawSession};
-use e2e::{artifacts_dir, Target, DEFAULT_IQN};
+use e2e::{artifacts_dir, malloc_bdev, one_lun_config, Target, DEFAULT_IQN};
 use std::collections::HashMap;
 use std::fs;
 use std::path::Path;
@@ -20,36 +20,12 @@ const HOST_A: &str = "iqn.2026-11.io.test:host-a";
 const HOST_B: &str = "iqn.2026-11.io.test:host-b";
 
 fn config(state_dir: &Path, bdev: &str, cpumask: &str) -> String {
-    format!(
-        r#"
-[global]
-cpumask = "{cpumask}"
-state_dir = "{}"
-
-[[portal_group]]
-tag = 1
-portals = ["127.0.0.1:3260"]
-
-[[initiator_group]]
-tag = 1
-initiators = ["ANY"]
-netmasks = ["ANY"]
-
-{bdev}
-
-[[target]]
-name = "{DEFAULT_IQN}"
-luns = [ {{ lun = 0, bdev = "D0" }} ]
-mappings = [ {{ portal_group = 1, initiator_group = 1 }} ]
-"#,
+    let global = format!(
+        "cpumask = \"{cpumask}\"\nstate_dir = \"{}\"",
         state_dir.display()
-    )
+    );
+    one_lun_config(&global, bdev, "D0")
 }
-
-const MALLOC: &str = r#"[[bdev]]
-name = "D0"
-type = "malloc"
-size = "64MiB""#;
 
 /// PERSISTENT RESERVE OUT with a basic 24-byte parameter list.
 fn pr_out(
@@ -90,7 +66,7 @@ fn read1(s: &mut RawSession, lba: u32) -> u8 {
 fn aptpl_reservations_survive_a_restart() {
     let state = artifacts_dir().join(format!("pr-state-{}", std::process::id()));
     let _ = fs::remove_dir_all(&state);
-    let toml = config(&state, MALLOC, "0x1");
+    let toml = config(&state, &malloc_bdev("D0", "64MiB"), "0x1");
     let mut t = Target::start_with_config("pr-aptpl", &toml, DEFAULT_IQN, 0);
     let file = state.join("pr").join(DEFAULT_IQN).join("lun0.json");
     {

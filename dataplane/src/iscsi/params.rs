@@ -155,20 +155,11 @@ impl Negotiator {
 
     /// Keys only the leading connection of a session negotiates (RFC 7143 §13: "LO").
     fn leading_only(key: &str) -> bool {
-        matches!(
-            key,
-            "MaxConnections"
-                | "InitialR2T"
-                | "ImmediateData"
-                | "MaxBurstLength"
-                | "FirstBurstLength"
-                | "DefaultTime2Wait"
-                | "DefaultTime2Retain"
-                | "MaxOutstandingR2T"
-                | "DataPDUInOrder"
-                | "DataSequenceInOrder"
-                | "ErrorRecoveryLevel"
-        )
+        Self::discovery_irrelevant(key)
+            || matches!(
+                key,
+                "DefaultTime2Wait" | "DefaultTime2Retain" | "ErrorRecoveryLevel"
+            )
     }
 
     pub fn set_session_type(&mut self, t: SessionType) {

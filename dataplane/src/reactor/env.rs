@@ -1,7 +1,7 @@
 //! The [`TargetEnv`] a reactor gives its connections: the shared model for logins and
 //! discovery, the devices homed on this reactor, and an outbox for the others.
 
-use super::shared::{LunWork, Msg, ParkMsg, Shared};
+use super::shared::{LunWork, Msg, ParkMsg, Reset, Shared};
 use crate::bdev::BlockDevice;
 use crate::iscsi::conn::OrphanTask;
 use crate::iscsi::params::SessionParams;
@@ -113,6 +113,43 @@ impl ReactorEnv {
                 self.windows.remove(&tsih);
                 self.nexus_removed(target, nexus);
             }
+        }
+    }
+
+    /// A reset on the target's device (here, or sent to its home); its acknowledgement
+    /// `ack` goes to reactor `reply_to` once the device has done it, or at once when the
+    /// target is gone.
+    fn reset(&mut self, target: TargetId, reset: Reset, by: NexusId, ack: u64, reply_to: usize) {
+        match self.devices.get_mut(&target) {
+            Some(d) => {
+                match reset {
+                    Reset::Lun(lun) => d.lun_reset(lun, by),
+                    Reset::Target { cold } => d.target_reset(by, cold),
+                }
+                if reply_to != self.me {
+                    self.remote_origin.insert(ack, reply_to);
+                }
+                d.acknowledge(ack);
+            }
+            None if self.shared.home_of(target) == self.me => {
+                // The target is gone: answer so the TMF is not left waiting.
+                let r = Device::gone_response(ack);
+                if reply_to == self.me {
+                    self.responses.push(r);
+                } else {
+                    self.send(reply_to, Msg::ScsiDone(r));
+                }
+            }
+            None => self.forward(
+                target,
+                Msg::Reset {
+                    target,
+                    reset,
+                    by,
+                    ack,
+                    reply_to,
+                },
+            ),
         }
     }
 
@@ -358,34 +395,13 @@ impl ReactorEnv {
             Msg::ScsiDone(r) => self.responses.push(r),
             Msg::NexusAdded { target, nexus, it } => self.nexus_added(target, nexus, it),
             Msg::NexusRemoved { target, nexus } => self.nexus_removed(target, nexus),
-            Msg::LunReset {
+            Msg::Reset {
                 target,
-                lun,
+                reset,
                 by,
                 ack,
                 reply_to,
-            } => match self.devices.get_mut(&target) {
-                Some(d) => {
-                    self.remote_origin.insert(ack, reply_to);
-                    d.lun_reset(lun, by);
-                    d.acknowledge(ack);
-                }
-                None => self.send(reply_to, Msg::ScsiDone(Device::gone_response(ack))),
-            },
-            Msg::TargetReset {
-                target,
-                by,
-                cold,
-                ack,
-                reply_to,
-            } => match self.devices.get_mut(&target) {
-                Some(d) => {
-                    self.remote_origin.insert(ack, reply_to);
-                    d.target_reset(by, cold);
-                    d.acknowledge(ack);
-                }
-                None => self.send(reply_to, Msg::ScsiDone(Device::gone_response(ack))),
-            },
+            } => self.reset(target, reset, by, ack, reply_to),
             Msg::Close(uid, replaced) => self.close_local.push((uid, replaced)),
             Msg::Prepare { seq, luns, resize } => {
                 let errors = self.prepare(luns, resize);
@@ -662,53 +678,12 @@ impl TargetEnv for ReactorEnv {
     }
 
     fn lun_reset(&mut self, target: TargetId, lun: u64, by: NexusId, ack: u64) {
-        match self.devices.get_mut(&target) {
-            Some(d) => {
-                d.lun_reset(lun, by);
-                d.acknowledge(ack);
-            }
-            None if self.shared.home_of(target) == self.me => {
-                // The target is gone: answer so the TMF is not left waiting.
-                self.responses.push(Device::gone_response(ack));
-            }
-            None => {
-                let reply_to = self.me;
-                self.forward(
-                    target,
-                    Msg::LunReset {
-                        target,
-                        lun,
-                        by,
-                        ack,
-                        reply_to,
-                    },
-                )
-            }
-        }
+        let me = self.me;
+        self.reset(target, Reset::Lun(lun), by, ack, me);
     }
 
     fn target_reset(&mut self, target: TargetId, by: NexusId, cold: bool, ack: u64) {
-        match self.devices.get_mut(&target) {
-            Some(d) => {
-                d.target_reset(by, cold);
-                d.acknowledge(ack);
-            }
-            None if self.shared.home_of(target) == self.me => {
-                self.responses.push(Device::gone_response(ack));
-            }
-            None => {
-                let reply_to = self.me;
-                self.forward(
-                    target,
-                    Msg::TargetReset {
-                        target,
-                        by,
-                        cold,
-                        ack,
-                        reply_to,
-                    },
-                )
-            }
-        }
+        let me = self.me;
+        self.reset(target, Reset::Target { cold }, by, ack, me);
     }
 }

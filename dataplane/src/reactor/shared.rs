@@ -25,6 +25,13 @@ pub struct Moving {
     pub conn: Connection,
 }
 
+/// Which reset a task management function asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reset {
+    Lun(u64),
+    Target { cold: bool },
+}
+
 /// Messages to a reactor.
 pub enum Msg {
     /// A freshly accepted socket to serve.
@@ -55,21 +62,13 @@ pub enum Msg {
         nexus: NexusId,
     },
     /// A reset; once done, the device answers `ack` (like a command's tag) to `reply_to`.
-    LunReset {
+    Reset {
         target: TargetId,
-        lun: u64,
+        reset: Reset,
         by: NexusId,
         ack: u64,
         reply_to: usize,
     },
-    TargetReset {
-        target: TargetId,
-        by: NexusId,
-        cold: bool,
-        ack: u64,
-        reply_to: usize,
-    },
-    /// Close this connection (its session was reinstated by a newer login).
     /// Close this connection: its session was reinstated (false), or a new connection
     /// with its CID replaced it (true: connection reinstatement, its tasks are kept at
     /// ERL 2).
