@@ -217,3 +217,95 @@ fn mcs_session_survives_a_dropped_connection_without_losing_writes() {
 fn e2e_sn_lt(a: u32, b: u32) -> bool {
     a != b && b.wrapping_sub(a) < 1 << 31
 }
+
+/// A WRITE(10) header on `s` with no data (the target solicits it with an R2T).
+fn write_without_data(s: &mut RawSession, itt: u32, lba: u32, cmdsn: u32) {
+    let mut b = [0u8; 48];
+    b[0] = 0x01;
+    b[1] = 0x80 | 0x20 | 0x01;
+    b[16..20].copy_from_slice(&itt.to_be_bytes());
+    b[20..24].copy_from_slice(&4096u32.to_be_bytes());
+    b[24..28].copy_from_slice(&cmdsn.to_be_bytes());
+    b[28..32].copy_from_slice(&s.exp_statsn().to_be_bytes());
+    b[32..42].copy_from_slice(&write_cdb(lba));
+    s.send_pdu(b, &[]);
+}
+
+/// Task management covers the session's task set on every connection (MC/S): ABORT TASK
+/// sent on one connection finds a write another carries, a LUN RESET ends the other
+/// connection's tasks without answers there, and an unknown task is "does not exist".
+#[test]
+fn task_management_spans_the_session_connections() {
+    let mut t = Target::start_with_config("mcs-tmf", &config(), DEFAULT_IQN, 0);
+    let portal = t.portal();
+    let keys = [
+        ("MaxConnections", "2"),
+        ("InitialR2T", "Yes"),
+        ("ImmediateData", "No"),
+    ];
+    let mut a = RawSession::login_full(&portal, HOST, DEFAULT_IQN, false, &keys);
+    let mut cmdsn = a.cmdsn();
+    let mut b = RawSession::join(&portal, HOST, DEFAULT_IQN, a.tsih, 1, cmdsn).expect("join");
+    a.skip_itts_past(0x1000);
+    for (round, function) in [(0u32, 1u8), (1, 5)] {
+        // A write on connection 1 waits for its data.
+        let itt = 0x500 + round;
+        write_without_data(&mut b, itt, 64 * round, cmdsn);
+        cmdsn += 1;
+        let r2t = b.recv().expect("R2T");
+        assert_eq!(r2t.opcode(), 0x31, "round {round}");
+        let ttt = u32::from_be_bytes(r2t.bhs[20..24].try_into().unwrap());
+        // The TMF on connection 0.
+        a.set_cmdsn(cmdsn);
+        let tmf = a.start_tmf(function, 0, itt);
+        let got = a.drain(std::time::Duration::from_millis(500));
+        let resp = got
+            .iter()
+            .find(|p| p.opcode() == 0x22)
+            .expect("TMF response");
+        assert_eq!(
+            (
+                u32::from_be_bytes(resp.bhs[16..20].try_into().unwrap()),
+                resp.bhs[2]
+            ),
+            (tmf, 0),
+            "round {round}: function complete"
+        );
+        // Its data comes late: dropped, and the write is never answered.
+        let mut d = [0u8; 48];
+        d[0] = 0x05;
+        d[1] = 0x80;
+        d[16..20].copy_from_slice(&itt.to_be_bytes());
+        d[20..24].copy_from_slice(&ttt.to_be_bytes());
+        b.send_pdu(d, &[7u8; 4096]);
+        let late = b.drain(std::time::Duration::from_millis(400));
+        assert!(
+            late.iter()
+                .all(|p| u32::from_be_bytes(p.bhs[16..20].try_into().unwrap()) != itt),
+            "round {round}: no answer for the aborted write"
+        );
+        // Both connections carry on; the reset's unit attention is the session's (one
+        // I_T nexus): the first command after it, on whichever connection, gets it once.
+        for (i, s) in [&mut a, &mut b].into_iter().enumerate() {
+            s.set_cmdsn(cmdsn);
+            let mut r = s.tur(0).expect("TUR");
+            cmdsn += 1;
+            if function == 5 && i == 0 {
+                assert_eq!(r.key_asc_ascq(), Some((6, 0x29, 0x03)), "round {round}");
+                s.set_cmdsn(cmdsn);
+                r = s.tur(0).expect("TUR");
+                cmdsn += 1;
+            }
+            assert_eq!(r.status, 0, "round {round}");
+        }
+    }
+    a.set_cmdsn(cmdsn);
+    a.start_tmf(1, 0, 0x7777);
+    let got = a.drain(std::time::Duration::from_millis(500));
+    assert_eq!(
+        got.iter().find(|p| p.opcode() == 0x22).map(|p| p.bhs[2]),
+        Some(1)
+    );
+    t.assert_running();
+    t.stop();
+}

@@ -354,6 +354,18 @@ struct Retained {
     r2ts: HashMap<u32, Vec<OutPdu>>,
 }
 
+/// MC/S: task management that reaches the session's other connections (the reactor
+/// applies it there, see [`Connection::take_sibling_tmf`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SiblingTmf {
+    /// ABORT TASK for a task this connection does not carry: answered once the other
+    /// connections were asked ([`Connection::sibling_answered`]).
+    AbortTask { tmf_itt: u32, referenced: u32 },
+    /// The session's tasks on a LUN (None: every LUN) end on the other connections too,
+    /// without answers (ABORT/CLEAR TASK SET, resets).
+    AbortSet { lun: Option<u64> },
+}
+
 /// A task-management request waiting for aborted tasks to leave the device.
 #[derive(Debug)]
 struct PendingTmf {
@@ -494,6 +506,8 @@ pub struct Connection {
     remove_cid: Option<(u16, bool)>,
     /// Answers that came after the connection failed at ERL 2, before its teardown.
     late: HashMap<u32, ScsiResponse>,
+    /// Task management for the session's other connections (MC/S).
+    sibling_tmf: Vec<SiblingTmf>,
     /// The task created for the data of the command PDU being received (ERL 1 discards
     /// it with the PDU when the data digest is bad).
     rx_new_task: Option<u32>,
@@ -568,6 +582,7 @@ impl Connection {
             rx_held: Vec::new(),
             remove_cid: None,
             late: HashMap::new(),
+            sibling_tmf: Vec::new(),
             rx_new_task: None,
             out: VecDeque::new(),
             out_offset: 0,
@@ -726,7 +741,61 @@ impl Connection {
     /// session's reactor, a sibling to close, or the window of a session with several
     /// connections.
     pub fn needs_session_work(&self) -> bool {
-        self.home.is_some() || self.remove_cid.is_some() || self.mcs_session().is_some()
+        self.home.is_some()
+            || self.remove_cid.is_some()
+            || !self.sibling_tmf.is_empty()
+            || self.mcs_session().is_some()
+    }
+
+    /// Task management this connection received that the reactor must apply to the
+    /// session's other connections.
+    pub fn take_sibling_tmf(&mut self) -> Vec<SiblingTmf> {
+        std::mem::take(&mut self.sibling_tmf)
+    }
+
+    /// Applies another connection's task management here; true when it matched a task.
+    /// The matched tasks end without an answer (their device answers are dropped).
+    pub fn abort_for_sibling(&mut self, what: &SiblingTmf) -> bool {
+        let itts: Vec<u32> = match *what {
+            SiblingTmf::AbortTask { referenced, .. } => self
+                .tasks
+                .contains_key(&referenced)
+                .then_some(referenced)
+                .into_iter()
+                .collect(),
+            SiblingTmf::AbortSet { lun } => self.tasks_on_lun(lun, RESERVED_TAG),
+        };
+        for &itt in &itts {
+            self.abort_task(itt);
+        }
+        !itts.is_empty()
+    }
+
+    /// The reactor asked the other connections about an ABORT TASK this one received.
+    pub fn sibling_answered(&mut self, tmf_itt: u32, found: bool) {
+        let response = if found {
+            TmfResponse::Complete
+        } else {
+            TmfResponse::TaskDoesNotExist
+        };
+        self.send_tmf_response(tmf_itt, response, false);
+    }
+
+    /// Marks a task aborted: one not in the device yet goes at once; one in the device
+    /// goes when its answer comes (dropped). True when it is in the device.
+    fn abort_task(&mut self, itt: u32) -> bool {
+        let Some(task) = self.tasks.get_mut(&itt) else {
+            return false;
+        };
+        task.aborted = true;
+        task.r2ts.clear();
+        if task.state == TaskState::Submitted {
+            return true;
+        }
+        self.tasks.remove(&itt);
+        self.deferred
+            .retain(|_, d| !matches!(d, Deferred::Scsi(i) if *i == itt));
+        false
     }
 
     /// The CID of this connection.
@@ -2273,6 +2342,13 @@ impl Connection {
             TmfFunction::AbortTask => {
                 if self.tasks.contains_key(&t.referenced_tag) {
                     (TmfResponse::Complete, vec![t.referenced_tag], false)
+                } else if self.mcs_session().is_some() {
+                    // Perhaps another connection of the session carries it.
+                    self.sibling_tmf.push(SiblingTmf::AbortTask {
+                        tmf_itt: t.itt,
+                        referenced: t.referenced_tag,
+                    });
+                    return;
                 } else {
                     (TmfResponse::TaskDoesNotExist, vec![], false)
                 }
@@ -2323,16 +2399,21 @@ impl Connection {
             waiting.push(t.itt);
         }
         for itt in victims {
-            if let Some(task) = self.tasks.get_mut(&itt) {
-                task.aborted = true;
-                task.r2ts.clear();
-                if task.state == TaskState::Submitted {
-                    waiting.push(itt);
-                } else {
-                    self.tasks.remove(&itt);
-                    self.deferred
-                        .retain(|_, d| !matches!(d, Deferred::Scsi(i) if *i == itt));
-                }
+            if self.abort_task(itt) {
+                waiting.push(itt);
+            }
+        }
+        if self.mcs_session().is_some() && response == TmfResponse::Complete {
+            // The task set is the session's: its other connections' tasks end too.
+            let lun = match t.function {
+                TmfFunction::AbortTaskSet
+                | TmfFunction::ClearTaskSet
+                | TmfFunction::LogicalUnitReset => Some(Some(lun)),
+                TmfFunction::TargetWarmReset | TmfFunction::TargetColdReset => Some(None),
+                _ => None,
+            };
+            if let Some(lun) = lun {
+                self.sibling_tmf.push(SiblingTmf::AbortSet { lun });
             }
         }
         if waiting.is_empty() {

@@ -28,7 +28,7 @@ mod env;
 pub mod park;
 pub mod shared;
 
-use crate::iscsi::conn::{sn_lt, CloseReason, Connection, CountCommand, Keepalive};
+use crate::iscsi::conn::{sn_lt, CloseReason, Connection, CountCommand, Keepalive, SiblingTmf};
 use crate::iscsi::TargetId;
 use crate::mem::pool::{set_thread_pool, BufferPool};
 use crate::mem::region::HugePages;
@@ -973,6 +973,7 @@ impl Reactor {
             return;
         }
         self.remove_named_connection(token);
+        self.sibling_tmfs(token);
         let Some(e) = self.conns.get_mut(&token) else {
             return;
         };
@@ -1010,6 +1011,32 @@ impl Reactor {
         }
     }
 
+    /// Task management `token` received for its whole session (MC/S): applied to the
+    /// session's other connections (they live here too), and an ABORT TASK answered.
+    fn sibling_tmfs(&mut self, token: Token) {
+        let Some(e) = self.conns.get_mut(&token) else {
+            return;
+        };
+        let requests = e.conn.take_sibling_tmf();
+        if requests.is_empty() {
+            return;
+        }
+        let tsih = e.conn.tsih();
+        for r in requests {
+            let mut found = false;
+            for (t, other) in self.conns.iter_mut() {
+                if *t != token && other.conn.tsih() == tsih {
+                    found |= other.conn.abort_for_sibling(&r);
+                }
+            }
+            if let SiblingTmf::AbortTask { tmf_itt, .. } = r {
+                if let Some(e) = self.conns.get_mut(&token) {
+                    e.conn.sibling_answered(tmf_itt, found);
+                }
+            }
+        }
+    }
+
     /// Lets every connection of session `tsih` deliver the commands it holds for CmdSNs
     /// that are now due, until none moves the window further.
     fn resume_session(&mut self, tsih: u16, now: Instant) {
@@ -1036,6 +1063,7 @@ impl Reactor {
                 self.env.windows.insert(tsih, (exp2, max));
                 moved |= exp2 != exp;
                 self.remove_named_connection(*t);
+                self.sibling_tmfs(*t);
             }
             if !moved {
                 return;
