@@ -124,14 +124,16 @@ fn idle_session(addr: SocketAddr) -> TcpStream {
 }
 
 /// After the target went away, the session's socket reaches EOF (or reset).
-fn assert_closed(s: &mut TcpStream) {
+/// Reads until the target closes the session's socket; returns what came before.
+fn assert_closed(s: &mut TcpStream) -> Vec<u8> {
     s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
     let mut buf = [0u8; 4096];
+    let mut got = Vec::new();
     for _ in 0..1000 {
         match s.read(&mut buf) {
-            Ok(0) => return,
-            Ok(_) => continue, // e.g. an Async Message before the close
-            Err(e) if e.kind() == ErrorKind::ConnectionReset => return,
+            Ok(0) => return got,
+            Ok(n) => got.extend_from_slice(&buf[..n]), // e.g. an Async Message
+            Err(e) if e.kind() == ErrorKind::ConnectionReset => return got,
             Err(e) => panic!("session socket not closed: {e}"),
         }
     }
@@ -168,7 +170,16 @@ fn stop_with_idle_session(sig: &str) {
         log.lines().last().is_some_and(|l| l.ends_with("] stopped")),
         "last log line is not 'stopped':\n{log}"
     );
-    assert_closed(&mut s);
+    // The session heard why: Async Message, event 3 (the target drops the session),
+    // Parameter2 DefaultTime2Wait 2, before the close.
+    let got = assert_closed(&mut s);
+    assert!(got.len() >= 48, "{got:?}");
+    assert_eq!(
+        (got[0] & 0x3f, got[36], got[41]),
+        (0x32, 3, 2),
+        "{:?}",
+        &got[..48]
+    );
 }
 
 #[test]

@@ -110,6 +110,8 @@ pub enum CloseReason {
     /// A new connection of the session logged in with this one's CID (connection
     /// reinstatement, RFC 7143 §6.3.4): at ERL 2 its tasks wait for reassignment.
     Replaced,
+    /// The target is stopping.
+    Shutdown,
 }
 
 impl CloseReason {

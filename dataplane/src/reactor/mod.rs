@@ -1369,6 +1369,9 @@ impl Reactor {
         self.complete_scsi();
         let conns: Vec<Entry> = self.conns.drain().map(|(_, e)| e).collect();
         for mut e in conns {
+            // Async Message "the target will drop the session" (DefaultTime2Wait, then the
+            // initiator may log in again: a restart), then the close.
+            e.conn.end_session(CloseReason::Shutdown);
             let _ = flush(&mut e, self.user.as_mut());
             self.unlink(&mut e.link);
             e.conn.teardown(&mut self.env);
