@@ -10,7 +10,7 @@ use super::mode::{self, ModeState, SenseRequest};
 use super::opcodes;
 use super::pr::{Effects, Pr, PrError};
 use super::sense::{asc, key, Sense};
-use super::{ItNexus, LunIdentity, NexusId, ScsiResponse, ScsiStatus, ScsiTask};
+use super::{ItNexus, LunIdentity, NexusId, Nexuses, ScsiResponse, ScsiStatus, ScsiTask};
 use crate::bdev::{BdevCompletion, BdevError, BdevIo, BdevOp, BlockDevice, LbaState};
 use crate::mem::IoBuf;
 
@@ -147,8 +147,6 @@ pub(super) struct Lun {
     pub mode: ModeState,
     limits: Limits,
     ua: HashMap<NexusId, VecDeque<u16>>,
-    /// The I_T nexus of each session.
-    it: HashMap<NexusId, ItNexus>,
     /// Persistent reservation attentions for registered I_T nexuses with no session now.
     away_ua: HashMap<ItNexus, VecDeque<u16>>,
     /// The target's relative port identifiers.
@@ -183,7 +181,6 @@ impl Lun {
             mode: ModeState::default(),
             limits,
             ua: HashMap::new(),
-            it: HashMap::new(),
             away_ua: HashMap::new(),
             ports: vec![1],
             running: 0,
@@ -288,13 +285,6 @@ impl Lun {
         self.ports = ports.to_vec();
     }
 
-    fn it_of(&self, nexus: NexusId) -> ItNexus {
-        self.it
-            .get(&nexus)
-            .cloned()
-            .unwrap_or_else(|| ItNexus::unannounced(nexus))
-    }
-
     pub fn add_nexus(&mut self, nexus: NexusId, it: &ItNexus) {
         let q = self.ua.entry(nexus).or_default();
         if let Some(away) = self.away_ua.remove(it) {
@@ -302,20 +292,19 @@ impl Lun {
                 Self::push_ua(q, code);
             }
         }
-        self.it.insert(nexus, it.clone());
     }
 
     pub fn remove_nexus(&mut self, nexus: NexusId) {
         self.ua.remove(&nexus);
-        self.it.remove(&nexus);
         self.prevent.remove(&nexus);
         if self.reservation == Some(nexus) {
             self.reservation = None;
         }
     }
 
-    /// True when a reservation held elsewhere forbids `cmd` from `nexus`.
-    pub fn conflicts(&self, nexus: NexusId, cmd: &Command) -> bool {
+    /// True when a reservation held elsewhere forbids `cmd` from session `nexus` (its I_T
+    /// nexus in `nexuses`).
+    pub fn conflicts(&self, nexus: NexusId, nexuses: &Nexuses, cmd: &Command) -> bool {
         if self.reservation.is_none() && !self.pr.active() {
             // No reservation of either kind: the common case, decided without lookups.
             return false;
@@ -328,7 +317,7 @@ impl Lun {
         if matches!(cmd, Command::Reserve6 | Command::Release6) && self.pr.active() {
             return true;
         }
-        match self.it.get(&nexus) {
+        match nexuses.get(&nexus) {
             Some(it) => !self.pr.allows(it, cmd.access()),
             None => !self.pr.allows(&ItNexus::unannounced(nexus), cmd.access()),
         }
@@ -336,10 +325,10 @@ impl Lun {
 
     /// Applies what a PERSISTENT RESERVE OUT did to others: unit attentions (kept for
     /// registered I_T nexuses without a session until one logs in), aborted tasks.
-    fn pr_effects(&mut self, fx: Effects) {
+    fn pr_effects(&mut self, fx: Effects, nexuses: &Nexuses) {
         for (target_it, code) in fx.attentions {
             let mut delivered = false;
-            for (n, it) in &self.it {
+            for (n, it) in nexuses {
                 if *it == target_it {
                     if let Some(q) = self.ua.get_mut(n) {
                         Self::push_ua(q, code);
@@ -355,8 +344,7 @@ impl Lun {
             }
         }
         if !fx.aborted.is_empty() {
-            let sessions: HashSet<NexusId> = self
-                .it
+            let sessions: HashSet<NexusId> = nexuses
                 .iter()
                 .filter(|(_, it)| fx.aborted.contains(it))
                 .map(|(n, _)| *n)
@@ -504,20 +492,21 @@ impl Lun {
         }
     }
 
-    fn facts(&self, nexus: NexusId) -> LunFacts {
+    fn facts(&self, port: u16) -> LunFacts {
         LunFacts {
             thin: self.thin(),
             limits: self.limits,
-            port: self.it.get(&nexus).map_or(1, |it| it.port),
+            port,
         }
     }
 
     /// Runs one decoded command from `task`; the response lands in `self.done` now or later.
-    pub fn execute(&mut self, task: ScsiTask, cmd: Command) {
+    /// `nexuses`: the device's sessions and their I_T nexuses.
+    pub fn execute(&mut self, task: ScsiTask, cmd: Command, nexuses: &Nexuses) {
         let tag = task.tag;
         let wanted = self.wanted(&cmd);
         self.running = task.nexus;
-        match self.run(task, cmd, wanted) {
+        match self.run(task, cmd, wanted, nexuses) {
             Ok(Some(r)) => self.done.push(r),
             Ok(None) => {}
             Err(sense) => {
@@ -559,9 +548,16 @@ impl Lun {
         task: ScsiTask,
         cmd: Command,
         wanted: u32,
+        nexuses: &Nexuses,
     ) -> Result<Option<ScsiResponse>, Sense> {
         let tag = task.tag;
         let nexus = task.nexus;
+        let it_of = |n: NexusId| {
+            nexuses
+                .get(&n)
+                .cloned()
+                .unwrap_or_else(|| ItNexus::unannounced(n))
+        };
         let good = || Ok(Some(good(tag, wanted)));
         if self.mode.swp && cmd.writes_medium() {
             return Err(Sense::new(key::DATA_PROTECT, asc::WRITE_PROTECTED));
@@ -577,7 +573,7 @@ impl Lun {
             }
             Command::Inquiry { evpd, page, alloc } => {
                 let data = if evpd {
-                    inquiry::vpd(page, &self.identity, &self.facts(nexus))?
+                    inquiry::vpd(page, &self.identity, &self.facts(it_of(nexus).port))?
                 } else if page != 0 {
                     return Err(Sense::invalid_cdb(2, None));
                 } else {
@@ -715,7 +711,7 @@ impl Lun {
             } => {
                 let data = task.data_out.as_ref().map(IoBuf::as_slice).unwrap_or(&[]);
                 let data = &data[..data.len().min(len as usize)];
-                let who = self.it_of(nexus);
+                let who = it_of(nexus);
                 let before = self.pr.clone();
                 let result = self.pr.out(&who, sa, scope_type, data, &self.ports);
                 match result {
@@ -733,7 +729,7 @@ impl Lun {
                             }
                         }
                         let fences = !fx.aborted.is_empty();
-                        self.pr_effects(fx);
+                        self.pr_effects(fx, nexuses);
                         if fences && self.aborting() {
                             self.held.push(response(
                                 tag,
@@ -1365,7 +1361,11 @@ mod tests {
                 blocks: 1,
                 fua: false,
             };
-            l.execute(task(tag, Some(vec![tag as u8 + 1; 512])), cmd);
+            l.execute(
+                task(tag, Some(vec![tag as u8 + 1; 512])),
+                cmd,
+                &Nexuses::new(),
+            );
         }
         assert!(l.done.is_empty());
         let mut tags = Vec::new();
@@ -1381,7 +1381,11 @@ mod tests {
                 (2, ScsiStatus::Good)
             ]
         );
-        l.execute(task(9, None), Command::Read { lba: 2, blocks: 1 });
+        l.execute(
+            task(9, None),
+            Command::Read { lba: 2, blocks: 1 },
+            &Nexuses::new(),
+        );
         l.poll();
         let r = l.done.pop().unwrap();
         assert_eq!(r.data_in.unwrap().as_slice(), &[3u8; 512][..]);
@@ -1395,11 +1399,15 @@ mod tests {
             blocks: 4,
             fua: false,
         };
-        l.execute(task(1, Some(vec![1; 2048])), w(0));
-        l.execute(task(2, Some(vec![2; 2048])), w(2));
-        l.execute(task(3, Some(vec![3; 2048])), w(8));
+        l.execute(task(1, Some(vec![1; 2048])), w(0), &Nexuses::new());
+        l.execute(task(2, Some(vec![2; 2048])), w(2), &Nexuses::new());
+        l.execute(task(3, Some(vec![3; 2048])), w(8), &Nexuses::new());
         assert_eq!(l.waiting.len(), 1);
-        l.execute(task(4, None), Command::Read { lba: 0, blocks: 8 });
+        l.execute(
+            task(4, None),
+            Command::Read { lba: 0, blocks: 8 },
+            &Nexuses::new(),
+        );
         assert_eq!(l.waiting.len(), 1);
         l.poll();
         let done: Vec<u64> = l.done.drain(..).map(|r| r.tag).collect();

@@ -54,6 +54,9 @@ use crate::mem::IoBuf;
 /// Identifies one I_T nexus (initiator port × target port), i.e. one iSCSI session.
 pub type NexusId = u64;
 
+/// A device's sessions and the I_T nexus (ports) of each.
+pub(crate) type Nexuses = HashMap<NexusId, ItNexus>;
+
 /// The SCSI ports behind an I_T nexus (RFC 7143 §4.4.1): initiator port = initiator name and
 /// ISID, target port = target name and portal group tag (the target name is the device's).
 /// Persistent reservations are keyed by it, so a new session of the same initiator port
@@ -173,7 +176,7 @@ pub struct LunIdentity {
 /// I_T nexus, reservations).
 pub struct Device {
     luns: BTreeMap<u64, Lun>,
-    nexuses: HashMap<NexusId, ItNexus>,
+    nexuses: Nexuses,
     /// Relative target port identifiers (portal group tags) the target is reached through.
     ports: Vec<u16>,
     /// Responses decided without a LUN (unknown LUN, REPORT LUNS, CDB errors).
@@ -426,7 +429,7 @@ impl Device {
             self.done.push_back(r);
             return;
         }
-        if lun.conflicts(task.nexus, &cmd) {
+        if lun.conflicts(task.nexus, &self.nexuses, &cmd) {
             self.done.push_back(response(
                 tag,
                 ScsiStatus::ReservationConflict,
@@ -436,7 +439,7 @@ impl Device {
             ));
             return;
         }
-        lun.execute(task, cmd);
+        lun.execute(task, cmd, &self.nexuses);
     }
 
     fn no_such_lun(&self, tag: u64, opcode: u8, decoded: Result<Command, Sense>) -> ScsiResponse {
